@@ -1,0 +1,14 @@
+"""gns_widget: find the largest useful batch size from the gradient noise scale (McCandlish et al. 2018).
+
+    from gns_widget import bs_find
+    res = bs_find(model, train_dl, nn.CrossEntropyLoss())   # or learn.bs_find() with fastai
+    res.suggested_bs, res.noise_scale, res.plot()
+"""
+from .engine import bs_find
+from .estimator import NoiseScaleEstimator
+from .loaders import apply_batch_size
+from .result import GNSRecord, GNSResult
+from .targets.fastai import GNSCallback
+
+__all__ = ["bs_find", "NoiseScaleEstimator", "GNSRecord", "GNSResult", "GNSCallback", "apply_batch_size"]
+__version__ = "0.1.0"

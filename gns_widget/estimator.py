@@ -1,0 +1,173 @@
+"""The gradient-noise-scale math (McCandlish et al. 2018, appendix A.1).
+
+`NoiseScaleEstimator` is fed one small-batch mean gradient at a time. Over a window of
+`n_batch` of them it keeps a single running sum (memory O(parameters), independent of
+`n_batch`) and a scalar sum of squared norms, then applies the paper's two unbiased
+estimators. It knows nothing of training loops, optimizers, fastai or widgets.
+
+Unequal batch sizes are exact, not approximated: with small batches of sizes b_i,
+E|g_i|² = |G|² + tr(Σ)/b_i, so the mean of |g_i|² behaves like one batch of the
+harmonic-mean size, and the example-weighted sum Σ b_i g_i / Σ b_i is the big batch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NoiseScaleEstimator", "WindowEstimate", "gradients_of"]
+
+
+@dataclass(frozen=True)
+class WindowEstimate:
+    "One unsmoothed estimate from a completed window of small batches."
+    noise: float  # tr(Σ) estimate
+    scale: float  # |G|² estimate
+    b_small: float  # harmonic mean of the small batch sizes
+    b_big: int  # examples in the window
+
+
+def gradients_of(grads_or_params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
+    """The gradient tensors to measure, read where they live (no copies).
+
+    Accepts a module, its parameters (their `.grad` is used) or gradient tensors.
+    Parameters without a gradient (unused in this step) are skipped.
+    """
+    items = grads_or_params.parameters() if isinstance(grads_or_params, nn.Module) else grads_or_params
+    grads = []
+    for t in items:
+        if t.requires_grad:  # a parameter, not a gradient
+            if t.grad is not None:
+                grads.append(t.grad)
+        else:
+            grads.append(t)
+    return grads
+
+
+class NoiseScaleEstimator:
+    """Estimate the gradient noise scale B_simple = tr(Σ)/|G|² from consecutive small batches.
+
+    Shaped like a torchmetrics `Metric`: call `update` after each backward pass (before
+    gradient clipping or the optimizer step), read `noise`, `scale` and `noise_scale`,
+    and `reset` to start over. Every `n_batch` updates one raw estimate is made and
+    folded into bias-corrected EMAs with decay `beta`; `noise_scale` is the ratio of the
+    two EMAs (a ratio of averages: single raw estimates are noisy and can be negative).
+    """
+
+    def __init__(self, n_batch: int = 20, beta: float = 0.99):
+        if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 2:
+            raise ValueError(f"n_batch must be an integer >= 2 (small batches per estimate), got {n_batch!r}")
+        if not (isinstance(beta, (int, float)) and 0 <= beta < 1):
+            raise ValueError(f"beta must be in [0, 1) (EMA decay; 0.99 is typical), got {beta!r}")
+        self.n_batch, self.beta = n_batch, float(beta)
+        self.reset()
+
+    def reset(self) -> None:
+        "Forget everything: the current window and the EMAs."
+        self._acc: list[Tensor] | None = None  # Σ b_i g_i over the window, one buffer per gradient
+        self._sq: Tensor | None = None  # Σ |g_i|², kept on the device: no host sync per step
+        self._count, self._examples, self._inv_bs = 0, 0, 0.0
+        self._window_done = False
+        self._ema_noise = self._ema_scale = 0.0
+        self.n_estimates = 0
+        self.last: WindowEstimate | None = None
+
+    @property
+    def window_progress(self) -> int:
+        "Small batches already in the current window."
+        return 0 if self._window_done else self._count
+
+    def update(self, grads_or_params: nn.Module | Iterable[Tensor], batch_size: int) -> WindowEstimate | None:
+        """Add one small batch's mean gradient; return the raw estimate when a window completes.
+
+        `batch_size` is the number of examples the gradient averages over. The loss must be a
+        mean over the batch (the PyTorch and fastai default), not a sum.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        grads = gradients_of(grads_or_params)
+        if not grads:
+            raise ValueError("no gradients to measure: call update after loss.backward() "
+                             "on a model with trainable parameters")
+        if self._window_done:
+            self._start_window()
+        sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        if self._acc is None:
+            self._acc = [torch.zeros_like(g, dtype=_acc_dtype(g)) for g in grads]
+            self._sq = torch.zeros((), device=sq.device)
+        elif len(self._acc) != len(grads):
+            raise ValueError("the set of gradients changed inside a window: measure the same parameters every step")
+        if self._acc[0].dtype == grads[0].dtype:
+            torch._foreach_add_(self._acc, grads, alpha=batch_size)
+        else:  # low-precision grads into a float32 buffer
+            torch._foreach_add_(self._acc, [g.to(a.dtype) for a, g in zip(self._acc, grads)], alpha=batch_size)
+        self._sq += sq
+        self._count += 1
+        self._examples += batch_size
+        self._inv_bs += 1.0 / batch_size
+        return self._finish_window() if self._count == self.n_batch else None
+
+    def _start_window(self) -> None:
+        torch._foreach_zero_(self._acc)
+        self._sq.zero_()
+        self._count, self._examples, self._inv_bs = 0, 0, 0.0
+        self._window_done = False
+
+    def _finish_window(self) -> WindowEstimate:
+        b_small = self._count / self._inv_bs
+        b_big = self._examples
+        # One host sync per window: the big-batch norm and the summed small-batch norms.
+        big_sq = torch.stack(torch._foreach_norm(self._acc)).double().square().sum() / b_big**2
+        g_small_sq, g_big_sq = (self._sq.double() / self._count).item(), big_sq.item()
+        scale = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
+        noise = (g_small_sq - g_big_sq) / (1 / b_small - 1 / b_big)
+        self.last = WindowEstimate(noise=noise, scale=scale, b_small=b_small, b_big=b_big)
+        self._ema_noise = self.beta * self._ema_noise + (1 - self.beta) * noise
+        self._ema_scale = self.beta * self._ema_scale + (1 - self.beta) * scale
+        self.n_estimates += 1
+        self._window_done = True
+        return self.last
+
+    def big_batch_grads(self) -> list[Tensor]:
+        """The completed window's big-batch mean gradient, one tensor per gradient.
+
+        Valid until the next `update`; the engine copies it into `.grad` to take one
+        optimizer step per window at fixed weights, without a second buffer.
+        """
+        if not self._window_done:
+            raise RuntimeError("big_batch_grads is only available right after a window completes")
+        return torch._foreach_div(self._acc, float(self._examples))
+
+    def _debias(self, ema: float) -> float:
+        if self.n_estimates == 0:
+            return math.nan
+        return ema / (1 - self.beta**self.n_estimates)
+
+    @property
+    def noise(self) -> float:
+        "Smoothed tr(Σ), the per-example gradient variance (NaN before the first window)."
+        return self._debias(self._ema_noise)
+
+    @property
+    def scale(self) -> float:
+        "Smoothed |G|², the squared norm of the true gradient (NaN before the first window)."
+        return self._debias(self._ema_scale)
+
+    @property
+    def noise_scale(self) -> float:
+        "EMA(noise) / EMA(scale): the simple noise scale B_simple (NaN before the first window)."
+        if self.n_estimates == 0 or self._ema_scale == 0:
+            return math.nan
+        return self._ema_noise / self._ema_scale
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(n_batch={self.n_batch}, beta={self.beta}, "
+                f"estimates={self.n_estimates}, noise_scale={self.noise_scale:.4g})")
+
+
+def _acc_dtype(g: Tensor) -> torch.dtype:
+    "Accumulate half-precision gradients in float32; keep float32/float64 as they are."
+    return torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype

@@ -1,0 +1,93 @@
+"""Read and change the batch size of fastai `DataLoaders` and torch `DataLoader`s.
+
+fastai loaders take a new `bs` in place (only `dls.train.bs = n` works: `dls.bs = n` is
+silently ignored). A torch `DataLoader` refuses `batch_size` changes after construction,
+so it is rebuilt with everything else kept: dataset, sampler (and so shuffling), collate_fn,
+workers, pin_memory, drop_last and the rest.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+
+__all__ = ["apply_batch_size", "current_batch_size", "dataset_len"]
+
+
+def _is_fastai_dls(obj: Any) -> bool:
+    return hasattr(obj, "train") and hasattr(obj, "loaders")
+
+
+def _is_fastai_dl(obj: Any) -> bool:
+    return hasattr(obj, "bs") and hasattr(obj, "create_batches")
+
+
+def current_batch_size(dl: Any) -> int | None:
+    "The training batch size of fastai DataLoaders, a fastai DataLoader or a torch DataLoader (None if unknown)."
+    if _is_fastai_dls(dl):
+        dl = dl.train
+    if _is_fastai_dl(dl):
+        return dl.bs
+    if isinstance(dl, DataLoader):
+        return dl.batch_size if dl.batch_size is not None else getattr(dl.batch_sampler, "batch_size", None)
+    return None
+
+
+def dataset_len(dl: Any) -> int | None:
+    "Examples in the training set behind a loader, when it can tell."
+    if _is_fastai_dls(dl):
+        dl = dl.train
+    if _is_fastai_dl(dl):
+        return dl.n
+    try:
+        return len(dl.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
+def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:
+    """Use batch size `bs` for training.
+
+    fastai `DataLoaders` (or a single fastai `DataLoader`): the training loader's `bs` is
+    set in place and the same object is returned; the validation loader is left alone, as
+    its batch size does not change training. torch `DataLoader`: a new loader is returned
+    with the same dataset, sampler, collate_fn, workers, pin_memory, drop_last and other
+    settings; the old one is untouched.
+    """
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"bs must be a positive integer, got {bs!r}")
+    if _is_fastai_dls(dls_or_loader):
+        dls_or_loader.train.bs = bs
+        return dls_or_loader
+    if _is_fastai_dl(dls_or_loader):
+        dls_or_loader.bs = bs
+        return dls_or_loader
+    if isinstance(dls_or_loader, DataLoader):
+        return _rebuild(dls_or_loader, bs)
+    raise TypeError("apply_batch_size takes fastai DataLoaders or a torch DataLoader, "
+                    f"got {type(dls_or_loader).__name__}")
+
+
+def _rebuild(dl: DataLoader, bs: int) -> DataLoader:
+    if dl.batch_size is None:
+        if dl.batch_sampler is None:
+            raise ValueError("this DataLoader has automatic batching disabled (batch_size=None): its batch size "
+                             "is set by the dataset, so change it there")
+        raise ValueError(f"this DataLoader uses a custom batch_sampler ({type(dl.batch_sampler).__name__}), whose "
+                         "batch size only it knows: rebuild the loader with your batch_sampler at the new size")
+    if type(dl.batch_sampler) is not BatchSampler:
+        raise ValueError(f"this DataLoader uses a custom batch_sampler ({type(dl.batch_sampler).__name__}): "
+                         "rebuild it with your batch_sampler at the new size")
+    kwargs: dict[str, Any] = dict(
+        batch_size=bs, num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory,
+        drop_last=dl.drop_last, timeout=dl.timeout, worker_init_fn=dl.worker_init_fn,
+        multiprocessing_context=dl.multiprocessing_context, generator=dl.generator,
+        persistent_workers=dl.persistent_workers, pin_memory_device=dl.pin_memory_device,
+    )
+    if not isinstance(dl.dataset, IterableDataset):
+        kwargs["sampler"] = dl.sampler  # the same sampler object: shuffling and its generator carry over
+    if dl.num_workers > 0:
+        kwargs["prefetch_factor"] = dl.prefetch_factor
+    if hasattr(dl, "in_order"):
+        kwargs["in_order"] = dl.in_order
+    return DataLoader(dl.dataset, **kwargs)

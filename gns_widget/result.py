@@ -1,0 +1,140 @@
+"What a finder run produces: one `GNSRecord` per estimate while it runs, a `GNSResult` at the end."
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .estimator import NoiseScaleEstimator
+from .suggest import LRAdvice, Suggestion, scale_lr, suggest_batch_size, tradeoff
+
+__all__ = ["GNSRecord", "GNSResult", "RunRecorder"]
+
+
+@dataclass(frozen=True)
+class GNSRecord:
+    "One row of the history, emitted to listeners each time a window of n_batch small batches completes."
+    iteration: int  # small batches processed so far
+    samples: int  # examples processed so far
+    loss: float  # mean training loss over the window
+    noise: float  # smoothed tr(Σ)
+    scale: float  # smoothed |G|²
+    noise_scale: float  # smoothed B_simple = noise / scale
+    noise_raw: float  # this window's unsmoothed tr(Σ)
+    scale_raw: float  # this window's unsmoothed |G|²
+    elapsed: float  # seconds since the run started
+    total: int  # iterations planned for the run
+
+
+COLUMNS = [f.name for f in fields(GNSRecord)]
+
+
+class GNSResult:
+    """The outcome of `bs_find`: the noise scale, a suggested batch size (or why not) and the history.
+
+    `suggested_bs` is None whenever the estimate cannot be trusted; `reason` then says
+    what to change. Like fastai's `lr_find` result, it plots itself.
+    """
+
+    def __init__(self, records: list[GNSRecord], *, batch_size: int, n_train: int | None, lr: float,
+                 n_batch: int, beta: float, mode: str, stopped: bool = False):
+        self.history = pd.DataFrame([asdict(r) for r in records], columns=COLUMNS)
+        self.batch_size, self.n_train, self.lr = batch_size, n_train, lr
+        self.n_batch, self.beta, self.mode, self.stopped = n_batch, beta, mode, stopped
+        self.suggestion: Suggestion = suggest_batch_size(self.history, n_train)
+
+    @property
+    def noise_scale(self) -> float:
+        "The final smoothed noise scale B_simple (NaN when no window completed)."
+        return float(self.history.noise_scale.iloc[-1]) if len(self.history) else math.nan
+
+    @property
+    def suggested_bs(self) -> int | None:
+        return self.suggestion.bs
+
+    @property
+    def reason(self) -> str:
+        return self.suggestion.reason
+
+    @property
+    def reliable(self) -> bool:
+        return self.suggestion.bs is not None
+
+    def lr_advice(self, lr: float | None = None, rule: str = "sgd") -> LRAdvice | None:
+        "How to scale the learning rate `lr` (default: the run's) when moving to `suggested_bs`."
+        if not self.reliable:
+            return None
+        return scale_lr(self.lr if lr is None else lr, self.batch_size, self.suggested_bs, self.noise_scale, rule)
+
+    def tradeoff(self, batch_sizes) -> pd.DataFrame:
+        "Predicted steps and examples (relative to their minimum) for each batch size."
+        return tradeoff(self.noise_scale, batch_sizes)
+
+    def plot(self, x: str = "iteration"):
+        "Noise, scale and noise scale against `x` ('iteration' or 'samples'), as in the fastai write-up."
+        import matplotlib.pyplot as plt
+
+        fig, axs = plt.subplots(1, 3, figsize=(13, 3.5))
+        h = self.history
+        for ax, col, title in zip(axs, ("noise", "scale", "noise_scale"),
+                                  ("noise  tr(Σ)", "scale  |G|²", "noise scale  B_simple")):
+            ax.plot(h[x], h[col])
+            ax.set_title(title)
+            ax.set_xlabel(x)
+        if self.reliable:
+            axs[2].axhline(self.suggested_bs, ls="--", c="C1", label=f"suggested bs {self.suggested_bs}")
+            axs[2].legend()
+        fig.tight_layout()
+        return fig
+
+    def __repr__(self) -> str:
+        head = f"GNSResult(noise_scale={self.noise_scale:.4g}, "
+        if self.reliable:
+            head += f"suggested_bs={self.suggested_bs}"
+        else:
+            head += "suggested_bs=None"
+        state = ", stopped early" if self.stopped else ""
+        return (f"{head}, estimates={len(self.history)}, batch_size={self.batch_size}, "
+                f"mode={self.mode!r}{state})\n  {self.reason}")
+
+
+class RunRecorder:
+    """Feeds an estimator step by step and turns each completed window into a `GNSRecord`.
+
+    Losses stay on the device until the window ends, so a step costs no host sync.
+    """
+
+    def __init__(self, estimator: NoiseScaleEstimator, total: int):
+        self.estimator, self.total = estimator, total
+        self.records: list[GNSRecord] = []
+        self.iteration = self.samples = 0
+        self._window_losses: list[Tensor] = []
+        self._start = time.perf_counter()
+
+    def step(self, loss: Tensor, batch_size: int, grads_or_model) -> GNSRecord | None:
+        "Record one small batch whose gradient is ready; return the new record when a window completes."
+        self.iteration += 1
+        self.samples += batch_size
+        self._window_losses.append(loss.detach())
+        estimate = self.estimator.update(grads_or_model, batch_size)
+        if estimate is None:
+            return None
+        losses = torch.stack(self._window_losses).float().cpu()
+        self._window_losses = []
+        est = self.estimator
+        record = GNSRecord(iteration=self.iteration, samples=self.samples, loss=losses.mean().item(),
+                           noise=est.noise, scale=est.scale, noise_scale=est.noise_scale,
+                           noise_raw=estimate.noise, scale_raw=estimate.scale,
+                           elapsed=time.perf_counter() - self._start, total=self.total)
+        self.records.append(record)
+        self.last_window_losses = losses
+        return record
+
+    def result(self, *, batch_size: int | None, n_train: int | None, lr: float, mode: str,
+               stopped: bool = False) -> GNSResult:
+        return GNSResult(self.records, batch_size=batch_size, n_train=n_train, lr=lr,
+                         n_batch=self.estimator.n_batch, beta=self.estimator.beta, mode=mode, stopped=stopped)

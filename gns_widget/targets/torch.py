@@ -1,0 +1,45 @@
+"A plain PyTorch model trained on a `torch.utils.data.DataLoader` (or any re-iterable of batches)."
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..loaders import current_batch_size, dataset_len
+from .base import BatchFn, Target, check_model, default_device, pair_batch
+
+__all__ = ["module_target"]
+
+
+def module_target(model: nn.Module, train_dl: Any, loss_func: Callable | None, *, opt: Any = None,
+                  device: Any = None, batch_fn: BatchFn | None = None) -> Target:
+    if train_dl is None:
+        raise ValueError("train_dl is required when target is an nn.Module (a DataLoader of (x, y) batches)")
+    if loss_func is None:
+        raise ValueError("loss_func is required when target is an nn.Module, e.g. nn.CrossEntropyLoss()")
+    if getattr(loss_func, "reduction", "mean") == "sum":
+        raise ValueError("loss_func must average over the batch (reduction='mean'), not sum: the noise scale "
+                         "is defined for mean gradients")
+    check_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if opt is None:
+        user_opt, make_opt = None, lambda lr: torch.optim.SGD(params, lr=lr)
+    elif isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "param_groups"):
+        user_opt, make_opt = opt, lambda lr: _with_lr(opt, lr)
+    elif callable(opt):
+        user_opt, make_opt = None, lambda lr: _with_lr(opt(params), lr)
+    else:
+        raise ValueError(f"opt must be an optimizer, a factory params -> optimizer, or None; got {opt!r}")
+    return Target(model=model, train_dl=train_dl, loss_func=loss_func, split_batch=batch_fn or pair_batch,
+                  make_opt=make_opt, user_opt=user_opt,
+                  device=torch.device(device) if device is not None else default_device(),
+                  batch_size=current_batch_size(train_dl), n_train=dataset_len(train_dl))
+
+
+def _with_lr(opt: Any, lr: float) -> Any:
+    "The finder's lr replaces the optimizer's for the run (the user's value comes back on restore)."
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return opt
