@@ -1,0 +1,37 @@
+# One command to set up and run the demo, one to set up and run the tests.
+# `make demo` / `make test` create .venv, install the CPU torch wheel when no NVIDIA GPU is present
+# (a plain `torch` requirement would pull several GB of CUDA packages), then the package with its extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torchvision is pinned beside torch so pip keeps this torch instead of fetching a CUDA build for fastai.
+CPU_TORCH ?= torch==2.13.0 torchvision==0.28.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then echo "NVIDIA GPU found: pip picks torch"; \
+	else echo "no NVIDIA GPU: installing the CPU torch wheel ($(CPU_TORCH))"; $(PY) -m pip install -q $(CPU_TORCH); fi
+	$(PY) -m pip install -q -e ".[test]"
+	# Bikeshare data for the tabular notebook and benchmarks; --no-deps skips ISLP's heavy extras
+	$(PY) -m pip install -q --no-deps islp==0.6.0
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m gns_widget demo
+
+test: $(STAMP)
+	$(PY) -m ruff check gns_widget tests benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(PY) -m ruff check gns_widget tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

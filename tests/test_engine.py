@@ -1,0 +1,176 @@
+"bs_find end to end: modes, listeners, stopping, and the user's state coming back exactly."
+import copy
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gns_widget import GNSResult, bs_find
+
+
+def _snapshot(model, opt=None):
+    return {
+        "weights": {k: v.clone() for k, v in model.state_dict().items()},
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "training": [m.training for m in model.modules()],
+        "opt": copy.deepcopy(opt.state_dict()) if opt is not None else None,
+        "torch_rng": torch.get_rng_state(), "random": random.getstate(), "numpy": np.random.get_state()[1].copy(),
+    }
+
+
+def _assert_same(before, after):
+    assert before["weights"].keys() == after["weights"].keys()
+    for k in before["weights"]:
+        assert torch.equal(before["weights"][k], after["weights"][k]), k
+    for a, b in zip(before["grads"], after["grads"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert before["training"] == after["training"]
+    assert torch.equal(before["torch_rng"], after["torch_rng"])
+    assert before["random"] == after["random"]
+    assert np.array_equal(before["numpy"], after["numpy"])
+    if before["opt"] is not None:
+        assert before["opt"]["param_groups"] == after["opt"]["param_groups"]
+        for k, st in before["opt"]["state"].items():
+            for name, v in st.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["opt"]["state"][k][name])), name
+
+
+def _warm_adam(model, dl):
+    "An optimizer with real state, and leftover grads, as a user's would be mid-training."
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for x, y in list(dl)[:3]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("mode", ["fixed", "sequential"])
+def test_training_run_restores_everything_exactly(mlp, digits_dl, mode):
+    opt = _warm_adam(mlp, digits_dl)
+    mlp.eval()
+    mlp[3].train()  # a mixed train/eval state must come back as it was
+    gen_state = digits_dl.sampler.generator  # None for a default shuffled loader: the global RNG is used
+    before = _snapshot(mlp, opt)
+    res = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.05, num_it=60, n_batch=5, opt=opt, mode=mode)
+    assert len(res.history) == 12
+    _assert_same(before, _snapshot(mlp, opt))
+    assert digits_dl.sampler.generator is gen_state
+
+
+def test_training_actually_moves_weights_during_the_run(mlp, digits_dl):
+    "The restore test above would pass trivially if training did nothing: check that it does."
+    seen = []
+    w0 = mlp[0].weight.detach().clone()
+    bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.5, num_it=20, n_batch=5,
+            on_update=lambda r: seen.append(not torch.equal(mlp[0].weight, w0)))
+    assert seen and all(seen)
+    assert torch.equal(mlp[0].weight, w0)
+
+
+def test_fixed_mode_steps_once_per_window_and_sequential_every_batch(mlp, digits_dl):
+    counts = {}
+    for mode in ("fixed", "sequential"):
+        opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+        steps = []
+        opt.register_step_post_hook(lambda *a, steps=steps: steps.append(1))
+        bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.1, num_it=20, n_batch=5, opt=opt, mode=mode)
+        counts[mode] = len(steps)
+    assert counts == {"fixed": 4, "sequential": 20}
+
+
+def test_lr_zero_measures_without_moving_weights(mlp, digits_dl):
+    w0 = {k: v.clone() for k, v in mlp.state_dict().items() if "running" not in k and "num_batches" not in k}
+    moved = []
+    bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0, num_it=20, n_batch=5,
+            on_update=lambda r: moved.append(any(not torch.equal(v, mlp.state_dict()[k]) for k, v in w0.items())))
+    assert moved == [False] * 4
+
+
+def test_on_update_gets_every_estimate_and_history_columns(mlp, digits_dl):
+    records = []
+    res = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.1, num_it=30, n_batch=10, on_update=records.append)
+    assert [r.iteration for r in records] == [10, 20, 30]
+    assert records[-1].samples == 30 * 32 and records[-1].total == 30
+    for col in ("iteration", "samples", "loss", "noise", "scale", "noise_scale"):
+        assert col in res.history.columns
+    assert res.history.iteration.tolist() == [10, 20, 30]
+
+
+def test_one_epoch_by_default_and_cycling_beyond(mlp, digits_dl):
+    res = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), n_batch=5)
+    assert res.history.iteration.iloc[-1] == len(digits_dl) // 5 * 5
+    res = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), num_it=3 * len(digits_dl), n_batch=5)
+    assert res.history.iteration.iloc[-1] == 3 * len(digits_dl) // 5 * 5
+
+
+def test_short_last_batch_is_counted_exactly(mlp):
+    ds = TensorDataset(torch.randn(70, 64), torch.randint(0, 10, (70,)))
+    res = bs_find(mlp, DataLoader(ds, batch_size=32), nn.CrossEntropyLoss(), num_it=6, n_batch=3)
+    assert res.history.samples.tolist() == [32 + 32 + 6, 140]
+
+
+def test_stop_event_returns_partial_result_and_restores(mlp, digits_dl):
+    stop = threading.Event()
+    before = _snapshot(mlp)
+
+    def stop_after_two(record):
+        if record.iteration == 10:
+            stop.set()
+
+    res = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.1, num_it=200, n_batch=5, on_update=stop_after_two,
+                  stop_event=stop)
+    assert res.stopped and res.history.iteration.tolist() == [5, 10]
+    assert "stopped early" in repr(res)
+    _assert_same(before, _snapshot(mlp))
+
+
+def test_error_in_the_middle_still_restores(mlp, digits_dl):
+    before = _snapshot(mlp)
+
+    def boom(record):
+        raise KeyError("listener failed")
+
+    with pytest.raises(KeyError, match="listener failed"):
+        bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.1, num_it=20, n_batch=5, on_update=boom)
+    _assert_same(before, _snapshot(mlp))
+
+
+def test_divergence_names_the_iteration_and_restores(mlp, digits_dl):
+    before = _snapshot(mlp)
+    calls = []
+
+    def loss_nan_at_7(pred, y):
+        calls.append(1)
+        loss = nn.functional.cross_entropy(pred, y)
+        return loss * float("nan") if len(calls) == 7 else loss
+
+    with pytest.raises(RuntimeError, match="iteration 7.*lower lr"):
+        bs_find(mlp, digits_dl, loss_nan_at_7, lr=0.1, num_it=20, n_batch=5)
+    _assert_same(before, _snapshot(mlp))
+
+
+def test_result_repr_plot_and_advice(mlp, digits_dl):
+    res = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0, num_it=400, n_batch=5, beta=0.9)
+    assert isinstance(res, GNSResult)
+    text = repr(res)
+    assert "noise_scale=" in text and res.reason in text
+    fig = res.plot()
+    assert len(fig.axes) == 3
+    if res.reliable:
+        advice = res.lr_advice(0.1, rule="sgd")
+        assert advice.factor > 1 if res.suggested_bs > 32 else advice.factor <= 1
+        assert "linear" in advice.text
+
+
+def test_batch_fn_splits_unusual_batches(mlp, digits_dl):
+    dict_dl = [{"x": x, "y": y} for x, y in digits_dl]
+    with pytest.raises(ValueError, match="batch_fn"):
+        bs_find(mlp, dict_dl, nn.CrossEntropyLoss(), num_it=10, n_batch=5)
+    res = bs_find(mlp, dict_dl, nn.CrossEntropyLoss(), num_it=10, n_batch=5,
+                  batch_fn=lambda b: ((b["x"],), (b["y"],)))
+    assert len(res.history) == 2 and res.batch_size == 32

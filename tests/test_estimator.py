@@ -1,0 +1,111 @@
+"The estimator's math against closed-form values, without any training loop."
+import math
+
+import pytest
+import torch
+
+from gns_widget import NoiseScaleEstimator
+
+
+def _synthetic_grads(G: torch.Tensor, sigma: float, b: int, gen: torch.Generator) -> torch.Tensor:
+    "A mean gradient of b examples whose per-example gradients are G + N(0, sigma² I)."
+    return G + sigma * torch.randn(b, G.numel(), generator=gen).mean(0)
+
+
+def test_one_window_matches_the_papers_formulas():
+    est = NoiseScaleEstimator(n_batch=3, beta=0.5)
+    grads = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0]), torch.tensor([-1.0, 1.0])]
+    b = 4
+    for g in grads[:-1]:
+        assert est.update([g], b) is None
+    out = est.update([grads[-1]], b)
+    small_sq = sum(g.square().sum().item() for g in grads) / 3  # mean over ALL small batches
+    big_sq = (sum(grads) / 3).square().sum().item()
+    B_small, B_big = 4, 12
+    assert out.scale == pytest.approx((B_big * big_sq - B_small * small_sq) / (B_big - B_small))
+    assert out.noise == pytest.approx((small_sq - big_sq) / (1 / B_small - 1 / B_big))
+    # one estimate: the bias-corrected EMAs equal the raw values
+    assert est.noise == pytest.approx(out.noise) and est.scale == pytest.approx(out.scale)
+    assert est.noise_scale == pytest.approx(out.noise / out.scale)
+
+
+@pytest.mark.parametrize("sizes", [[16, 16, 16, 16], [8, 32, 5, 64]])
+def test_unbiased_for_equal_and_unequal_batch_sizes(sizes):
+    "Averaged over many windows, raw noise → tr(Σ) and scale → |G|², also with unequal (short) batches."
+    gen = torch.Generator().manual_seed(0)
+    dim, sigma = 50, 2.0
+    G = torch.randn(dim, generator=gen) * 0.5
+    est = NoiseScaleEstimator(n_batch=len(sizes), beta=0.0)
+    noises, scales = [], []
+    for _ in range(3000):
+        for b in sizes:
+            out = est.update([_synthetic_grads(G, sigma, b, gen)], b)
+        noises.append(out.noise)
+        scales.append(out.scale)
+    tr_sigma, g_sq = dim * sigma**2, G.square().sum().item()
+    assert sum(noises) / len(noises) == pytest.approx(tr_sigma, rel=0.03)
+    assert sum(scales) / len(scales) == pytest.approx(g_sq, rel=0.05)
+
+
+def test_bias_corrected_ema_and_ratio_of_averages():
+    est = NoiseScaleEstimator(n_batch=2, beta=0.9)
+    raws = []
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for _ in range(2):
+            out = est.update([torch.randn(10, generator=gen)], 3)
+        raws.append((out.noise, out.scale))
+    w = [0.9 ** (4 - i) * 0.1 for i in range(5)]
+    norm = 1 - 0.9**5
+    noise = sum(wi * n for wi, (n, _) in zip(w, raws)) / norm
+    scale = sum(wi * s for wi, (_, s) in zip(w, raws)) / norm
+    assert est.noise == pytest.approx(noise) and est.scale == pytest.approx(scale)
+    assert est.noise_scale == pytest.approx(noise / scale)
+
+
+def test_one_buffer_whatever_n_batch():
+    model = torch.nn.Linear(100, 10)
+    sizes = []
+    for n in (2, 50):
+        est = NoiseScaleEstimator(n_batch=n)
+        for _ in range(n):
+            model.zero_grad()
+            model(torch.randn(4, 100)).sum().backward()
+            est.update(model, 4)
+        sizes.append(sum(t.numel() for t in est._acc))
+    assert sizes[0] == sizes[1] == sum(p.numel() for p in model.parameters())
+
+
+def test_reads_params_grads_or_module_alike():
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(5, 3)).sum().backward()
+    outs = []
+    for source in (model, list(model.parameters()), [p.grad for p in model.parameters()]):
+        est = NoiseScaleEstimator(n_batch=2)
+        est.update(source, 5)
+        outs.append(est.update(source, 5))
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_reset_and_nan_before_first_window():
+    est = NoiseScaleEstimator(n_batch=2)
+    assert math.isnan(est.noise_scale)
+    est.update([torch.ones(3)], 2)
+    est.update([torch.zeros(3)], 2)
+    assert est.n_estimates == 1
+    est.reset()
+    assert est.n_estimates == 0 and math.isnan(est.noise)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"n_batch": 1}, "n_batch"), ({"n_batch": 2.5}, "n_batch"),
+                                           ({"beta": 1.0}, "beta"), ({"beta": -0.1}, "beta")])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseScaleEstimator(**kwargs)
+
+
+def test_update_without_gradients_says_so():
+    with pytest.raises(ValueError, match="backward"):
+        NoiseScaleEstimator().update(torch.nn.Linear(2, 2), 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        NoiseScaleEstimator().update([torch.ones(2)], 0)

@@ -1,0 +1,38 @@
+"bs_find(lr=0) against the exact noise scale from every per-example gradient of a 50k-example dataset."
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gns_widget import bs_find
+from tests.exact import exact_noise_scale
+
+N = 50_000
+
+
+def _linear_problem():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 20, generator=gen)
+    y = x @ torch.randn(20, 1, generator=gen) + 0.5 * torch.randn(N, 1, generator=gen)
+    torch.manual_seed(0)
+    return nn.Linear(20, 1), nn.MSELoss(), x, y
+
+
+def _mlp_problem():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 16, generator=gen)
+    y = (x[:, :4] @ torch.randn(4, 5, generator=gen) + torch.randn(N, 5, generator=gen)).argmax(1)
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 5)), nn.CrossEntropyLoss(), x, y
+
+
+@pytest.mark.parametrize("make", [_linear_problem, _mlp_problem], ids=["linear-mse", "mlp-cross-entropy"])
+def test_matches_exact_noise_scale_within_10_percent(make):
+    model, loss_func, x, y = make()
+    tr_sigma, g_sq, exact = exact_noise_scale(model, loss_func, x, y)
+    dl = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(2))
+    res = bs_find(model, dl, loss_func, lr=0, num_it=2000, n_batch=10, beta=0.99, device="cpu")
+    assert res.noise_scale == pytest.approx(exact, rel=0.10)
+    last = res.history.iloc[-1]
+    assert last.noise == pytest.approx(tr_sigma, rel=0.10)
+    assert last.scale == pytest.approx(g_sq, rel=0.10)

@@ -1,0 +1,75 @@
+"fastai: learn.bs_find, GNSCallback during ordinary fit, and the Learner left as it was."
+import pytest
+import torch
+from fastai.basics import Learner
+from fastai.data.core import DataLoaders
+from fastai.optimizer import Adam
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import gns_widget  # noqa: F401  (patches Learner.bs_find)
+from gns_widget import GNSCallback, apply_batch_size
+from gns_widget.datasets import bikeshare, digits
+
+
+@pytest.fixture
+def learn():
+    xt, yt, xv, yv = digits()
+    dls = DataLoaders.from_dsets(TensorDataset(xt, yt), TensorDataset(xv, yv), bs=32, device="cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=Adam)
+
+
+def test_learner_bs_find_leaves_learner_untouched(learn):
+    learn.fit(1, 1e-3)  # a real optimizer with state
+    opt_state = {k: v.clone() for k, v in learn.opt.state_dict()["state"][0].items() if torch.is_tensor(v)}
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    rng = learn.dls.train.rng.getstate()
+    res = learn.bs_find(lr=1e-2, num_it=60, n_batch=5, show_plot=False)
+    assert len(res.history) == 12 and res.batch_size == 32 and res.n_train == len(learn.dls.train_ds)
+    for k, v in weights.items():
+        assert torch.equal(v, learn.model.state_dict()[k])
+    for k, v in opt_state.items():
+        assert torch.equal(v, learn.opt.state_dict()["state"][0][k])
+    assert learn.dls.train.rng.getstate() == rng and learn.dls.train.bs == 32
+
+
+def test_callback_monitors_fit_without_changing_it(learn):
+    dl_rng = learn.dls.train.rng
+    rng_state = dl_rng.getstate()  # the shuffling: fastai replaces dl.rng every epoch
+    torch.manual_seed(0)
+    w0 = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    learn.fit(2, 1e-3)
+    plain = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    learn.model.load_state_dict(w0)
+    learn.opt = None
+    learn.dls.train.rng = dl_rng
+    dl_rng.setstate(rng_state)
+    torch.manual_seed(0)
+    cb = GNSCallback(n_batch=5, beta=0.9)
+    learn.fit(2, 1e-3, cbs=cb)
+    for k, v in plain.items():
+        assert torch.equal(v, learn.model.state_dict()[k]), "the callback changed the training"
+    steps = 2 * len(learn.dls.train)
+    assert len(cb.result.history) == steps // 5 and cb.result.noise_scale > 0
+
+
+def test_apply_batch_size_in_place(learn):
+    dls = apply_batch_size(learn.dls, 128)
+    assert dls is learn.dls and learn.dls.train.bs == 128 and len(learn.dls.train) == len(learn.dls.train_ds) // 128
+
+
+def test_tabular_learner_on_bikeshare():
+    from fastai.tabular.all import Categorify, Normalize, TabularDataLoaders, tabular_learner
+
+    df = bikeshare()
+    df["bikers"] = df.bikers.astype("float32")
+    dls = TabularDataLoaders.from_df(df.drop(columns=["casual", "registered"]), y_names="bikers",
+                                     cat_names=["season", "mnth", "hr", "weathersit"],
+                                     cont_names=["temp", "hum", "windspeed"], procs=[Categorify, Normalize],
+                                     bs=64, device="cpu")
+    learn = tabular_learner(dls, layers=[64, 32])
+    res = learn.bs_find(lr=1e-3, num_it=100, n_batch=5, show_plot=False)
+    assert len(res.history) == 20 and res.n_train == len(dls.train_ds)
+    assert res.history.noise.iloc[-1] > 0

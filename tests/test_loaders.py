@@ -1,0 +1,45 @@
+"apply_batch_size rebuilds torch loaders faithfully and refuses what it cannot rebuild."
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+
+from gns_widget import apply_batch_size
+from gns_widget.loaders import current_batch_size
+
+DS = TensorDataset(torch.arange(100).float(), torch.arange(100))
+
+
+def _collate(items):
+    return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+
+
+def test_rebuild_keeps_every_setting():
+    gen = torch.Generator().manual_seed(0)
+    old = DataLoader(DS, batch_size=8, shuffle=True, generator=gen, collate_fn=_collate, drop_last=True,
+                     pin_memory=False, num_workers=0)
+    new = apply_batch_size(old, 32)
+    assert new is not old and old.batch_size == 8 and current_batch_size(new) == 32
+    assert new.sampler is old.sampler and new.collate_fn is _collate and new.drop_last and new.generator is gen
+    assert len(new) == 3  # drop_last kept: 100 // 32
+
+
+def test_shuffling_survives():
+    new = apply_batch_size(DataLoader(DS, batch_size=8, shuffle=True), 100)
+    assert next(iter(new))[1].tolist() != list(range(100))
+
+
+def test_custom_batch_sampler_is_refused():
+    dl = DataLoader(DS, batch_sampler=BatchSampler(SequentialSampler(DS), 10, False))
+    with pytest.raises(ValueError, match="batch_sampler"):
+        apply_batch_size(dl, 20)
+
+
+@pytest.mark.parametrize("bs", [0, -3, 2.5, True])
+def test_bad_bs(bs):
+    with pytest.raises(ValueError, match="bs must be a positive integer"):
+        apply_batch_size(DataLoader(DS, batch_size=8), bs)
+
+
+def test_unknown_loader_type():
+    with pytest.raises(TypeError, match="fastai DataLoaders or a torch DataLoader"):
+        apply_batch_size([1, 2], 4)
