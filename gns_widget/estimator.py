@@ -75,11 +75,6 @@ class NoiseScaleEstimator:
         self.n_estimates = 0
         self.last: WindowEstimate | None = None
 
-    @property
-    def window_progress(self) -> int:
-        "Small batches already in the current window."
-        return 0 if self._window_done else self._count
-
     def update(self, grads_or_params: nn.Module | Iterable[Tensor], batch_size: int) -> WindowEstimate | None:
         """Add one small batch's mean gradient; return the raw estimate when a window completes.
 

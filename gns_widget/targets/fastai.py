@@ -32,17 +32,14 @@ def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = Non
         i = n_inp if n_inp is not None else (1 if len(b) == 1 else len(b) - 1)
         return b[:i], b[i:]
 
+    device = torch.device(device) if device is not None else (learn.dls.device or default_device())
     if opt is not None:  # the user's own optimizer: the same rules as for a plain module
-        target = module_target(learn.model, dl, loss_func or learn.loss_func, opt=opt, device=device,
-                               batch_fn=batch_fn or split)
-    else:
-        target = Target(model=learn.model, train_dl=dl, loss_func=loss_func or learn.loss_func,
-                        split_batch=batch_fn or split,
-                        make_opt=lambda lr: learn.opt_func(learn.splitter(learn.model), lr=lr), user_opt=None,
-                        device=torch.device("cpu"), batch_size=None, n_train=None)
-    target.device = torch.device(device) if device is not None else (learn.dls.device or default_device())
-    target.batch_size, target.n_train = current_batch_size(dl), dataset_len(dl)
-    return target
+        return module_target(learn.model, dl, loss_func or learn.loss_func, opt=opt, device=device,
+                             batch_fn=batch_fn or split)
+    return Target(model=learn.model, train_dl=dl, loss_func=loss_func or learn.loss_func,
+                  split_batch=batch_fn or split,
+                  make_opt=lambda lr: learn.opt_func(learn.splitter(learn.model), lr=lr), user_opt=None,
+                  device=device, batch_size=current_batch_size(dl), n_train=dataset_len(dl))
 
 
 @patch
