@@ -9,6 +9,8 @@ from .estimator import NoiseScaleEstimator
 from .loaders import apply_batch_size
 from .result import GNSRecord, GNSResult
 from .targets.fastai import GNSCallback
+from .widget import GNSWidget
 
-__all__ = ["bs_find", "NoiseScaleEstimator", "GNSRecord", "GNSResult", "GNSCallback", "apply_batch_size"]
+__all__ = ["bs_find", "NoiseScaleEstimator", "GNSRecord", "GNSResult", "GNSCallback", "apply_batch_size",
+           "GNSWidget"]
 __version__ = "0.1.0"

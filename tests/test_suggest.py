@@ -9,8 +9,9 @@ from gns_widget.suggest import MAX_DRIFT, scale_lr, suggest_batch_size, tradeoff
 
 def _history(noise_scales, noise=1.0, scale=None):
     n = len(noise_scales)
+    scales = [scale if scale is not None else noise / v for v in noise_scales]
     return pd.DataFrame({"iteration": [10 * (i + 1) for i in range(n)], "noise_scale": noise_scales,
-                         "noise": [noise] * n, "scale": [scale if scale is not None else noise / v for v in noise_scales]})
+                         "noise": [noise] * n, "scale": scales})
 
 
 def test_power_of_two_near_a_stable_noise_scale():
