@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .estimator import NoiseScaleEstimator, gradients_of
+from .loaders import population_size
 from .result import GNSRecord, GNSResult, RunRecorder
 from .state import UserState
 from .targets import Target, as_target
@@ -48,10 +49,11 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     `stop_event` ends the run at the next step with a partial result. Whatever happens,
     the model, optimizer, loader and RNG states are restored exactly.
     """
-    estimator = NoiseScaleEstimator(n_batch, beta)  # checks n_batch and beta
+    NoiseScaleEstimator(n_batch, beta)  # checks n_batch and beta before anything else is touched
     _check_args(lr=lr, num_it=num_it, n_batch=n_batch, mode=mode)
     tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
     total = _total_iterations(tgt.train_dl, num_it, n_batch)
+    estimator = NoiseScaleEstimator(n_batch, beta, n_train=population_size(tgt.train_dl))
     state = UserState(tgt.model, tgt.user_opt, tgt.train_dl)
     try:
         recorder, stopped = _run(tgt, estimator, total, lr, mode, on_update, stop_event)

@@ -55,14 +55,21 @@ class NoiseScaleEstimator:
     and `reset` to start over. Every `n_batch` updates one raw estimate is made and
     folded into bias-corrected EMAs with decay `beta`; `noise_scale` is the ratio of the
     two EMAs (a ratio of averages: single raw estimates are noisy and can be negative).
+
+    `n_train`: the training set size when a window's small batches are drawn without
+    replacement from it (a shuffled epoch). Then E|G_b|² = |G|² + tr(Σ)/b·(1 − b/N): the noise
+    formula stays unbiased but the scale formula comes out low by tr(Σ)/N, which inflates the
+    noise scale by 1/(1 − B_simple/N) on small datasets. Giving `n_train` adds that term back.
     """
 
-    def __init__(self, n_batch: int = 20, beta: float = 0.99):
+    def __init__(self, n_batch: int = 20, beta: float = 0.99, n_train: int | None = None):
         if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 2:
             raise ValueError(f"n_batch must be an integer >= 2 (small batches per estimate), got {n_batch!r}")
         if not (isinstance(beta, (int, float)) and 0 <= beta < 1):
             raise ValueError(f"beta must be in [0, 1) (EMA decay; 0.99 is typical), got {beta!r}")
-        self.n_batch, self.beta = n_batch, float(beta)
+        if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
+            raise ValueError(f"n_train must be a positive integer or None, got {n_train!r}")
+        self.n_batch, self.beta, self.n_train = n_batch, float(beta), n_train
         self.reset()
 
     def reset(self) -> None:
@@ -119,6 +126,8 @@ class NoiseScaleEstimator:
         g_small_sq, g_big_sq = (self._sq.double() / self._count).item(), big_sq.item()
         scale = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
         noise = (g_small_sq - g_big_sq) / (1 / b_small - 1 / b_big)
+        if self.n_train:  # finite-population correction for sampling without replacement
+            scale += noise / self.n_train
         self.last = WindowEstimate(noise=noise, scale=scale, b_small=b_small, b_big=b_big)
         self._ema_noise = self.beta * self._ema_noise + (1 - self.beta) * noise
         self._ema_scale = self.beta * self._ema_scale + (1 - self.beta) * scale

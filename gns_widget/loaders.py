@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+)
 
-__all__ = ["apply_batch_size", "current_batch_size", "dataset_len"]
+__all__ = ["apply_batch_size", "current_batch_size", "dataset_len", "population_size"]
 
 
 def _is_fastai_dls(obj: Any) -> bool:
@@ -43,6 +50,25 @@ def dataset_len(dl: Any) -> int | None:
         return len(dl.dataset)
     except (AttributeError, TypeError):
         return None
+
+
+def population_size(dl: Any) -> int | None:
+    """How many examples an epoch draws its batches from without replacement, or None.
+
+    This is the N of the estimator's finite-population correction. Samplers that draw with
+    replacement (or that we do not know) give None: no correction is needed or possible.
+    """
+    if _is_fastai_dls(dl):
+        dl = dl.train
+    if _is_fastai_dl(dl):
+        return dl.n  # fastai shuffles a permutation of the whole dataset
+    sampler = getattr(dl, "sampler", None)
+    if isinstance(sampler, SubsetRandomSampler):
+        return len(sampler.indices)
+    if isinstance(sampler, SequentialSampler) or (isinstance(sampler, RandomSampler) and not sampler.replacement
+                                                  and sampler.num_samples == len(sampler.data_source)):
+        return len(sampler.data_source)
+    return None
 
 
 def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:

@@ -43,3 +43,15 @@ def test_bad_bs(bs):
 def test_unknown_loader_type():
     with pytest.raises(TypeError, match="fastai DataLoaders or a torch DataLoader"):
         apply_batch_size([1, 2], 4)
+
+
+def test_population_size_only_for_sampling_without_replacement():
+    from torch.utils.data import RandomSampler, SubsetRandomSampler
+
+    from gns_widget.loaders import population_size
+
+    assert population_size(DataLoader(DS, batch_size=8, shuffle=True)) == 100
+    assert population_size(DataLoader(DS, batch_size=8)) == 100
+    assert population_size(DataLoader(DS, batch_size=8, sampler=SubsetRandomSampler(range(30)))) == 30
+    assert population_size(DataLoader(DS, batch_size=8, sampler=RandomSampler(DS, replacement=True))) is None
+    assert population_size([(torch.ones(2), torch.ones(2))]) is None

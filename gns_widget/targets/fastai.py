@@ -14,7 +14,7 @@ from fastai.learner import Learner
 from fastcore.basics import patch
 
 from ..estimator import NoiseScaleEstimator
-from ..loaders import current_batch_size, dataset_len
+from ..loaders import current_batch_size, dataset_len, population_size
 from ..result import GNSResult, RunRecorder
 from .base import BatchFn, Target, batch_size_of, check_model, default_device
 from .torch import module_target
@@ -73,6 +73,7 @@ class GNSCallback(Callback):
         self.result: GNSResult | None = None
 
     def before_fit(self):
+        self.estimator.n_train = population_size(self.dls.train)
         self.estimator.reset()
         self.recorder_ = RunRecorder(self.estimator, total=self.n_epoch * len(self.dls.train))
 
