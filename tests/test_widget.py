@@ -98,6 +98,10 @@ def test_finished_run_fills_charts_progress_status_and_result(finished):
     assert "status: finished" in w.status.value
     assert "noise scale" in w.result_box.value and "suggested batch size</b>: 64" in w.result_box.value
     assert "sgd rule" in w.result_box.value  # plain module, no opt: bs_find trains with SGD
+    # the trade-off row for the suggested size: steps 1 + B_noise/B, examples 1 + B/B_noise
+    ns = w.result.noise_scale
+    assert "gns-tradeoff" in w.result_box.value
+    assert f"×{1 + ns / 64:.2f}" in w.result_box.value and f"×{1 + 64 / ns:.2f}" in w.result_box.value
     assert not w.apply_button.disabled and w.stop_button.disabled and not w.start_button.disabled
 
 

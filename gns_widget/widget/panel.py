@@ -333,4 +333,19 @@ class GNSWidget(ipw.VBox):
                             f"when moving to batch size {res.suggested_bs}")
         else:
             rows.append(f"<b>no reliable suggestion</b>: {html.escape(res.reason)}")
+        if res.noise_scale > 0:
+            rows.append(_tradeoff_html(res))
         return '<div class="gns-result-text">' + "<br>".join(rows) + "</div>"
+
+
+def _tradeoff_html(res: GNSResult) -> str:
+    "The paper's cost of each batch size around the noise scale: steps and examples relative to their minimum."
+    center = res.suggested_bs or 2 ** max(0, round(math.log2(res.noise_scale)))
+    sizes = sorted({res.batch_size or center, *(center * 2**k for k in range(-3, 4) if center * 2**k >= 1)})
+    t = res.tradeoff(sizes)
+    head = "".join(f"<th style='padding:0 6px'>{b}</th>" for b in t.batch_size)
+    steps = "".join(f"<td style='padding:0 6px'>×{v:.2f}</td>" for v in t.steps)
+    examples = "".join(f"<td style='padding:0 6px'>×{v:.2f}</td>" for v in t.examples)
+    return ("<b>trade-off</b> (predicted steps and examples to reach the same loss, relative to their minimum):"
+            f"<table class='gns-tradeoff'><tr><th>batch size</th>{head}</tr>"
+            f"<tr><td>steps</td>{steps}</tr><tr><td>examples</td>{examples}</tr></table>")
