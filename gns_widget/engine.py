@@ -49,7 +49,7 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     `stop_event` ends the run at the next step with a partial result. Whatever happens,
     the model, optimizer, loader and RNG states are restored exactly.
     """
-    NoiseScaleEstimator(n_batch, beta)  # checks n_batch and beta before anything else is touched
+    NoiseScaleEstimator.check_args(n_batch, beta)
     _check_args(lr=lr, num_it=num_it, n_batch=n_batch, mode=mode)
     tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
     total = _total_iterations(tgt.train_dl, num_it, n_batch)

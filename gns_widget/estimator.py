@@ -63,14 +63,19 @@ class NoiseScaleEstimator:
     """
 
     def __init__(self, n_batch: int = 20, beta: float = 0.99, n_train: int | None = None):
+        self.check_args(n_batch, beta, n_train)
+        self.n_batch, self.beta, self.n_train = n_batch, float(beta), n_train
+        self.reset()
+
+    @staticmethod
+    def check_args(n_batch: int, beta: float, n_train: int | None = None) -> None:
+        "Raise a ValueError naming the bad argument and its accepted range."
         if not isinstance(n_batch, int) or isinstance(n_batch, bool) or n_batch < 2:
             raise ValueError(f"n_batch must be an integer >= 2 (small batches per estimate), got {n_batch!r}")
         if not (isinstance(beta, (int, float)) and 0 <= beta < 1):
             raise ValueError(f"beta must be in [0, 1) (EMA decay; 0.99 is typical), got {beta!r}")
         if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
             raise ValueError(f"n_train must be a positive integer or None, got {n_train!r}")
-        self.n_batch, self.beta, self.n_train = n_batch, float(beta), n_train
-        self.reset()
 
     def reset(self) -> None:
         "Forget everything: the current window and the EMAs."

@@ -113,6 +113,7 @@ class RunRecorder:
         self.records: list[GNSRecord] = []
         self.iteration = self.samples = 0
         self._window_losses: list[Tensor] = []
+        self.last_window_losses: Tensor | None = None  # the completed window's losses, to find a divergence
         self._start = time.perf_counter()
 
     def step(self, loss: Tensor, batch_size: int, grads_or_model) -> GNSRecord | None:
