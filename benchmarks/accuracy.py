@@ -85,7 +85,6 @@ def plot(summary: pd.DataFrame, path) -> None:
         ax.set_xlabel("steps (small batches)")
     axs[0][0].set_ylabel("relative error, % (median, min–max)")
     axs[0][0].legend(fontsize=7)
-    fig.tight_layout()
     save_fig(fig, path)
 
 

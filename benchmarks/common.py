@@ -62,7 +62,8 @@ def markdown(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
 
 
 def save_fig(fig, path: Path) -> None:
-    "Small PNGs (committed to the repo): low dpi."
+    "Lay out, save as a small PNG (committed to the repo: low dpi) and free the figure."
+    fig.tight_layout()
     fig.savefig(path, dpi=70)
     import matplotlib.pyplot as plt
     plt.close(fig)

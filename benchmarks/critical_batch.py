@@ -116,7 +116,6 @@ def plot(df: pd.DataFrame, s_min: float, b_crit: float, b_finder: float, b_exact
     ax.set(xscale="log", yscale="log", xlabel="examples E", ylabel="steps S")
     ax.set_title(f"softmax regression, Fashion-MNIST PCA-64, to loss {target}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
     save_fig(fig, path)
 
 

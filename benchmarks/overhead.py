@@ -123,7 +123,6 @@ def plot(df: pd.DataFrame, path) -> None:
                title="estimator buffers")
     for ax in axs:
         ax.legend(fontsize=8)
-    fig.tight_layout()
     save_fig(fig, path)
 
 

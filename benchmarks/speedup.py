@@ -73,7 +73,6 @@ def plot(runs: pd.DataFrame, target: float, path) -> None:
     ax.set(xlabel="wall-clock seconds (to target, or to the end)", ylabel="validation loss at stop",
            title="Bikeshare, fastai tabular")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     save_fig(fig, path)
 
 
