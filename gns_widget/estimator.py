@@ -27,7 +27,7 @@ class WindowEstimate:
     noise: float  # tr(Σ) estimate
     scale: float  # |G|² estimate
     b_small: float  # harmonic mean of the small batch sizes
-    b_big: int  # examples in the window
+    b_big: float  # examples in the window (its effective size when micro-batches are weighted unequally)
 
 
 def gradients_of(grads_or_params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
@@ -60,11 +60,18 @@ class NoiseScaleEstimator:
     replacement from it (a shuffled epoch). Then E|G_b|² = |G|² + tr(Σ)/b·(1 − b/N): the noise
     formula stays unbiased but the scale formula comes out low by tr(Σ)/N, which inflates the
     noise scale by 1/(1 − B_simple/N) on small datasets. Giving `n_train` adds that term back.
+
+    `accumulated=True` is for gradient accumulation: the gradients are *not* zeroed between
+    micro-batches, so each `update` sees the running sum, and the micro-batches are the small
+    batches while the accumulated gradient is the big one. The window must be the accumulation
+    cycle (`n_batch` = accumulation steps, `update` after every micro-batch's backward). The same
+    single buffer then holds the previous running sum, so memory stays O(parameters).
     """
 
-    def __init__(self, n_batch: int = 20, beta: float = 0.99, n_train: int | None = None):
+    def __init__(self, n_batch: int = 20, beta: float = 0.99, n_train: int | None = None,
+                 accumulated: bool = False):
         self.check_args(n_batch, beta, n_train)
-        self.n_batch, self.beta, self.n_train = n_batch, float(beta), n_train
+        self.n_batch, self.beta, self.n_train, self.accumulated = n_batch, float(beta), n_train, accumulated
         self.reset()
 
     @staticmethod
@@ -79,55 +86,74 @@ class NoiseScaleEstimator:
 
     def reset(self) -> None:
         "Forget everything: the current window and the EMAs."
-        self._acc: list[Tensor] | None = None  # Σ b_i g_i over the window, one buffer per gradient
+        self._acc: list[Tensor] | None = None  # Σ w_i g_i over the window, one buffer per gradient
         self._sq: Tensor | None = None  # Σ |g_i|², kept on the device: no host sync per step
-        self._count, self._examples, self._inv_bs = 0, 0, 0.0
+        self._zero_window_counts()
         self._window_done = False
         self._ema_noise = self._ema_scale = 0.0
         self.n_estimates = 0
         self.last: WindowEstimate | None = None
 
-    def update(self, grads_or_params: nn.Module | Iterable[Tensor], batch_size: int) -> WindowEstimate | None:
+    def _zero_window_counts(self) -> None:
+        # small batches, Σ 1/b_i (B_small is their harmonic mean), Σ w_i and Σ w_i²/b_i (B_big = (Σw)²/Σ(w²/b))
+        self._count, self._inv_bs, self._w_sum, self._w2_over_b = 0, 0.0, 0.0, 0.0
+
+    def update(self, grads_or_params: nn.Module | Iterable[Tensor], batch_size: int,
+               weight: float | None = None) -> WindowEstimate | None:
         """Add one small batch's mean gradient; return the raw estimate when a window completes.
 
         `batch_size` is the number of examples the gradient averages over. The loss must be a
-        mean over the batch (the PyTorch and fastai default), not a sum.
+        mean over the batch (the PyTorch and fastai default), not a sum. With `accumulated=True`,
+        `weight` is the factor this micro-batch's loss was multiplied by before backward
+        (default 1/n_batch, i.e. `loss / accumulation_steps`; fastai's `GradientAccumulation`
+        uses batch_size / n_acc). Without accumulation, small batches are weighted by their size.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if weight is not None and not self.accumulated:
+            raise ValueError("weight only applies with accumulated=True (gradient accumulation)")
+        if weight is not None and not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight!r}")
         grads = gradients_of(grads_or_params)
         if not grads:
             raise ValueError("no gradients to measure: call update after loss.backward() "
                              "on a model with trainable parameters")
         if self._window_done:
             self._start_window()
-        sq = torch.stack(torch._foreach_norm(grads)).float().square().sum()
         if self._acc is None:
             self._acc = [torch.zeros_like(g, dtype=_acc_dtype(g)) for g in grads]
-            self._sq = torch.zeros((), device=sq.device)
+            self._sq = torch.zeros((), device=grads[0].device)
         elif len(self._acc) != len(grads):
             raise ValueError("the set of gradients changed inside a window: measure the same parameters every step")
-        if self._acc[0].dtype == grads[0].dtype:
+        if self._acc[0].dtype != grads[0].dtype:  # low-precision grads against a float32 buffer
+            grads = [g.to(a.dtype) for a, g in zip(self._acc, grads)]
+        if self.accumulated:
+            w = 1.0 / self.n_batch if weight is None else float(weight)
+            torch._foreach_sub_(self._acc, grads)  # previous running sum − current = −w·g_i
+            sq = _sq_norm(self._acc) / w**2
+            torch._foreach_copy_(self._acc, grads)  # the running sum, for the next micro-batch
+        else:
+            w = float(batch_size)
+            sq = _sq_norm(grads)
             torch._foreach_add_(self._acc, grads, alpha=batch_size)
-        else:  # low-precision grads into a float32 buffer
-            torch._foreach_add_(self._acc, [g.to(a.dtype) for a, g in zip(self._acc, grads)], alpha=batch_size)
         self._sq += sq
         self._count += 1
-        self._examples += batch_size
         self._inv_bs += 1.0 / batch_size
+        self._w_sum += w
+        self._w2_over_b += w * w / batch_size
         return self._finish_window() if self._count == self.n_batch else None
 
     def _start_window(self) -> None:
         torch._foreach_zero_(self._acc)
         self._sq.zero_()
-        self._count, self._examples, self._inv_bs = 0, 0, 0.0
+        self._zero_window_counts()
         self._window_done = False
 
     def _finish_window(self) -> WindowEstimate:
         b_small = self._count / self._inv_bs
-        b_big = self._examples
+        b_big = self._w_sum**2 / self._w2_over_b  # Σ b_i when the weights are the batch sizes
         # One host sync per window: the big-batch norm and the summed small-batch norms.
-        big_sq = torch.stack(torch._foreach_norm(self._acc)).double().square().sum() / b_big**2
+        big_sq = torch.stack(torch._foreach_norm(self._acc)).double().square().sum() / self._w_sum**2
         g_small_sq, g_big_sq = (self._sq.double() / self._count).item(), big_sq.item()
         scale = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
         noise = (g_small_sq - g_big_sq) / (1 / b_small - 1 / b_big)
@@ -148,7 +174,7 @@ class NoiseScaleEstimator:
         """
         if not self._window_done:
             raise RuntimeError("big_batch_grads is only available right after a window completes")
-        return torch._foreach_div(self._acc, float(self._examples))
+        return torch._foreach_div(self._acc, self._w_sum)
 
     def _debias(self, ema: float) -> float:
         if self.n_estimates == 0:
@@ -175,6 +201,11 @@ class NoiseScaleEstimator:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(n_batch={self.n_batch}, beta={self.beta}, "
                 f"estimates={self.n_estimates}, noise_scale={self.noise_scale:.4g})")
+
+
+def _sq_norm(tensors: list[Tensor]) -> Tensor:
+    "Σ |t|² over a list of tensors, as one float32 scalar on their device (no host sync)."
+    return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
 
 
 def _acc_dtype(g: Tensor) -> torch.dtype:

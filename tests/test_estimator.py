@@ -109,3 +109,41 @@ def test_update_without_gradients_says_so():
         NoiseScaleEstimator().update(torch.nn.Linear(2, 2), 4)
     with pytest.raises(ValueError, match="batch_size"):
         NoiseScaleEstimator().update([torch.ones(2)], 0)
+
+
+def _accumulated_run(grads: list[torch.Tensor], sizes: list[int], weights: list[float]) -> list:
+    "Feed `grads` as one gradient-accumulation cycle: each update sees the running sum Σ w_i g_i."
+    est = NoiseScaleEstimator(n_batch=len(grads), beta=0.0, accumulated=True)
+    running = torch.zeros_like(grads[0])
+    for g, b, w in zip(grads, sizes, weights):
+        running = running + w * g
+        out = est.update([running.clone()], b, weight=w)
+    return [out.noise, out.scale, out.b_big]
+
+
+@pytest.mark.parametrize("sizes", [[16, 16, 16, 16], [8, 32, 5, 64]])
+def test_accumulated_cycle_equals_separate_small_batches(sizes):
+    "With weights ∝ batch size (fastai's GradientAccumulation), accumulation gives the very same estimate."
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(30, generator=gen) for _ in sizes]
+    plain = NoiseScaleEstimator(n_batch=len(sizes), beta=0.0)
+    for g, b in zip(grads, sizes):
+        out = plain.update([g], b)
+    weights = [b / sum(sizes) for b in sizes]
+    assert _accumulated_run(grads, sizes, weights) == pytest.approx([out.noise, out.scale, out.b_big], rel=1e-4)
+
+
+def test_accumulated_with_equal_weights_is_unbiased_for_unequal_micro_batches():
+    "loss / k on micro-batches of unequal size: the big batch is an unweighted mean, and that is accounted for."
+    gen = torch.Generator().manual_seed(4)
+    sizes, dim, sigma = [8, 32, 5, 64], 50, 2.0
+    G = torch.randn(dim, generator=gen) * 0.5
+    runs = [_accumulated_run([_synthetic_grads(G, sigma, b, gen) for b in sizes], sizes, [0.25] * 4)
+            for _ in range(3000)]
+    assert sum(r[0] for r in runs) / len(runs) == pytest.approx(dim * sigma**2, rel=0.03)
+    assert sum(r[1] for r in runs) / len(runs) == pytest.approx(G.square().sum().item(), rel=0.05)
+
+
+def test_weight_needs_accumulation():
+    with pytest.raises(ValueError, match="accumulated=True"):
+        NoiseScaleEstimator(n_batch=2).update([torch.ones(2)], 4, weight=0.5)

@@ -59,3 +59,21 @@ def test_small_dataset_finite_population_correction():
     last = res.history.iloc[-1]
     uncorrected = last.noise / (last.scale - last.noise / n)
     assert uncorrected / exact - 1 > 0.15
+
+
+def test_gradient_accumulation_loop_matches_exact_noise_scale():
+    "A plain training loop with 10 accumulated micro-batches per step: micro-batches small, accumulated big."
+    from gns_widget import NoiseScaleEstimator
+
+    model, loss_func, x, y = _linear_problem()
+    _, _, exact = exact_noise_scale(model, loss_func, x, y)
+    accum = 10
+    est = NoiseScaleEstimator(n_batch=accum, beta=0.99, accumulated=True)
+    dl = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(2))
+    for i, (xb, yb) in enumerate(dl):
+        (loss_func(model(xb), yb) / accum).backward()
+        est.update(model, len(xb))
+        if (i + 1) % accum == 0:
+            model.zero_grad()  # lr=0: the step itself is left out, the weights stay where exact was computed
+    assert est.n_estimates == len(dl) // accum
+    assert est.noise_scale == pytest.approx(exact, rel=0.10)
