@@ -116,12 +116,15 @@ class RunRecorder:
         self.last_window_losses: Tensor | None = None  # the completed window's losses, to find a divergence
         self._start = time.perf_counter()
 
-    def step(self, loss: Tensor, batch_size: int, grads_or_model) -> GNSRecord | None:
-        "Record one small batch whose gradient is ready; return the new record when a window completes."
+    def step(self, loss: Tensor, batch_size: int, grads_or_model, weight: float | None = None) -> GNSRecord | None:
+        """Record one small batch whose gradient is ready; return the new record when a window completes.
+
+        `weight` is passed to the estimator (gradient accumulation only).
+        """
         self.iteration += 1
         self.samples += batch_size
         self._window_losses.append(loss.detach())
-        estimate = self.estimator.update(grads_or_model, batch_size)
+        estimate = self.estimator.update(grads_or_model, batch_size, weight)
         if estimate is None:
             return None
         losses = torch.stack(self._window_losses).float().cpu()

@@ -1,4 +1,5 @@
 "fastai: learn.bs_find, GNSCallback during ordinary fit, and the Learner left as it was."
+import numpy as np
 import pytest
 import torch
 from fastai.basics import Learner
@@ -73,3 +74,33 @@ def test_tabular_learner_on_bikeshare():
     res = learn.bs_find(lr=1e-3, num_it=100, n_batch=5, show_plot=False)
     assert len(res.history) == 20 and res.n_train == len(dls.train_ds)
     assert res.history.noise.iloc[-1] > 0
+
+
+def _fit_at_fixed_weights(learn, cbs):
+    "One epoch at lr=0 (weights stay put) over the same shuffle, so two monitors see the very same batches."
+    rng = learn.dls.train.rng
+    state = rng.getstate()
+    learn.fit(1, 0.0, cbs=cbs)
+    learn.dls.train.rng = rng
+    rng.setstate(state)
+
+
+def test_callback_with_gradient_accumulation_matches_separate_small_batches(learn):
+    "Under GradientAccumulation each cycle of 4 micro-batches is a window, and the estimates equal plain windows of 4."
+    from fastai.callback.training import GradientAccumulation
+
+    plain, accumulated = GNSCallback(n_batch=4, beta=0.9), GNSCallback(n_batch=20, beta=0.9)
+    _fit_at_fixed_weights(learn, [plain])
+    _fit_at_fixed_weights(learn, [accumulated, GradientAccumulation(n_acc=4 * 32)])
+    assert accumulated.estimator.accumulated and accumulated.estimator.n_batch == 4
+    a, b = plain.result.history, accumulated.result.history
+    assert len(a) == len(b) == len(learn.dls.train) // 4
+    np.testing.assert_allclose(b.noise_raw, a.noise_raw, rtol=1e-3)
+    np.testing.assert_allclose(b.scale_raw, a.scale_raw, rtol=1e-3)
+
+
+def test_callback_refuses_accumulation_that_is_not_a_multiple_of_bs(learn):
+    from fastai.callback.training import GradientAccumulation
+
+    with pytest.raises(ValueError, match="multiple of the batch size"):
+        learn.fit(1, 0.0, cbs=[GNSCallback(), GradientAccumulation(n_acc=100)])

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastcore.basics import patch
 
@@ -63,22 +64,40 @@ class GNSCallback(Callback):
     """Monitor the noise scale during ordinary `learn.fit`, without changing the training.
 
     Gradients are read in `before_step`, after fastai's `MixedPrecision` has unscaled them
-    and before any clipping. The result of the latest fit is in `self.result` (a `GNSResult`).
+    and before any clipping. With fastai's `GradientAccumulation` the micro-batches are the
+    small batches and each accumulation cycle is one window (so `n_batch` becomes
+    `n_acc // bs`); the running sum is then read after each backward. The result of the
+    latest fit is in `self.result` (a `GNSResult`).
     """
 
     order = 15  # after MixedPrecision (10) unscales, before GradientClip (20)
 
     def __init__(self, n_batch: int = 20, beta: float = 0.99):
-        self.estimator = NoiseScaleEstimator(n_batch, beta)
+        NoiseScaleEstimator.check_args(n_batch, beta)
+        self.n_batch, self.beta = n_batch, beta
+        self.estimator: NoiseScaleEstimator | None = None
         self.result: GNSResult | None = None
 
     def before_fit(self):
-        self.estimator.n_train = population_size(self.dls.train)
-        self.estimator.reset()
+        bs = current_batch_size(self.dls.train)
+        acc = next((cb for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)), None)
+        self.n_acc = acc.n_acc if acc is not None and acc.n_acc > bs else None
+        if self.n_acc is not None and self.n_acc % bs:
+            raise ValueError(f"GradientAccumulation(n_acc={self.n_acc}) must be a multiple of the batch size ({bs}) "
+                             "for GNSCallback: each accumulation cycle is one window of micro-batches")
+        self.estimator = NoiseScaleEstimator(self.n_acc // bs if self.n_acc else self.n_batch, self.beta,
+                                             n_train=population_size(self.dls.train),
+                                             accumulated=self.n_acc is not None)
         self.recorder_ = RunRecorder(self.estimator, total=self.n_epoch * len(self.dls.train))
 
+    def after_backward(self):
+        if self.n_acc is not None:  # the running sum; fastai scaled this micro-batch's loss by bs/n_acc
+            bs = batch_size_of(self.yb, self.xb)
+            self.recorder_.step(self.learn.loss, bs, self.learn.model, weight=bs / self.n_acc)
+
     def before_step(self):
-        self.recorder_.step(self.learn.loss_grad, batch_size_of(self.yb, self.xb), self.learn.model)
+        if self.n_acc is None:
+            self.recorder_.step(self.learn.loss, batch_size_of(self.yb, self.xb), self.learn.model)
 
     def after_fit(self):
         lr = self.opt.hypers[-1]["lr"] if self.opt is not None else float("nan")
