@@ -80,33 +80,24 @@ def _set_rng_state(state: dict) -> None:
         torch.mps.set_rng_state(state["mps"])
 
 
-def _loader_generators(loader: Any) -> list:
-    "The private random generators a loader advances as it is iterated."
-    if loader is None:
-        return []
-    found = []
-    rng = getattr(loader, "rng", None)  # fastai DataLoader: a random.Random replaced on every epoch
-    if isinstance(rng, random.Random):
-        found.append(("rng", rng))
+def _loader_rng_state(loader: Any) -> tuple:
+    """The private random state a loader advances as it is iterated.
+
+    fastai's DataLoader replaces its `random.Random` every epoch, so the object itself is kept to
+    be put back; torch generators (the loader's, its sampler's) are restored in place, each once.
+    """
+    rng = getattr(loader, "rng", None)
+    fastai_rng = (rng, rng.getstate()) if isinstance(rng, random.Random) else None
     batch_sampler = getattr(loader, "batch_sampler", None)
-    for owner in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
-        gen = getattr(owner, "generator", None)
-        if isinstance(gen, torch.Generator):
-            found.append((owner, gen))
-    return found
+    owners = (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None))
+    generators = {id(g): g for g in (getattr(o, "generator", None) for o in owners) if isinstance(g, torch.Generator)}
+    return fastai_rng, [(g, g.get_state()) for g in generators.values()]
 
 
-def _loader_rng_state(loader: Any) -> list:
-    states = []
-    for owner, gen in _loader_generators(loader):
-        states.append((owner, gen, gen.getstate() if owner == "rng" else gen.get_state()))
-    return states
-
-
-def _set_loader_rng_state(loader: Any, states: list) -> None:
-    for owner, gen, state in states:
-        if owner == "rng":
-            loader.rng = gen
-            gen.setstate(state)
-        else:
-            gen.set_state(state)
+def _set_loader_rng_state(loader: Any, state: tuple) -> None:
+    fastai_rng, generators = state
+    if fastai_rng is not None:
+        loader.rng, rng_state = fastai_rng
+        loader.rng.setstate(rng_state)
+    for gen, gen_state in generators:
+        gen.set_state(gen_state)

@@ -174,3 +174,12 @@ def test_batch_fn_splits_unusual_batches(mlp, digits_dl):
     res = bs_find(mlp, dict_dl, nn.CrossEntropyLoss(), num_it=10, n_batch=5,
                   batch_fn=lambda b: ((b["x"],), (b["y"],)))
     assert len(res.history) == 2 and res.batch_size == 32
+
+
+def test_seeded_loader_generator_is_restored(mlp):
+    "A loader with its own generator shuffles the same after a run as it would have without one."
+    ds = TensorDataset(torch.randn(96, 64), torch.randint(0, 10, (96,)))
+    dl = DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5))
+    state = dl.generator.get_state()
+    bs_find(mlp, dl, nn.CrossEntropyLoss(), lr=0.1, num_it=12, n_batch=3)
+    assert torch.equal(dl.generator.get_state(), state)
