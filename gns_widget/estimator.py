@@ -89,9 +89,11 @@ class NoiseScaleEstimator:
         self._acc: list[Tensor] | None = None  # Σ w_i g_i over the window, one buffer per gradient
         self._sq: Tensor | None = None  # Σ |g_i|², kept on the device: no host sync per step
         self._zero_window_counts()
-        self._window_done = False
+        self._window_done = self._overflowed = False
+        self._loss_scale = 1.0  # the scale the accumulated running sum carries (mixed precision)
         self._ema_noise = self._ema_scale = 0.0
         self.n_estimates = 0
+        self.n_skipped = 0  # batches (or accumulation cycles) whose gradients or estimate were not finite
         self.last: WindowEstimate | None = None
 
     def _zero_window_counts(self) -> None:
@@ -99,7 +101,7 @@ class NoiseScaleEstimator:
         self._count, self._inv_bs, self._w_sum, self._w2_over_b = 0, 0.0, 0.0, 0.0
 
     def update(self, grads_or_params: nn.Module | Iterable[Tensor], batch_size: int,
-               weight: float | None = None) -> WindowEstimate | None:
+               weight: float | None = None, grad_scale: float | Tensor | None = None) -> WindowEstimate | None:
         """Add one small batch's mean gradient; return the raw estimate when a window completes.
 
         `batch_size` is the number of examples the gradient averages over. The loss must be a
@@ -107,6 +109,13 @@ class NoiseScaleEstimator:
         `weight` is the factor this micro-batch's loss was multiplied by before backward
         (default 1/n_batch, i.e. `loss / accumulation_steps`; fastai's `GradientAccumulation`
         uses batch_size / n_acc). Without accumulation, small batches are weighted by their size.
+
+        `grad_scale` is for mixed precision: the loss scale the gradients still carry when read
+        before `GradScaler.unscale_` (pass `scaler.get_scale()`). Each update is divided by its
+        own scale, so a scale that changes between steps does not bias the estimate, and a batch
+        whose gradients overflowed (the scaler skips that step) is skipped here too; with
+        accumulation the whole cycle is dropped, as its step is. This costs one host sync per
+        update, as `GradScaler.step` does anyway.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -114,6 +123,9 @@ class NoiseScaleEstimator:
             raise ValueError("weight only applies with accumulated=True (gradient accumulation)")
         if weight is not None and not weight > 0:
             raise ValueError(f"weight must be positive, got {weight!r}")
+        loss_scale = 1.0 if grad_scale is None else float(grad_scale)
+        if not (math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"grad_scale must be a finite positive number (scaler.get_scale()), got {grad_scale!r}")
         grads = gradients_of(grads_or_params)
         if not grads:
             raise ValueError("no gradients to measure: call update after loss.backward() "
@@ -127,15 +139,24 @@ class NoiseScaleEstimator:
             raise ValueError("the set of gradients changed inside a window: measure the same parameters every step")
         if self._acc[0].dtype != grads[0].dtype:  # low-precision grads against a float32 buffer
             grads = [g.to(a.dtype) for a, g in zip(self._acc, grads)]
+        check_finite = grad_scale is not None
         if self.accumulated:
             w = 1.0 / self.n_batch if weight is None else float(weight)
-            torch._foreach_sub_(self._acc, grads)  # previous running sum − current = −w·g_i
-            sq = _sq_norm(self._acc) / w**2
-            torch._foreach_copy_(self._acc, grads)  # the running sum, for the next micro-batch
+            if not self._overflowed:
+                torch._foreach_sub_(self._acc, grads)  # previous running sum − current = −w·g_i (times the scale)
+                sq = _sq_norm(self._acc) / (w * loss_scale) ** 2
+                torch._foreach_copy_(self._acc, grads)  # the running sum, for the next micro-batch
+                self._overflowed = check_finite and not torch.isfinite(sq).item()
+            if self._overflowed:  # the running sum is lost for the rest of this cycle
+                return self._count_overflowed_micro_batch()
+            self._loss_scale = loss_scale  # constant within a cycle: GradScaler changes it after the step
         else:
             w = float(batch_size)
-            sq = _sq_norm(grads)
-            torch._foreach_add_(self._acc, grads, alpha=batch_size)
+            sq = _sq_norm(grads) / loss_scale**2
+            if check_finite and not torch.isfinite(sq).item():
+                self.n_skipped += 1
+                return None
+            torch._foreach_add_(self._acc, grads, alpha=batch_size / loss_scale)
         self._sq += sq
         self._count += 1
         self._inv_bs += 1.0 / batch_size
@@ -143,27 +164,57 @@ class NoiseScaleEstimator:
         self._w2_over_b += w * w / batch_size
         return self._finish_window() if self._count == self.n_batch else None
 
+    def update_norms(self, small_sq: float | Tensor, big_sq: float | Tensor, b_small: float,
+                     b_big: float) -> WindowEstimate:
+        """Make one estimate from squared norms measured elsewhere, at the same weights.
+
+        For feeders that see the small and the big batch at once instead of building the big
+        batch from a window: per-example gradients (`b_small=1`, the batch is the big one) or
+        the ranks of a distributed job (each rank's batch is small, the all-reduced one big).
+        `small_sq` is the mean |g|² over the small batches (b_small their harmonic-mean size),
+        `big_sq` is |mean g|² of the big batch. A non-finite estimate is returned but kept out of
+        the EMAs (and counted in `n_skipped`), as in `update`.
+        """
+        if not (b_big > b_small >= 1):
+            raise ValueError(f"need b_big > b_small >= 1, got b_small={b_small!r}, b_big={b_big!r}")
+        if self._count:
+            raise RuntimeError("update_norms cannot be mixed with update inside a window")
+        return self._estimate(float(small_sq), float(big_sq), float(b_small), float(b_big))
+
+    def _count_overflowed_micro_batch(self) -> None:
+        self._count += 1
+        if self._count == self.n_batch:  # the cycle is over: drop it, as GradScaler drops its step
+            self.n_skipped += 1
+            self._start_window()
+
     def _start_window(self) -> None:
         torch._foreach_zero_(self._acc)
         self._sq.zero_()
         self._zero_window_counts()
-        self._window_done = False
+        self._window_done = self._overflowed = False
 
-    def _finish_window(self) -> WindowEstimate:
+    def _finish_window(self) -> WindowEstimate | None:
         b_small = self._count / self._inv_bs
         b_big = self._w_sum**2 / self._w2_over_b  # Σ b_i when the weights are the batch sizes
         # One host sync per window: the big-batch norm and the summed small-batch norms.
-        big_sq = torch.stack(torch._foreach_norm(self._acc)).double().square().sum() / self._w_sum**2
-        g_small_sq, g_big_sq = (self._sq.double() / self._count).item(), big_sq.item()
+        big_sq = torch.stack(torch._foreach_norm(self._acc)).double().square().sum()
+        big_sq = big_sq / (self._w_sum * (self._loss_scale if self.accumulated else 1.0)) ** 2
+        self._window_done = True
+        return self._estimate((self._sq.double() / self._count).item(), big_sq.item(), b_small, b_big)
+
+    def _estimate(self, g_small_sq: float, g_big_sq: float, b_small: float, b_big: float) -> WindowEstimate:
+        "The paper's two unbiased estimators, folded into the EMAs."
         scale = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
         noise = (g_small_sq - g_big_sq) / (1 / b_small - 1 / b_big)
         if self.n_train:  # finite-population correction for sampling without replacement
             scale += noise / self.n_train
         self.last = WindowEstimate(noise=noise, scale=scale, b_small=b_small, b_big=b_big)
+        if not (math.isfinite(noise) and math.isfinite(scale)):
+            self.n_skipped += 1  # an overflow must not poison the EMAs
+            return self.last
         self._ema_noise = self.beta * self._ema_noise + (1 - self.beta) * noise
         self._ema_scale = self.beta * self._ema_scale + (1 - self.beta) * scale
         self.n_estimates += 1
-        self._window_done = True
         return self.last
 
     def big_batch_grads(self) -> list[Tensor]:
@@ -174,7 +225,7 @@ class NoiseScaleEstimator:
         """
         if not self._window_done:
             raise RuntimeError("big_batch_grads is only available right after a window completes")
-        return torch._foreach_div(self._acc, self._w_sum)
+        return torch._foreach_div(self._acc, self._w_sum * (self._loss_scale if self.accumulated else 1.0))
 
     def _debias(self, ema: float) -> float:
         if self.n_estimates == 0:

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .estimator import NoiseScaleEstimator
+from .estimator import NoiseScaleEstimator, WindowEstimate
 from .suggest import LRAdvice, Suggestion, scale_lr, suggest_batch_size, tradeoff
 
 __all__ = ["GNSRecord", "GNSResult", "RunRecorder"]
@@ -116,17 +116,32 @@ class RunRecorder:
         self.last_window_losses: Tensor | None = None  # the completed window's losses, to find a divergence
         self._start = time.perf_counter()
 
-    def step(self, loss: Tensor, batch_size: int, grads_or_model, weight: float | None = None) -> GNSRecord | None:
+    def step(self, loss: Tensor, batch_size: int, grads_or_model, weight: float | None = None,
+             grad_scale: float | None = None) -> GNSRecord | None:
         """Record one small batch whose gradient is ready; return the new record when a window completes.
 
-        `weight` is passed to the estimator (gradient accumulation only).
+        `weight` and `grad_scale` are passed to the estimator (gradient accumulation, mixed precision).
         """
         self.iteration += 1
         self.samples += batch_size
         self._window_losses.append(loss.detach())
-        estimate = self.estimator.update(grads_or_model, batch_size, weight)
+        skipped = self.estimator.n_skipped
+        estimate = self.estimator.update(grads_or_model, batch_size, weight, grad_scale)
         if estimate is None:
+            if self.estimator.n_skipped != skipped:  # an overflow was dropped: so are its losses
+                self._window_losses = []
             return None
+        return self._record(estimate)
+
+    def step_norms(self, loss: Tensor, batch_size: int, small_sq, big_sq, b_small: float,
+                   b_big: float) -> GNSRecord:
+        "Record one step that measured its small and big batch at once (per-example or distributed)."
+        self.iteration += 1
+        self.samples += batch_size
+        self._window_losses.append(loss.detach())
+        return self._record(self.estimator.update_norms(small_sq, big_sq, b_small, b_big))
+
+    def _record(self, estimate: WindowEstimate) -> GNSRecord:
         losses = torch.stack(self._window_losses).float().cpu()
         self._window_losses = []
         est = self.estimator

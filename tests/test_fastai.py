@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from fastai.basics import Learner
+from fastai.basics import L, Learner
+from fastai.callback.fp16 import MixedPrecision
 from fastai.data.core import DataLoaders
 from fastai.optimizer import Adam
 from torch import nn
@@ -104,3 +105,36 @@ def test_callback_refuses_accumulation_that_is_not_a_multiple_of_bs(learn):
 
     with pytest.raises(ValueError, match="multiple of the batch size"):
         learn.fit(1, 0.0, cbs=[GNSCallback(), GradientAccumulation(n_acc=100)])
+
+
+class _CPUMixedPrecision(MixedPrecision):
+    "fastai's MixedPrecision hard-codes CUDA: the same callback on the CPU, bf16 autocast and a GradScaler."
+
+    def __init__(self, scaled: bool):
+        super().__init__()
+        self.scaled = scaled
+
+    def before_fit(self):
+        self.autocast, self.scales = torch.autocast("cpu", dtype=torch.bfloat16), L()
+        self.learn.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2, enabled=self.scaled)
+
+    def after_fit(self):
+        self.final_scale = self.scaler.get_scale()
+        super().after_fit()
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["plain", "accumulation"])
+def test_callback_under_mixed_precision_reads_unscaled_gradients(learn, accumulate):
+    "With a GradScaler whose scale keeps growing, the estimates equal those of the same bf16 run without one."
+    from fastai.callback.training import GradientAccumulation
+
+    extra = [GradientAccumulation(n_acc=4 * 32)] if accumulate else []
+    unscaled, scaled = GNSCallback(n_batch=4, beta=0.9), GNSCallback(n_batch=4, beta=0.9)
+    _fit_at_fixed_weights(learn, [unscaled, _CPUMixedPrecision(scaled=False), *extra])
+    mp = _CPUMixedPrecision(scaled=True)
+    _fit_at_fixed_weights(learn, [scaled, mp, *extra])
+    assert mp.final_scale >= 2.0**20  # the loss scale grew during the fit
+    a, b = unscaled.result.history, scaled.result.history
+    assert len(a) == len(b) == len(learn.dls.train) // 4
+    np.testing.assert_allclose(b.noise_raw, a.noise_raw, rtol=1e-4)
+    np.testing.assert_allclose(b.scale_raw, a.scale_raw, rtol=1e-4)

@@ -64,10 +64,12 @@ class GNSCallback(Callback):
     """Monitor the noise scale during ordinary `learn.fit`, without changing the training.
 
     Gradients are read in `before_step`, after fastai's `MixedPrecision` has unscaled them
-    and before any clipping. With fastai's `GradientAccumulation` the micro-batches are the
-    small batches and each accumulation cycle is one window (so `n_batch` becomes
-    `n_acc // bs`); the running sum is then read after each backward. The result of the
-    latest fit is in `self.result` (a `GNSResult`).
+    and before any clipping; a step that `MixedPrecision` skips for overflow never reaches
+    this callback. With fastai's `GradientAccumulation` the micro-batches are the small
+    batches and each accumulation cycle is one window (so `n_batch` becomes `n_acc // bs`);
+    the running sum is then read after each backward, still scaled, so it is divided by the
+    loss scale and a cycle that overflowed is dropped. The result of the latest fit is in
+    `self.result` (a `GNSResult`).
     """
 
     order = 15  # after MixedPrecision (10) unscales, before GradientClip (20)
@@ -93,7 +95,9 @@ class GNSCallback(Callback):
     def after_backward(self):
         if self.n_acc is not None:  # the running sum; fastai scaled this micro-batch's loss by bs/n_acc
             bs = batch_size_of(self.yb, self.xb)
-            self.recorder_.step(self.learn.loss, bs, self.learn.model, weight=bs / self.n_acc)
+            scaler = getattr(self.learn, "scaler", None)  # set by MixedPrecision for its fit
+            grad_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+            self.recorder_.step(self.learn.loss, bs, self.learn.model, weight=bs / self.n_acc, grad_scale=grad_scale)
 
     def before_step(self):
         if self.n_acc is None:
