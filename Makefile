@@ -27,11 +27,11 @@ demo: $(STAMP)
 	$(PY) -m gns_widget demo
 
 test: $(STAMP)
-	$(PY) -m ruff check gns_widget tests benchmarks
+	$(PY) -m ruff check gns_widget tests benchmarks examples
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(PY) -m ruff check gns_widget tests benchmarks
+	$(PY) -m ruff check gns_widget tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info
