@@ -14,6 +14,7 @@ from torch import nn
 
 from . import bs_find
 from .datasets import digits_loaders
+from .engine import METHODS
 from .result import GNSRecord
 
 
@@ -33,10 +34,10 @@ def demo(args: argparse.Namespace) -> int:
     train_dl, _ = digits_loaders(bs=args.bs, seed=args.seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     print(f"digits (scikit-learn, {len(train_dl.dataset)} training images), MLP 64-128-10, batch size {args.bs}, "
-          f"lr={args.lr}, num_it={args.num_it}, n_batch={args.n_batch}, beta={args.beta}, mode={args.mode}")
+          f"lr={args.lr}, num_it={args.num_it}, n_batch={args.n_batch}, beta={args.beta}, method={args.method}")
     start = time.perf_counter()
     res = bs_find(model, train_dl, nn.CrossEntropyLoss(), lr=args.lr, num_it=args.num_it, n_batch=args.n_batch,
-                  beta=args.beta, mode=args.mode, on_update=_progress)
+                  beta=args.beta, method=args.method, on_update=_progress)
     print(f"\n{res}\n({time.perf_counter() - start:.1f}s)")
     advice = res.lr_advice(rule="sgd") if args.lr > 0 else None
     if advice is not None:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-it", type=int, default=1000, help="small batches to run")
     p.add_argument("--n-batch", type=int, default=10, help="small batches per estimate")
     p.add_argument("--beta", type=float, default=0.99, help="EMA decay of the estimates")
-    p.add_argument("--mode", choices=("fixed", "sequential"), default="fixed")
+    p.add_argument("--method", choices=METHODS, default="fixed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="gns_find.png", help="where to save the plot")
     args = parser.parse_args(argv)

@@ -1,14 +1,16 @@
 """One finder run: snapshot → train `num_it` small batches feeding the estimator → restore.
 
-Two ways to train while measuring:
-- ``mode="fixed"`` (default): the `n_batch` small-batch gradients of a window are all taken
+Three ways to measure while training:
+- ``method="fixed"`` (default): the `n_batch` small-batch gradients of a window are all taken
   at the same weights, then one optimizer step is taken with their average (the big-batch
   gradient). This is the estimator as the paper defines it: small and big batch estimate
   the same gradient.
-- ``mode="sequential"``: an optimizer step after every small batch, as in the 2019 fastai
+- ``method="sequential"``: an optimizer step after every small batch, as in the 2019 fastai
   write-up. The window's gradients then come from different weights, which biases the
   estimate; it is kept to compare with that method.
-With ``lr=0`` nothing is stepped and both modes measure at the current weights.
+- ``method="per_example"``: every step is an estimate, its examples the small batches (size 1)
+  and the batch the big one, from per-example gradient norms (`per_example.py`).
+With ``lr=0`` nothing is stepped and every method measures at the current weights.
 
 The engine knows nothing of widgets: it reports through `on_update` and stops when
 `stop_event` is set.
@@ -18,27 +20,31 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from .estimator import NoiseScaleEstimator, gradients_of
+from .ddp import allreduce_measured, is_distributed
+from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
 from .loaders import population_size
+from .memory import max_batch_size, plan_batch
+from .per_example import PerExampleNorms
 from .result import GNSRecord, GNSResult, RunRecorder
 from .state import UserState
 from .targets import Target, as_target
 from .targets.base import batch_size_of, loader_len, to_device
 
-__all__ = ["bs_find", "MODES"]
+__all__ = ["bs_find", "METHODS"]
 
-MODES = ("fixed", "sequential")
+METHODS = ("fixed", "sequential", "per_example")
 
 
 def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None, *, lr: float = 1e-3,
             num_it: int | None = None, n_batch: int = 20, beta: float = 0.99, opt: Any = None,
-            device: Any = None, mode: str = "fixed", batch_fn: Callable | None = None,
+            device: Any = None, method: str = "fixed", batch_fn: Callable | None = None,
             on_update: Callable[[GNSRecord], None] | None = None,
-            stop_event: threading.Event | None = None) -> GNSResult:
+            stop_event: threading.Event | None = None, probe_memory: bool | None = None) -> GNSResult:
     """Measure the gradient noise scale of `target` and suggest a batch size.
 
     `target` is a fastai `Learner` (its `dls.train` and `loss_func` are used) or an
@@ -48,51 +54,115 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     the current weights. `on_update(record)` receives every new estimate; setting
     `stop_event` ends the run at the next step with a partial result. Whatever happens,
     the model, optimizer, loader and RNG states are restored exactly.
+
+    `method` is "fixed", "sequential" or "per_example" (see the module docstring). Under
+    torch.distributed (a `DistributedDataParallel` model in an initialized process group)
+    "fixed" makes one estimate per step from the ranks: each rank's batch is a small batch
+    and the all-reduced one the big batch; call it on every rank.
+
+    `probe_memory` checks that the suggested batch fits for one training step on the device
+    (`memory.max_batch_size`, capped at the suggestion) and, when it does not, plans gradient
+    accumulation to reach it (`result.memory_plan`). None probes on CUDA only, where running
+    out of memory is an error that can be caught; on the CPU it usually kills the process.
     """
     NoiseScaleEstimator.check_args(n_batch, beta)
-    _check_args(lr=lr, num_it=num_it, n_batch=n_batch, mode=mode)
+    _check_args(lr=lr, num_it=num_it, n_batch=n_batch, method=method)
     tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
-    total = _total_iterations(tgt.train_dl, num_it, n_batch)
+    distributed = is_distributed(tgt.model)
+    if distributed and method != "fixed":
+        raise ValueError(f"method={method!r} is not available under DistributedDataParallel: use method='fixed' "
+                         "(each rank's batch is a small batch, the all-reduced batch the big one)")
+    per_step = distributed or method == "per_example"  # one estimate per step instead of per window
+    total = _total_iterations(tgt.train_dl, num_it, 1 if per_step else n_batch)
     estimator = NoiseScaleEstimator(n_batch, beta, n_train=population_size(tgt.train_dl))
     state = UserState(tgt.model, tgt.user_opt, tgt.train_dl)
+    run = _run_paired if per_step else _run_windows
     try:
-        recorder, stopped = _run(tgt, estimator, total, lr, mode, on_update, stop_event)
+        recorder, stopped = run(tgt, estimator, total, lr, method, on_update, stop_event)
     finally:
         state.restore()
-    return recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, mode=mode, stopped=stopped)
+    result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, method=method, stopped=stopped)
+    probe = tgt.device.type == "cuda" if probe_memory is None else probe_memory
+    if probe and result.reliable and not distributed:
+        fits = max_batch_size(target, train_dl, loss_func, limit=result.suggested_bs, opt=opt, device=device,
+                              batch_fn=batch_fn)
+        result.memory_plan = plan_batch(result.suggested_bs, fits)
+    return result
 
 
-def _run(tgt: Target, estimator: NoiseScaleEstimator, total: int, lr: float, mode: str,
-         on_update: Callable | None, stop_event: threading.Event | None) -> tuple[RunRecorder, bool]:
-    model = tgt.model
-    model.to(tgt.device)
-    model.train()
-    opt = tgt.make_opt(lr) if lr > 0 else None
-    step_every_batch = opt is not None and mode == "sequential"
+def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, lr: float, method: str,
+                 on_update: Callable | None, stop_event: threading.Event | None) -> tuple[RunRecorder, bool]:
+    "fixed and sequential: windows of n_batch small batches, the big batch built from them."
+    opt = _prepare(tgt, lr)
+    step_every_batch = opt is not None and method == "sequential"
     recorder = RunRecorder(estimator, total)
-    batches = _cycle(tgt.train_dl)
-    for _ in range(total):
-        if stop_event is not None and stop_event.is_set():
-            return recorder, True
-        inputs, targets = tgt.split_batch(to_device(next(batches), tgt.device))
-        bs = batch_size_of(targets, inputs)
-        if tgt.batch_size is None:
-            tgt.batch_size = bs
-        model.zero_grad(set_to_none=True)
-        loss = tgt.loss_func(model(*inputs), *targets)
-        loss.backward()
-        record = recorder.step(loss, bs, model)
+    for inputs, targets, bs in _batches(tgt, total, stop_event):
+        loss = _forward_backward(tgt, inputs, targets)
+        record = recorder.step(loss, bs, tgt.model)
         if step_every_batch:
             opt.step()
         if record is None:
             continue
         _check_finite(recorder, record, lr)
-        if opt is not None and mode == "fixed":
-            torch._foreach_copy_(gradients_of(model), estimator.big_batch_grads())
+        if opt is not None and method == "fixed":
+            torch._foreach_copy_(gradients_of(tgt.model), estimator.big_batch_grads())
             opt.step()
         if on_update is not None:
             on_update(record)
-    return recorder, False
+    return recorder, stop_event is not None and stop_event.is_set()
+
+
+def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, lr: float, method: str,
+                on_update: Callable | None, stop_event: threading.Event | None) -> tuple[RunRecorder, bool]:
+    "per_example and distributed: every step measures a small and a big batch at the same weights."
+    opt = _prepare(tgt, lr)
+    recorder = RunRecorder(estimator, total)
+    model = tgt.model
+    with (nullcontext() if is_distributed(model) else PerExampleNorms(model)) as norms:
+        for inputs, targets, bs in _batches(tgt, total, stop_event):
+            if norms is None:  # DDP: the local gradient first, then the same all-reduce DDP would do
+                with model.no_sync():
+                    loss = _forward_backward(tgt, inputs, targets)
+                pair = allreduce_measured(model, bs)
+            else:
+                if bs < 2:
+                    raise ValueError("method='per_example' needs batches of at least 2 examples")
+                loss = _forward_backward(tgt, inputs, targets)
+                pair = (norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs)
+            record = recorder.step_norms(loss, bs, *pair)
+            _check_finite(recorder, record, lr)
+            if opt is not None:
+                opt.step()
+            if on_update is not None:
+                on_update(record)
+    return recorder, stop_event is not None and stop_event.is_set()
+
+
+def _prepare(tgt: Target, lr: float) -> Any:
+    "Put the model on the run's device in train mode; the run's optimizer, or None to measure without steps."
+    tgt.model.to(tgt.device)
+    tgt.model.train()
+    return tgt.make_opt(lr) if lr > 0 else None
+
+
+def _batches(tgt: Target, total: int, stop_event: threading.Event | None) -> Iterator[tuple[Any, Any, int]]:
+    "(inputs, targets, batch size) on the run's device, `total` of them, until `stop_event` is set."
+    batches = _cycle(tgt.train_dl)
+    for _ in range(total):
+        if stop_event is not None and stop_event.is_set():
+            return
+        inputs, targets = tgt.split_batch(to_device(next(batches), tgt.device))
+        bs = batch_size_of(targets, inputs)
+        if tgt.batch_size is None:
+            tgt.batch_size = bs
+        yield inputs, targets, bs
+
+
+def _forward_backward(tgt: Target, inputs: Any, targets: Any) -> torch.Tensor:
+    tgt.model.zero_grad(set_to_none=True)
+    loss = tgt.loss_func(tgt.model(*inputs), *targets)
+    loss.backward()
+    return loss
 
 
 def _cycle(dl: Any) -> Iterator:
@@ -134,11 +204,12 @@ def _total_iterations(dl: Any, num_it: int | None, n_batch: int) -> int:
     return num_it
 
 
-def _check_args(*, lr: float, num_it: int | None, n_batch: int, mode: str) -> None:
+def _check_args(*, lr: float, num_it: int | None, n_batch: int, method: str) -> None:
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0 (0 measures without training), got {lr!r}")
-    if num_it is not None and (isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < n_batch):
-        raise ValueError(f"num_it must be an integer >= n_batch ({n_batch}) so at least one estimate is made, "
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    least, what = (1, "1") if method == "per_example" else (n_batch, f"n_batch ({n_batch})")
+    if num_it is not None and (isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < least):
+        raise ValueError(f"num_it must be an integer >= {what} so at least one estimate is made, "
                          f"or None for one epoch; got {num_it!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NoiseScaleEstimator", "WindowEstimate", "gradients_of"]
+__all__ = ["NoiseScaleEstimator", "WindowEstimate", "gradients_of", "squared_norm"]
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class NoiseScaleEstimator:
             w = 1.0 / self.n_batch if weight is None else float(weight)
             if not self._overflowed:
                 torch._foreach_sub_(self._acc, grads)  # previous running sum − current = −w·g_i (times the scale)
-                sq = _sq_norm(self._acc) / (w * loss_scale) ** 2
+                sq = squared_norm(self._acc) / (w * loss_scale) ** 2
                 torch._foreach_copy_(self._acc, grads)  # the running sum, for the next micro-batch
                 self._overflowed = check_finite and not torch.isfinite(sq).item()
             if self._overflowed:  # the running sum is lost for the rest of this cycle
@@ -152,7 +152,7 @@ class NoiseScaleEstimator:
             self._loss_scale = loss_scale  # constant within a cycle: GradScaler changes it after the step
         else:
             w = float(batch_size)
-            sq = _sq_norm(grads) / loss_scale**2
+            sq = squared_norm(grads) / loss_scale**2
             if check_finite and not torch.isfinite(sq).item():
                 self.n_skipped += 1
                 return None
@@ -254,7 +254,7 @@ class NoiseScaleEstimator:
                 f"estimates={self.n_estimates}, noise_scale={self.noise_scale:.4g})")
 
 
-def _sq_norm(tensors: list[Tensor]) -> Tensor:
+def squared_norm(tensors: list[Tensor]) -> Tensor:
     "Σ |t|² over a list of tensors, as one float32 scalar on their device (no host sync)."
     return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -11,6 +12,9 @@ from torch import Tensor
 
 from .estimator import NoiseScaleEstimator, WindowEstimate
 from .suggest import LRAdvice, Suggestion, scale_lr, suggest_batch_size, tradeoff
+
+if TYPE_CHECKING:
+    from .memory import MemoryPlan
 
 __all__ = ["GNSRecord", "GNSResult", "RunRecorder"]
 
@@ -41,11 +45,12 @@ class GNSResult:
     """
 
     def __init__(self, records: list[GNSRecord], *, batch_size: int, n_train: int | None, lr: float,
-                 n_batch: int, beta: float, mode: str, stopped: bool = False):
+                 n_batch: int, beta: float, method: str, stopped: bool = False):
         self.history = pd.DataFrame([asdict(r) for r in records], columns=COLUMNS)
         self.batch_size, self.n_train, self.lr = batch_size, n_train, lr
-        self.n_batch, self.beta, self.mode, self.stopped = n_batch, beta, mode, stopped
+        self.n_batch, self.beta, self.method, self.stopped = n_batch, beta, method, stopped
         self.suggestion: Suggestion = suggest_batch_size(self.history, n_train)
+        self.memory_plan: MemoryPlan | None = None  # set when the suggestion was checked against device memory
 
     @property
     def noise_scale(self) -> float:
@@ -98,8 +103,9 @@ class GNSResult:
         else:
             head += "suggested_bs=None"
         state = ", stopped early" if self.stopped else ""
+        plan = f"\n  {self.memory_plan.text}" if self.memory_plan is not None else ""
         return (f"{head}, estimates={len(self.history)}, batch_size={self.batch_size}, "
-                f"mode={self.mode!r}{state})\n  {self.reason}")
+                f"method={self.method!r}{state})\n  {self.reason}{plan}")
 
 
 class RunRecorder:
@@ -153,7 +159,7 @@ class RunRecorder:
         self.last_window_losses = losses
         return record
 
-    def result(self, *, batch_size: int | None, n_train: int | None, lr: float, mode: str,
+    def result(self, *, batch_size: int | None, n_train: int | None, lr: float, method: str,
                stopped: bool = False) -> GNSResult:
         return GNSResult(self.records, batch_size=batch_size, n_train=n_train, lr=lr,
-                         n_batch=self.estimator.n_batch, beta=self.estimator.beta, mode=mode, stopped=stopped)
+                         n_batch=self.estimator.n_batch, beta=self.estimator.beta, method=method, stopped=stopped)

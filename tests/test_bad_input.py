@@ -16,7 +16,7 @@ CE = nn.CrossEntropyLoss()
     ({"num_it": 5, "n_batch": 10}, "num_it must be an integer >= n_batch"),
     ({"lr": -1.0}, "lr must be a finite number >= 0"),
     ({"lr": float("nan")}, "lr must be a finite number >= 0"),
-    ({"mode": "fast"}, "mode must be one of"),
+    ({"method": "fast"}, "method must be one of"),
 ])
 def test_bad_arguments(mlp, digits_dl, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -16,6 +16,26 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ["overhead", "accuracy", "speedup", "critical_batch"]
 
 
+def _check_accuracy(df: pd.DataFrame) -> None:
+    "Every method at every step count; per_example runs on the plain models and is refused (n/a) with BatchNorm."
+    measured = df.dropna(subset=["steps"])
+    assert set(measured.method) == {"fixed", "per_example", "per_example_matched", "original"}
+    assert measured.median_err.notna().all() and measured.rel_std.notna().all()
+    refused = df[df.steps.isna()]
+    assert len(refused) == 1 and refused.note.iloc[0].startswith("n/a: BatchNorm"), refused
+
+
+def _check_overhead(df: pd.DataFrame) -> None:
+    "The per-example and accumulation columns next to the existing ones."
+    for col in ("ours_overhead_pct", "original_overhead_pct", "per_example_overhead_pct", "per_example_extra_MB",
+                "accum_overhead_pct", "accum_extra_x_params"):
+        assert df[col].notna().all(), col
+    assert (df.accum_buffer_x_params.round(3) == 1).all()  # one parameter-sized buffer, whatever k is
+
+
+CHECKS = {"accuracy": _check_accuracy, "overhead": _check_overhead}
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_quick(name: str, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(tmp_path)],
@@ -23,6 +43,9 @@ def test_benchmark_quick(name: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     csv = tmp_path / f"{name}_quick.csv"
     assert csv.exists(), sorted(p.name for p in tmp_path.iterdir())
-    assert len(pd.read_csv(csv)) > 0
+    df = pd.read_csv(csv)
+    assert len(df) > 0
     assert (tmp_path / f"{name}_quick.png").exists()
     assert "|---|" in proc.stdout  # the markdown table
+    if name in CHECKS:
+        CHECKS[name](df)

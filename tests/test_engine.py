@@ -49,14 +49,14 @@ def _warm_adam(model, dl):
     return opt
 
 
-@pytest.mark.parametrize("mode", ["fixed", "sequential"])
-def test_training_run_restores_everything_exactly(mlp, digits_dl, mode):
+@pytest.mark.parametrize("method", ["fixed", "sequential"])
+def test_training_run_restores_everything_exactly(mlp, digits_dl, method):
     opt = _warm_adam(mlp, digits_dl)
     mlp.eval()
     mlp[3].train()  # a mixed train/eval state must come back as it was
     gen_state = digits_dl.sampler.generator  # None for a default shuffled loader: the global RNG is used
     before = _snapshot(mlp, opt)
-    res = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.05, num_it=60, n_batch=5, opt=opt, mode=mode)
+    res = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.05, num_it=60, n_batch=5, opt=opt, method=method)
     assert len(res.history) == 12
     _assert_same(before, _snapshot(mlp, opt))
     assert digits_dl.sampler.generator is gen_state
@@ -74,12 +74,12 @@ def test_training_actually_moves_weights_during_the_run(mlp, digits_dl):
 
 def test_fixed_mode_steps_once_per_window_and_sequential_every_batch(mlp, digits_dl):
     counts = {}
-    for mode in ("fixed", "sequential"):
+    for method in ("fixed", "sequential"):
         opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
         steps = []
         opt.register_step_post_hook(lambda *a, steps=steps: steps.append(1))
-        bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.1, num_it=20, n_batch=5, opt=opt, mode=mode)
-        counts[mode] = len(steps)
+        bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.1, num_it=20, n_batch=5, opt=opt, method=method)
+        counts[method] = len(steps)
     assert counts == {"fixed": 4, "sequential": 20}
 
 

@@ -33,7 +33,7 @@ def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = Non
         i = n_inp if n_inp is not None else (1 if len(b) == 1 else len(b) - 1)
         return b[:i], b[i:]
 
-    device = torch.device(device) if device is not None else (learn.dls.device or default_device())
+    device = torch.device(device if device is not None else (learn.dls.device or default_device()))
     if opt is not None:  # the user's own optimizer: the same rules as for a plain module
         return module_target(learn.model, dl, loss_func or learn.loss_func, opt=opt, device=device,
                              batch_fn=batch_fn or split)
@@ -106,4 +106,4 @@ class GNSCallback(Callback):
     def after_fit(self):
         lr = self.opt.hypers[-1]["lr"] if self.opt is not None else float("nan")
         self.result = self.recorder_.result(batch_size=current_batch_size(self.dls.train),
-                                            n_train=dataset_len(self.dls.train), lr=lr, mode="training")
+                                            n_train=dataset_len(self.dls.train), lr=lr, method="training")

@@ -34,8 +34,15 @@ def module_target(model: nn.Module, train_dl: Any, loss_func: Callable | None, *
         raise ValueError(f"opt must be an optimizer, a factory params -> optimizer, or None; got {opt!r}")
     return Target(model=model, train_dl=train_dl, loss_func=loss_func, split_batch=batch_fn or pair_batch,
                   make_opt=make_opt, user_opt=user_opt,
-                  device=torch.device(device) if device is not None else default_device(),
+                  device=torch.device(device) if device is not None else _device_for(model),
                   batch_size=current_batch_size(train_dl), n_train=dataset_len(train_dl))
+
+
+def _device_for(model: nn.Module) -> torch.device:
+    "A DDP replica stays where the user put it (each rank its own GPU); otherwise cuda, then mps, then cpu."
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return next(model.parameters()).device
+    return default_device()
 
 
 def _with_lr(opt: Any, lr: float) -> Any:

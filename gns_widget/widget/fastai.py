@@ -16,6 +16,6 @@ def bs_find_widget(self: Learner, **kwargs: Any) -> GNSWidget:
     """A `GNSWidget` for this Learner: display it, press Start (or call `.start()`), then Apply.
 
     Keyword arguments are those of `GNSWidget` (and so of `bs_find`): `lr`, `num_it`,
-    `n_batch`, `beta`, `mode`, ...; Apply sets `dls.train.bs` in place.
+    `n_batch`, `beta`, `method`, ...; Apply sets `dls.train.bs` in place.
     """
     return GNSWidget(self, **kwargs)

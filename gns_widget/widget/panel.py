@@ -71,7 +71,7 @@ class GNSWidget(ipw.VBox):
 
     `target`, `train_dl` and `loss_func` are as for `bs_find`; `lr`, `num_it`, `n_batch`
     and `beta` in `bs_find_kwargs` set the controls' initial values and the rest (`opt`,
-    `mode`, `device`, `batch_fn`) go to every run. `on_apply(new_loader)` is called when
+    `method`, `device`, `batch_fn`) go to every run. `on_apply(new_loader)` is called when
     Apply gives a plain torch loader a new batch size (torch loaders are rebuilt, so code
     holding the old one needs the new one).
     """
@@ -240,7 +240,9 @@ class GNSWidget(ipw.VBox):
         """Use the suggested batch size for training; returns the changed loader (or DataLoaders).
 
         A torch DataLoader cannot change its batch size, so `train_dl` becomes a new loader,
-        passed to `on_apply`; fastai DataLoaders change in place.
+        passed to `on_apply`; fastai DataLoaders change in place. When the run found that the
+        suggestion does not fit in device memory, the per-step batch size of its plan is
+        applied instead and the status says how many steps to accumulate.
         """
         if self.running:
             self._set_status("cannot apply while running: Stop or wait for the run to finish", "error")
@@ -252,7 +254,8 @@ class GNSWidget(ipw.VBox):
             return None
         loader = self._loader()
         old = current_batch_size(loader)
-        new_loader = apply_batch_size(loader, res.suggested_bs)
+        plan = res.memory_plan
+        new_loader = apply_batch_size(loader, plan.batch_size if plan is not None else res.suggested_bs)
         if _is_learner(self.target) and self.train_dl is None:
             changed = new_loader
         else:
@@ -261,7 +264,9 @@ class GNSWidget(ipw.VBox):
                 self.on_apply(new_loader)
         self._show_bs()
         self.apply_button.disabled = True  # done; the next run's suggestion enables it again
-        self._set_status(f"train batch size {old} → {current_batch_size(changed)}", "finished")
+        steps = plan.accumulation_steps if plan is not None else 1
+        accumulate = f", with gradient accumulation {steps}" if steps > 1 else ""
+        self._set_status(f"train batch size {old} → {current_batch_size(changed)}{accumulate}", "finished")
         return changed
 
     @_guarded
@@ -324,6 +329,8 @@ class GNSWidget(ipw.VBox):
         if res.reliable:
             rows.append(f"<b>suggested batch size</b>: {res.suggested_bs} (now {res.batch_size}) "
                         f"— {html.escape(res.reason)}")
+            if res.memory_plan is not None:
+                rows.append(f"<b>memory</b>: {html.escape(res.memory_plan.text)}")
             advice = res.lr_advice(rule=self.rule)
             rule = f"{self.rule} rule, for optimizer {html.escape(self.opt_name)}"
             if res.lr > 0:
