@@ -12,7 +12,6 @@ E|g_r|² = |G|² + tr(Σ)/b_r gives B_small = R/Σ(1/b_r) (harmonic mean) for th
 - `DDPNoiseScale`: for your own training loop; reads the local gradients in a DDP comm hook.
 - `allreduce_measured`: for the finder engine, after a backward pass run under `no_sync()`.
 """
-import math
 import numbers
 
 import torch
@@ -22,7 +21,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from .estimator import NoiseScaleEstimator, WindowEstimate
+from .estimator import NoiseScaleEstimator, WindowEstimate, loss_scale_of
 
 __all__ = ["DDPNoiseScale", "allreduce_measured", "is_distributed"]
 
@@ -146,13 +145,11 @@ class DDPNoiseScale:
 
         `batch_size` is this rank's number of examples (ranks may differ). `grad_scale` is the
         loss scale the gradients carry under mixed precision (`scaler.get_scale()`); a step whose
-        gradients overflowed gives a non-finite estimate that is kept out of the EMAs. Returns the
-        raw estimate, or None after a `no_sync()` backward (see the class docstring).
+        gradients overflowed is skipped, as the scaler skips it. Returns the raw estimate, or None
+        after a `no_sync()` backward (see the class docstring) or an overflow.
         """
         _check_batch_size(batch_size)
-        scale = 1.0 if grad_scale is None else float(grad_scale)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"grad_scale must be a finite positive number (scaler.get_scale()), got {grad_scale!r}")
+        loss_scale_of(grad_scale)  # a bad scale is refused before any collective starts
         if not self._fresh:
             self._pending.append(batch_size)
             return None
@@ -164,7 +161,7 @@ class DDPNoiseScale:
             raise RuntimeError("no gradients: call update after loss.backward() and before zero_grad()")
         big_sq = _sq_sum(grads)  # DDP has already averaged .grad
         small_sq, big_sq, b_small, b_big = _reduce_scalars(local_sq, big_sq, b_local, self.world_size, self.group)
-        return self.estimator.update_norms(small_sq / scale**2, big_sq / scale**2, b_small, b_big)
+        return self.estimator.update_norms(small_sq, big_sq, b_small, b_big, grad_scale)
 
     def reset(self) -> None:
         "Forget the estimates (the hook stays registered)."

@@ -21,6 +21,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
 from .loaders import population_size
 from .memory import max_batch_size, plan_batch
 from .per_example import PerExampleNorms
+from .precision import LossScale, resolve_amp
 from .result import GNSRecord, GNSResult, RunRecorder
 from .state import UserState
 from .targets import Target, as_target
@@ -44,7 +46,8 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
             num_it: int | None = None, n_batch: int = 20, beta: float = 0.99, opt: Any = None,
             device: Any = None, method: str = "fixed", batch_fn: Callable | None = None,
             on_update: Callable[[GNSRecord], None] | None = None,
-            stop_event: threading.Event | None = None, probe_memory: bool | None = None) -> GNSResult:
+            stop_event: threading.Event | None = None, probe_memory: bool | None = None,
+            amp: torch.dtype | None = None) -> GNSResult:
     """Measure the gradient noise scale of `target` and suggest a batch size.
 
     `target` is a fastai `Learner` (its `dls.train` and `loss_func` are used) or an
@@ -55,6 +58,10 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     `stop_event` ends the run at the next step with a partial result. Whatever happens,
     the model, optimizer, loader and RNG states are restored exactly.
 
+    `n_batch` small batches make one estimate and `beta` is the EMA decay per estimate. Methods
+    that estimate every step ("per_example", DDP) decay by beta**(1/n_batch) per step instead, so
+    every method averages over the same number of small batches, about n_batch / (1 - beta).
+
     `method` is "fixed", "sequential" or "per_example" (see the module docstring). Under
     torch.distributed (a `DistributedDataParallel` model in an initialized process group)
     "fixed" makes one estimate per step from the ranks: each rank's batch is a small batch
@@ -64,78 +71,112 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     (`memory.max_batch_size`, capped at the suggestion) and, when it does not, plans gradient
     accumulation to reach it (`result.memory_plan`). None probes on CUDA only, where running
     out of memory is an error that can be caught; on the CPU it usually kills the process.
+
+    `amp` runs forward passes under `torch.autocast` with this dtype (float16 with a dynamic
+    loss scale whose overflowed batches are skipped, as GradScaler does); None follows a
+    Learner's `MixedPrecision` callback, `torch.float32` forces full precision.
     """
     NoiseScaleEstimator.check_args(n_batch, beta)
     _check_args(lr=lr, num_it=num_it, n_batch=n_batch, method=method)
     tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
+    amp = resolve_amp(target, amp)
     distributed = is_distributed(tgt.model)
     if distributed and method != "fixed":
         raise ValueError(f"method={method!r} is not available under DistributedDataParallel: use method='fixed' "
                          "(each rank's batch is a small batch, the all-reduced batch the big one)")
     per_step = distributed or method == "per_example"  # one estimate per step instead of per window
     total = _total_iterations(tgt.train_dl, num_it, 1 if per_step else n_batch)
-    estimator = NoiseScaleEstimator(n_batch, beta, n_train=population_size(tgt.train_dl))
+    # beta is the decay per n_batch small batches for every method, so all average over as many batches
+    step_beta = beta ** (1 / n_batch) if per_step else beta
+    estimator = NoiseScaleEstimator(n_batch, step_beta, n_train=population_size(tgt.train_dl))
     state = UserState(tgt.model, tgt.user_opt, tgt.train_dl)
-    run = _run_paired if per_step else _run_windows
+    run = _Run(lr, method, amp, LossScale(amp == torch.float16), on_update, stop_event)
     try:
-        recorder, stopped = run(tgt, estimator, total, lr, method, on_update, stop_event)
+        recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
     finally:
         state.restore()
-    result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, method=method, stopped=stopped)
+    stopped = stop_event is not None and stop_event.is_set()
+    result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta, method=method,
+                             stopped=stopped)
     probe = tgt.device.type == "cuda" if probe_memory is None else probe_memory
     if probe and result.reliable and not distributed:
         fits = max_batch_size(target, train_dl, loss_func, limit=result.suggested_bs, opt=opt, device=device,
-                              batch_fn=batch_fn)
+                              batch_fn=batch_fn, amp=amp or torch.float32)  # resolved above
         result.memory_plan = plan_batch(result.suggested_bs, fits)
     return result
 
 
-def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, lr: float, method: str,
-                 on_update: Callable | None, stop_event: threading.Event | None) -> tuple[RunRecorder, bool]:
+@dataclass
+class _Run:
+    "How one run trains and reports (the target says what it trains)."
+    lr: float
+    method: str
+    amp: torch.dtype | None
+    loss_scale: LossScale
+    on_update: Callable[[GNSRecord], None] | None
+    stop_event: threading.Event | None
+
+
+def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _Run) -> RunRecorder:
     "fixed and sequential: windows of n_batch small batches, the big batch built from them."
-    opt = _prepare(tgt, lr)
-    step_every_batch = opt is not None and method == "sequential"
+    opt = _prepare(tgt, run.lr)
+    step_every_batch = opt is not None and run.method == "sequential"
+    scale = run.loss_scale
     recorder = RunRecorder(estimator, total)
-    for inputs, targets, bs in _batches(tgt, total, stop_event):
-        loss = _forward_backward(tgt, inputs, targets)
-        record = recorder.step(loss, bs, tgt.model)
-        if step_every_batch:
+    for inputs, targets, bs in _batches(tgt, total, run.stop_event):
+        loss = _forward_backward(tgt, inputs, targets, run)
+        carried, skipped = scale.grad_scale, estimator.n_skipped
+        record = recorder.step(loss, bs, tgt.model, grad_scale=carried)
+        overflowed = estimator.n_skipped != skipped
+        scale.update(overflowed)
+        if step_every_batch and not overflowed:
+            _unscale(tgt.model, carried)
             opt.step()
         if record is None:
             continue
-        _check_finite(recorder, record, lr)
-        if opt is not None and method == "fixed":
-            torch._foreach_copy_(gradients_of(tgt.model), estimator.big_batch_grads())
+        _check_finite(recorder, record, run.lr)
+        if opt is not None and run.method == "fixed":
+            torch._foreach_copy_(gradients_of(tgt.model), estimator.big_batch_grads())  # unscaled already
             opt.step()
-        if on_update is not None:
-            on_update(record)
-    return recorder, stop_event is not None and stop_event.is_set()
+        if run.on_update is not None:
+            run.on_update(record)
+    return recorder
 
 
-def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, lr: float, method: str,
-                on_update: Callable | None, stop_event: threading.Event | None) -> tuple[RunRecorder, bool]:
+def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _Run) -> RunRecorder:
     "per_example and distributed: every step measures a small and a big batch at the same weights."
-    opt = _prepare(tgt, lr)
+    opt = _prepare(tgt, run.lr)
     recorder = RunRecorder(estimator, total)
-    model = tgt.model
+    model, scale = tgt.model, run.loss_scale
     with (nullcontext() if is_distributed(model) else PerExampleNorms(model)) as norms:
-        for inputs, targets, bs in _batches(tgt, total, stop_event):
+        for inputs, targets, bs in _batches(tgt, total, run.stop_event):
             if norms is None:  # DDP: the local gradient first, then the same all-reduce DDP would do
                 with model.no_sync():
-                    loss = _forward_backward(tgt, inputs, targets)
-                pair = allreduce_measured(model, bs)
+                    loss = _forward_backward(tgt, inputs, targets, run)
+                small_sq, big_sq, b_small, b_big = allreduce_measured(model, bs)
             else:
                 if bs < 2:
                     raise ValueError("method='per_example' needs batches of at least 2 examples")
-                loss = _forward_backward(tgt, inputs, targets)
-                pair = (norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs)
-            record = recorder.step_norms(loss, bs, *pair)
-            _check_finite(recorder, record, lr)
+                loss = _forward_backward(tgt, inputs, targets, run)
+                small_sq, big_sq, b_small, b_big = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
+            carried = scale.grad_scale
+            record = recorder.step_norms(loss, bs, small_sq, big_sq, b_small, b_big, grad_scale=carried)
+            scale.update(overflowed=record is None)
+            if record is None:  # float16 overflow: skipped, as GradScaler skips the step
+                continue
+            _unscale(model, carried)
+            _check_finite(recorder, record, run.lr)
             if opt is not None:
                 opt.step()
-            if on_update is not None:
-                on_update(record)
-    return recorder, stop_event is not None and stop_event.is_set()
+            if run.on_update is not None:
+                run.on_update(record)
+    return recorder
+
+
+def _unscale(model: torch.nn.Module, grad_scale: float | None) -> None:
+    "Divide out the loss scale the gradients carry (the one of their backward pass, not an updated one)."
+    if grad_scale is not None:
+        torch._foreach_div_(gradients_of(model), grad_scale)
 
 
 def _prepare(tgt: Target, lr: float) -> Any:
@@ -158,10 +199,12 @@ def _batches(tgt: Target, total: int, stop_event: threading.Event | None) -> Ite
         yield inputs, targets, bs
 
 
-def _forward_backward(tgt: Target, inputs: Any, targets: Any) -> torch.Tensor:
+def _forward_backward(tgt: Target, inputs: Any, targets: Any, run: _Run) -> torch.Tensor:
+    "The loss, after its (scaled, under float16) backward pass."
     tgt.model.zero_grad(set_to_none=True)
-    loss = tgt.loss_func(tgt.model(*inputs), *targets)
-    loss.backward()
+    with torch.autocast(tgt.device.type, dtype=run.amp, enabled=run.amp is not None):
+        loss = tgt.loss_func(tgt.model(*inputs), *targets)
+    (loss * run.loss_scale.value if run.loss_scale.enabled else loss).backward()
     return loss
 
 

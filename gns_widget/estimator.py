@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NoiseScaleEstimator", "WindowEstimate", "gradients_of", "squared_norm"]
+__all__ = ["NoiseScaleEstimator", "WindowEstimate", "gradients_of", "loss_scale_of", "squared_norm"]
 
 
 @dataclass(frozen=True)
@@ -123,9 +123,7 @@ class NoiseScaleEstimator:
             raise ValueError("weight only applies with accumulated=True (gradient accumulation)")
         if weight is not None and not weight > 0:
             raise ValueError(f"weight must be positive, got {weight!r}")
-        loss_scale = 1.0 if grad_scale is None else float(grad_scale)
-        if not (math.isfinite(loss_scale) and loss_scale > 0):
-            raise ValueError(f"grad_scale must be a finite positive number (scaler.get_scale()), got {grad_scale!r}")
+        loss_scale = loss_scale_of(grad_scale)
         grads = gradients_of(grads_or_params)
         if not grads:
             raise ValueError("no gradients to measure: call update after loss.backward() "
@@ -165,7 +163,7 @@ class NoiseScaleEstimator:
         return self._finish_window() if self._count == self.n_batch else None
 
     def update_norms(self, small_sq: float | Tensor, big_sq: float | Tensor, b_small: float,
-                     b_big: float) -> WindowEstimate:
+                     b_big: float, grad_scale: float | Tensor | None = None) -> WindowEstimate | None:
         """Make one estimate from squared norms measured elsewhere, at the same weights.
 
         For feeders that see the small and the big batch at once instead of building the big
@@ -174,12 +172,20 @@ class NoiseScaleEstimator:
         `small_sq` is the mean |g|² over the small batches (b_small their harmonic-mean size),
         `big_sq` is |mean g|² of the big batch. A non-finite estimate is returned but kept out of
         the EMAs (and counted in `n_skipped`), as in `update`.
+
+        `grad_scale` is the loss scale the gradients carried (mixed precision), divided out of both
+        norms; with it, a step whose norms overflowed is skipped (None), as `GradScaler` skips it.
         """
         if not (b_big > b_small >= 1):
             raise ValueError(f"need b_big > b_small >= 1, got b_small={b_small!r}, b_big={b_big!r}")
         if self._count:
             raise RuntimeError("update_norms cannot be mixed with update inside a window")
-        return self._estimate(float(small_sq), float(big_sq), float(b_small), float(b_big))
+        loss_scale = loss_scale_of(grad_scale)
+        small, big = float(small_sq) / loss_scale**2, float(big_sq) / loss_scale**2
+        if grad_scale is not None and not (math.isfinite(small) and math.isfinite(big)):
+            self.n_skipped += 1
+            return None
+        return self._estimate(small, big, float(b_small), float(b_big))
 
     def _count_overflowed_micro_batch(self) -> None:
         self._count += 1
@@ -252,6 +258,14 @@ class NoiseScaleEstimator:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(n_batch={self.n_batch}, beta={self.beta}, "
                 f"estimates={self.n_estimates}, noise_scale={self.noise_scale:.4g})")
+
+
+def loss_scale_of(grad_scale: float | Tensor | None) -> float:
+    "The loss scale gradients carry (1 without mixed precision); a ValueError unless finite and positive."
+    scale = 1.0 if grad_scale is None else float(grad_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"grad_scale must be a finite positive number (scaler.get_scale()), got {grad_scale!r}")
+    return scale
 
 
 def squared_norm(tensors: list[Tensor]) -> Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .precision import resolve_amp
 from .state import UserState
 from .targets import Target, as_target
 from .targets.base import batch_size_of, to_device
@@ -43,7 +44,7 @@ def is_oom_error(exc: BaseException) -> bool:
 
 def max_batch_size(target: Any, train_dl: Any = None, loss_func: Callable | None = None, *, limit: int,
                    opt: Any = None, device: Any = None, batch_fn: Callable | None = None,
-                   start: int | None = None) -> int:
+                   start: int | None = None, amp: torch.dtype | None = None) -> int:
     """The largest batch size ≤ `limit` for which one full training step fits on the device.
 
     `target`, `train_dl`, `loss_func`, `opt`, `device` and `batch_fn` are as for `bs_find`.
@@ -55,17 +56,19 @@ def max_batch_size(target: Any, train_dl: Any = None, loss_func: Callable | None
     `limit`: on CPU an oversized batch usually gets the process killed rather than an
     error, so pass the batch size you want to check. Model, optimizer, loader and RNG
     states are restored exactly, and the model is back on its device, whatever happens.
+    `amp` is as for `bs_find` (autocast dtype; None follows a Learner's `MixedPrecision`).
     Raises RuntimeError if not even a batch of one fits.
     """
     _check_positive_int("limit", limit)
     if start is not None:
         _check_positive_int("start", start)
     tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
+    amp = resolve_amp(target, amp)
     first = min(start if start is not None else (tgt.batch_size or 1), limit)
     state = UserState(tgt.model, tgt.user_opt, tgt.train_dl)
     pool = _ExamplePool(tgt)
     try:
-        prober = _Prober(tgt, pool)
+        prober = _Prober(tgt, pool, amp)
         found = _search(prober, first, limit)
         log.debug("largest batch that fits: %d (≤ %d), after %d probes", found, limit, prober.probes)
     finally:
@@ -111,8 +114,8 @@ def _search(fits: Callable[[int], bool], first: int, limit: int) -> int:
 class _Prober:
     "Calling it with `n` trains one step on `n` examples and says whether it fitted; it counts its probes."
 
-    def __init__(self, tgt: Target, pool: _ExamplePool):
-        self.tgt, self.pool, self.probes = tgt, pool, 0
+    def __init__(self, tgt: Target, pool: _ExamplePool, amp: torch.dtype | None):
+        self.tgt, self.pool, self.amp, self.probes = tgt, pool, amp, 0
         try:
             tgt.model.to(tgt.device)
         except Exception as e:
@@ -144,8 +147,9 @@ class _Prober:
         tgt = self.tgt
         inputs, targets = tgt.split_batch(to_device(self.pool.batch(n), tgt.device))
         tgt.model.zero_grad(set_to_none=True)
-        loss = tgt.loss_func(tgt.model(*inputs), *targets)
-        loss.backward()
+        with torch.autocast(tgt.device.type, dtype=self.amp, enabled=self.amp is not None):
+            loss = tgt.loss_func(tgt.model(*inputs), *targets)
+        loss.backward()  # unscaled even for float16: the memory is the same, an overflow is harmless here
         self.opt.step()
 
 

@@ -45,10 +45,11 @@ class GNSResult:
     """
 
     def __init__(self, records: list[GNSRecord], *, batch_size: int, n_train: int | None, lr: float,
-                 n_batch: int, beta: float, method: str, stopped: bool = False):
+                 n_batch: int, beta: float, method: str, stopped: bool = False, n_skipped: int = 0):
         self.history = pd.DataFrame([asdict(r) for r in records], columns=COLUMNS)
         self.batch_size, self.n_train, self.lr = batch_size, n_train, lr
         self.n_batch, self.beta, self.method, self.stopped = n_batch, beta, method, stopped
+        self.n_skipped = n_skipped  # batches (accumulation cycles) left out because their gradients overflowed
         self.suggestion: Suggestion = suggest_batch_size(self.history, n_train)
         self.memory_plan: MemoryPlan | None = None  # set when the suggestion was checked against device memory
 
@@ -103,6 +104,7 @@ class GNSResult:
         else:
             head += "suggested_bs=None"
         state = ", stopped early" if self.stopped else ""
+        state += f", {self.n_skipped} overflowed batches skipped" if self.n_skipped else ""
         plan = f"\n  {self.memory_plan.text}" if self.memory_plan is not None else ""
         return (f"{head}, estimates={len(self.history)}, batch_size={self.batch_size}, "
                 f"method={self.method!r}{state})\n  {self.reason}{plan}")
@@ -140,12 +142,18 @@ class RunRecorder:
         return self._record(estimate)
 
     def step_norms(self, loss: Tensor, batch_size: int, small_sq, big_sq, b_small: float,
-                   b_big: float) -> GNSRecord:
-        "Record one step that measured its small and big batch at once (per-example or distributed)."
+                   b_big: float, grad_scale: float | None = None) -> GNSRecord | None:
+        """Record one step that measured its small and big batch at once (per-example or distributed).
+
+        None when the step overflowed under mixed precision (`grad_scale`) and was skipped, its loss too.
+        """
         self.iteration += 1
         self.samples += batch_size
+        estimate = self.estimator.update_norms(small_sq, big_sq, b_small, b_big, grad_scale)
+        if estimate is None:
+            return None
         self._window_losses.append(loss.detach())
-        return self._record(self.estimator.update_norms(small_sq, big_sq, b_small, b_big))
+        return self._record(estimate)
 
     def _record(self, estimate: WindowEstimate) -> GNSRecord:
         losses = torch.stack(self._window_losses).float().cpu()
@@ -160,6 +168,8 @@ class RunRecorder:
         return record
 
     def result(self, *, batch_size: int | None, n_train: int | None, lr: float, method: str,
-               stopped: bool = False) -> GNSResult:
-        return GNSResult(self.records, batch_size=batch_size, n_train=n_train, lr=lr,
-                         n_batch=self.estimator.n_batch, beta=self.estimator.beta, method=method, stopped=stopped)
+               beta: float | None = None, stopped: bool = False) -> GNSResult:
+        "The run's result; `beta` is the decay the user asked for (default: the estimator's)."
+        return GNSResult(self.records, batch_size=batch_size, n_train=n_train, lr=lr, n_batch=self.estimator.n_batch,
+                         beta=self.estimator.beta if beta is None else beta, method=method, stopped=stopped,
+                         n_skipped=self.estimator.n_skipped)

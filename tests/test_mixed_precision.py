@@ -1,4 +1,5 @@
-"""Mixed precision: bfloat16 autocast on the CPU with a `GradScaler` whose scale changes every step.
+"""Mixed precision: bfloat16 autocast on the CPU with a `GradScaler` whose scale changes every step,
+and `bs_find(amp=...)` in bfloat16 and in float16 with its own dynamic loss scale.
 
 The scaler doubles the loss scale after every 2 good steps, and every 10th batch (30th with
 accumulation) overflows (its loss is multiplied by inf, so its gradients are inf/NaN): the scaler
@@ -12,7 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gns_widget import NoiseScaleEstimator
+from gns_widget import NoiseScaleEstimator, bs_find
+from gns_widget.memory import max_batch_size
+from gns_widget.precision import resolve_amp
 from tests.exact import exact_noise_scale
 
 N = 20_000
@@ -116,3 +119,86 @@ def test_bad_grad_scale(bad):
     model(torch.randn(4, 3)).sum().backward()
     with pytest.raises(ValueError, match="grad_scale"):
         NoiseScaleEstimator(2).update(model, 4, grad_scale=bad)
+
+
+# ---- bs_find(amp=...): the finder itself runs in mixed precision --------------------------------------------
+
+
+class _RecordingLoss:
+    "A loss that remembers the dtype of the model outputs it saw (autocast on or off), times `factor`."
+
+    def __init__(self, factor: float = 1.0):
+        self.factor, self.dtypes = factor, set()
+
+    def __call__(self, out, y):
+        self.dtypes.add(out.dtype)
+        return self.factor * nn.functional.cross_entropy(out, y)
+
+
+@pytest.mark.parametrize("method", ["fixed", "per_example"])
+def test_bs_find_bf16_estimate_matches_exact(method):
+    model, loss_func, x, y, dl = _problem()
+    _, _, exact = exact_noise_scale(model, loss_func, x, y)
+    loss = _RecordingLoss()
+    res = bs_find(model, dl, loss, lr=0, num_it=1200, n_batch=10, amp=torch.bfloat16, method=method)
+    assert loss.dtypes == {torch.bfloat16}
+    assert res.n_skipped == 0
+    assert res.noise_scale == pytest.approx(exact, rel=0.10)
+
+
+@pytest.mark.parametrize("method", ["fixed", "per_example"])
+def test_bs_find_fp16_loss_scale_skips_overflows_and_divides_the_scale_out(method):
+    """A loss ×1000 overflows float16 at GradScaler's initial scale 2**16: the finder halves the scale and skips
+    those batches, and the estimate (a ratio, so the factor cancels) still matches the exact fp32 value."""
+    model, loss_func, x, y, dl = _problem()
+    _, _, exact = exact_noise_scale(model, loss_func, x, y)
+    loss = _RecordingLoss(factor=1000.0)
+    res = bs_find(model, dl, loss, lr=0, num_it=1200, n_batch=10, amp=torch.float16, method=method)
+    assert loss.dtypes == {torch.float16}
+    assert 1 <= res.n_skipped <= 20  # a few halvings from 2**16, then none
+    assert "overflowed batches skipped" in repr(res)
+    assert res.noise_scale == pytest.approx(exact, rel=0.10)
+
+
+@pytest.mark.parametrize("method", ["fixed", "sequential", "per_example"])
+def test_bs_find_fp16_trains_on_unscaled_gradients(method):
+    "Steps taken with the loss scale still in the gradients (×65,536) would blow the loss up; fp16 tracks fp32."
+    def losses(amp):
+        model, loss_func, _, _, dl = _problem()
+        res = bs_find(model, dl, loss_func, lr=0.2, num_it=200, n_batch=10, amp=amp, method=method)
+        return res.history.loss.to_numpy()
+
+    full, half = losses(torch.float32), losses(torch.float16)
+    assert half[-1] < 0.9 * half[0]  # it trained
+    assert half[-1] == pytest.approx(full[-1], rel=0.05)
+
+
+def test_bs_find_follows_a_learners_mixed_precision():
+    from fastai.basics import Learner
+    from fastai.data.core import DataLoaders
+
+    model, _, x, y, _ = _problem()
+    dls = DataLoaders.from_dsets(TensorDataset(x, y), TensorDataset(x[:100], y[:100]), bs=50, device="cpu")
+    for to_mixed, expected in ((Learner.to_bf16, torch.bfloat16), (Learner.to_fp16, torch.float16)):
+        loss = _RecordingLoss()
+        learn = to_mixed(Learner(dls, model, loss_func=loss))
+        assert resolve_amp(learn, None) == expected
+        learn.bs_find(lr=0, num_it=20, n_batch=10, show_plot=False)
+        assert loss.dtypes == {expected}
+        loss.dtypes.clear()
+        learn.bs_find(lr=0, num_it=20, n_batch=10, show_plot=False, amp=torch.float32)  # forced full precision
+        assert loss.dtypes == {torch.float32}
+
+
+def test_memory_probe_runs_in_the_runs_precision():
+    model, _, _, _, dl = _problem()
+    loss = _RecordingLoss()
+    assert max_batch_size(model, dl, loss, limit=64, amp=torch.bfloat16) == 64
+    assert loss.dtypes == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("bad", [torch.int8, torch.float64, "fp16"])
+def test_bad_amp(bad):
+    model, loss_func, _, _, dl = _problem()
+    with pytest.raises(ValueError, match="amp must be"):
+        bs_find(model, dl, loss_func, lr=0, num_it=20, n_batch=10, amp=bad)

@@ -111,3 +111,15 @@ def test_per_example_refuses_batches_of_one():
     dl = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=1)
     with pytest.raises(ValueError, match="at least 2 examples"):
         bs_find(nn.Linear(4, 1), dl, nn.MSELoss(), lr=0, method="per_example")
+
+
+def test_beta_is_the_decay_per_n_batch_steps_for_every_method():
+    "One estimate per step decays by beta**(1/n_batch) per step, so per_example averages as many steps as fixed."
+    model, loss_func, x, y = _linear_problem()
+    dl = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(2))
+    res = bs_find(model, dl, loss_func, lr=0, num_it=200, n_batch=10, beta=0.9, method="per_example")
+    assert res.beta == 0.9
+    h, decay = res.history, 0.9 ** (1 / 10)
+    weights = decay ** torch.arange(len(h) - 1, -1, -1, dtype=torch.float64)
+    noise, scale = (torch.tensor(h[c].to_numpy()) for c in ("noise_raw", "scale_raw"))
+    assert res.noise_scale == pytest.approx(float((weights * noise).sum() / (weights * scale).sum()), rel=1e-9)
