@@ -10,20 +10,43 @@ n_batch flat gradients (plus a stacked copy of them while it takes their mean).
 On a shared CPU the difference of two step times is noisy (a few %), so the update's own
 cost is also timed alone on one backward pass's gradients (`*_update_pct` = its share of a
 plain step): the extra work per step without the noise of timing the whole step twice.
+
+Two more ways to measure are timed in the same rotation:
+- per_example: the step `bs_find(method="per_example")` takes: `PerExampleNorms` hooks during the
+  backward pass, then `norms.pop().mean()`, the squared norm of the gradients and
+  `update_norms(small, big, 1, batch)`, with the loss kept until the next step as bs_find keeps it.
+  `per_example_norms_pct` times the norm work alone (the hooks' computations replayed on one
+  backward pass's saved inputs and output gradients, plus the update).
+- accumulation: one block is one gradient-accumulation cycle of k = n_batch micro-batches (loss / k,
+  backward, no zeroing, one Adam step at the end), plain against the same cycle with
+  `NoiseScaleEstimator(k, accumulated=True).update` after every micro-batch's backward; times are
+  per micro-batch.
+
+Their memory is measured, not counted: a `TorchDispatchMode` sees every tensor torch ops create
+inside a block and tracks the bytes of those storages still alive after each op; the extra memory
+is the difference of the peaks (per-example steps against plain steps; an accumulation cycle with a
+fresh estimator, whose buffer is then created inside the block, against a plain cycle). Tensors
+alive before the block (parameters, Adam state) are in neither peak.
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from common import cli, markdown, out_path, save_fig
 from original_method import OriginalGNS
-from torch import nn
+from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from gns_widget import NoiseScaleEstimator
+from gns_widget.estimator import gradients_of, squared_norm
+from gns_widget.per_example import PerExampleNorms
 
 BS = 64
 MAX_ORIGINAL_BYTES = 3e9  # skip the original method where its gradient list alone would exceed this
@@ -43,6 +66,42 @@ def width_for(params: float, depth: int = 3) -> int:
     return int((-b + math.sqrt(b * b + 4 * a * params)) / (2 * a))
 
 
+class PeakBytes(TorchDispatchMode):
+    "Peak bytes of the tensor storages created by torch ops inside the block, checked for release after every op."
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                st = t.untyped_storage()
+                self.live.setdefault(st._cdata, (StorageWeakRef(st), st.nbytes()))
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(b for _, b in self.live.values()))
+        return out
+
+
+class _RecordingNorms(PerExampleNorms):
+    "PerExampleNorms that also keeps what its hooks computed from, to time that work alone."
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.calls: list[tuple] = []
+
+    def _add(self, module, inputs, grad_out):
+        self.calls.append((module, inputs, grad_out))
+        super()._add(module, inputs, grad_out)
+
+
+def linear_input_bytes(model: nn.Module, batch: int) -> int:
+    "Bytes of every nn.Linear's input at this batch size (what the per-example hooks keep a reference to)."
+    return sum(batch * m.in_features * 4 for m in model.modules() if isinstance(m, nn.Linear))
+
+
 def time_config(width: int, n_batch: int, rounds: int) -> dict:
     torch.manual_seed(0)
     model = mlp(width)
@@ -51,41 +110,80 @@ def time_config(width: int, n_batch: int, rounds: int) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x, y = torch.randn(BS, 784), torch.randint(0, 10, (BS,))
     ours, orig = NoiseScaleEstimator(n_batch, 0.99), OriginalGNS(n_batch, 0.99)
+    per_ex, accum = NoiseScaleEstimator(n_batch, 0.99), NoiseScaleEstimator(n_batch, 0.99, accumulated=True)
+    norms = PerExampleNorms(model)
     run_orig = n_batch * param_bytes <= MAX_ORIGINAL_BYTES
 
-    def step(kind: str) -> None:
+    def step(kind: str, est=None) -> Tensor:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
         if kind == "ours":
             ours.update(model, BS)
         elif kind == "original":
             orig.update(model, BS)
+        elif kind == "per_example":  # as bs_find(method="per_example") does it
+            (est or per_ex).update_norms(norms.pop().mean(), squared_norm(gradients_of(model)), 1, BS)
+        opt.step()
+        return loss
+
+    def cycle(kind: str, k: int = n_batch, est=None) -> None:
+        "One gradient-accumulation cycle of k micro-batches and one optimizer step."
+        opt.zero_grad(set_to_none=True)
+        for _ in range(k):
+            (F.cross_entropy(model(x), y) / k).backward()
+            if kind == "accum_ours":
+                (est or accum).update(model, BS)
         opt.step()
 
-    kinds = ["plain", "ours"] + (["original"] if run_orig else [])
+    def block(kind: str, steps: int = n_batch) -> None:
+        if kind.startswith("accum"):
+            cycle(kind)
+            return
+        with norms if kind == "per_example" else nullcontext():
+            loss = None
+            for _ in range(steps):
+                loss = step(kind)  # kept until the next step returns, as bs_find's loop keeps it
+            del loss
+
+    kinds = ["plain", "ours"] + (["original"] if run_orig else []) + ["per_example", "accum_plain", "accum_ours"]
     for k in kinds:  # warm-up: allocations (the buffers are created on the first update)
-        for _ in range(min(n_batch, 10)):
-            step(k)
+        block(k, min(n_batch, 10))
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(rounds):
         for k in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # rotate the order
             t = time.perf_counter()
-            for _ in range(n_batch):
-                step(k)
+            block(k)
             times[k].append((time.perf_counter() - t) / n_batch)
     med = {k: float(pd.Series(v).median()) for k, v in times.items()}
+
     # The extra work alone, on the gradients of one backward pass: far less noisy than a difference of step times.
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    upd: dict[str, list[float]] = {k: [] for k in kinds[1:]}
+    rec = _RecordingNorms(model)
+    with rec:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        rec.pop()
+
+    def norms_alone() -> None:
+        for call in rec.calls:
+            PerExampleNorms._add(rec, *call)  # the hooks' work, without recording it again
+        per_ex.update_norms(rec.pop().mean(), squared_norm(gradients_of(model)), 1, BS)
+
+    alone = {"ours": lambda: ours.update(model, BS), "accum_ours": lambda: accum.update(model, BS),
+             "per_example": norms_alone}
+    if run_orig:
+        alone["original"] = lambda: orig.update(model, BS)
+    upd: dict[str, list[float]] = {k: [] for k in alone}
     for _ in range(max(3, rounds)):
-        for k, est in (("ours", ours), ("original", orig))[:len(kinds) - 1]:
+        for k, fn in alone.items():
             t = time.perf_counter()
             for _ in range(n_batch):
-                est.update(model, BS)
+                fn()
             upd[k].append((time.perf_counter() - t) / n_batch)
     upd_med = {k: float(pd.Series(v).median()) for k, v in upd.items()}
     ours_bytes = sum(a.numel() * a.element_size() for a in ours._acc) + ours._sq.element_size()
+    accum_bytes = sum(a.numel() * a.element_size() for a in accum._acc) + accum._sq.element_size()
+    mem = measure_memory(step, cycle, norms, n_batch)
     row = dict(params_M=n_params / 1e6, width=width, n_batch=n_batch, rounds=rounds,
                plain_s=med["plain"], ours_s=med["ours"], ours_overhead_pct=100 * (med["ours"] / med["plain"] - 1),
                ours_update_s=upd_med["ours"], ours_update_pct=100 * upd_med["ours"] / med["plain"],
@@ -94,8 +192,49 @@ def time_config(width: int, n_batch: int, rounds: int) -> dict:
                original_overhead_pct=100 * (med["original"] / med["plain"] - 1) if run_orig else math.nan,
                param_MB=param_bytes / 1e6, ours_mem_x_params=ours_bytes / param_bytes,
                original_held_x_params=n_batch if run_orig else math.nan,
-               original_peak_x_params=2 * n_batch + 1 if run_orig else math.nan)
+               original_peak_x_params=2 * n_batch + 1 if run_orig else math.nan,
+               per_example_s=med["per_example"],
+               per_example_overhead_pct=100 * (med["per_example"] / med["plain"] - 1),
+               per_example_norms_pct=100 * upd_med["per_example"] / med["plain"],
+               linear_inputs_MB=linear_input_bytes(model, BS) / 1e6,
+               per_example_extra_MB=mem["per_example"] / 1e6,
+               per_example_extra_released_MB=mem["per_example_released"] / 1e6,
+               per_example_extra_x_params=mem["per_example"] / param_bytes,
+               accum_plain_s=med["accum_plain"], accum_ours_s=med["accum_ours"],
+               accum_overhead_pct=100 * (med["accum_ours"] / med["accum_plain"] - 1),
+               accum_update_pct=100 * upd_med["accum_ours"] / med["accum_plain"],
+               accum_buffer_x_params=accum_bytes / param_bytes,
+               accum_extra_x_params=mem["accum"] / param_bytes)
     return row
+
+
+def measure_memory(step, cycle, norms: PerExampleNorms, n_batch: int) -> dict[str, int]:
+    """Extra peak bytes over plain training: per-example steps and an accumulation cycle (see the module docstring).
+
+    Per-example: 3 steps each, with the loss kept until the next step returns (as bs_find keeps it) and with
+    it released right after the step. Accumulation: a cycle of min(n_batch, 5) micro-batches (the buffer does
+    not depend on the cycle length) with a fresh estimator, so its buffer is created inside the measurement.
+    """
+    def steps(kind: str, keep: bool) -> int:
+        with PeakBytes() as m, norms if kind == "per_example" else nullcontext():
+            loss = None
+            for _ in range(3):
+                loss = step(kind, NoiseScaleEstimator(n_batch, 0.99))
+                if not keep:
+                    loss = None
+            del loss
+        return m.peak
+
+    def cycle_peak(kind: str) -> int:
+        k = min(n_batch, 5)
+        with PeakBytes() as m:
+            cycle(kind, k, NoiseScaleEstimator(k, 0.99, accumulated=True))
+        return m.peak
+
+    plain = steps("plain", keep=True)
+    return {"per_example": steps("per_example", keep=True) - plain,
+            "per_example_released": steps("per_example", keep=False) - steps("plain", keep=False),
+            "accum": cycle_peak("accum_ours") - cycle_peak("accum_plain")}
 
 
 def plot(df: pd.DataFrame, path) -> None:
@@ -103,26 +242,36 @@ def plot(df: pd.DataFrame, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axs = plt.subplots(1, 3, figsize=(12, 3.2))
-    sz = df[df.sweep == "size"]
-    axs[0].plot(sz.params_M, sz.ours_overhead_pct, "o-", label="ours (step-time ratio)")
-    axs[0].plot(sz.params_M, sz.ours_update_pct, "o--", c="C0", alpha=0.6, label="ours (update alone)")
-    axs[0].plot(sz.params_M, sz.original_overhead_pct, "s-", label="original (2019)")
-    axs[0].axhline(5, ls=":", c="gray")
-    axs[0].set(xscale="log", xlabel="parameters (M)", ylabel="time overhead per step, %",
-               title=f"n_batch=20, batch {BS}, Adam")
-    nb = df[df.sweep == "n_batch"]
-    axs[1].plot(nb.n_batch, nb.ours_overhead_pct, "o-", label="ours (step-time ratio)")
-    axs[1].plot(nb.n_batch, nb.ours_update_pct, "o--", c="C0", alpha=0.6, label="ours (update alone)")
-    axs[1].plot(nb.n_batch, nb.original_overhead_pct, "s-", label="original (2019)")
-    axs[1].set(xscale="log", xlabel="n_batch", title=f"{nb.params_M.iloc[0]:.1f}M parameters")
-    axs[2].plot(nb.n_batch, nb.ours_mem_x_params, "o-", label="ours")
-    axs[2].plot(nb.n_batch, nb.original_peak_x_params, "s-", label="original (peak)")
+    fig, axs = plt.subplots(1, 4, figsize=(16, 3.4))
+    sz, nb = df[df.sweep == "size"], df[df.sweep == "n_batch"]
+    for ax, d, x in ((axs[0], sz, "params_M"), (axs[1], nb, "n_batch")):
+        ax.plot(d[x], d.ours_overhead_pct, "o-", c="C0", label="fixed (step-time ratio)")
+        ax.plot(d[x], d.ours_update_pct, "o--", c="C0", alpha=0.6, label="fixed (update alone)")
+        ax.plot(d[x], d.original_overhead_pct, "s-", c="C1", label="original (2019)")
+        ax.plot(d[x], d.per_example_overhead_pct, "^-", c="C2", label="per_example (step-time ratio)")
+        ax.plot(d[x], d.per_example_norms_pct, "^--", c="C2", alpha=0.6, label="per_example (norms alone)")
+        ax.plot(d[x], d.accum_overhead_pct, "D-", c="C3", label="accumulated (micro-batch ratio)")
+        ax.plot(d[x], d.accum_update_pct, "D--", c="C3", alpha=0.6, label="accumulated (update alone)")
+        ax.axhline(5, ls=":", c="gray")
+        ax.axhline(0, ls="-", c="gray", lw=0.5)
+        ax.set(xscale="log", ylabel="time overhead per step, %")
+    axs[0].set(xlabel="parameters (M)", title=f"n_batch = k = 20, batch {BS}, Adam")
+    axs[1].set(xlabel="n_batch (= accumulation k)", title=f"{nb.params_M.iloc[0]:.1f}M parameters")
+    axs[2].plot(nb.n_batch, nb.ours_mem_x_params, "o-", c="C0", label="fixed (counted)")
+    axs[2].plot(nb.n_batch, nb.original_peak_x_params, "s-", c="C1", label="original (peak, counted)")
+    axs[2].plot(nb.n_batch, nb.accum_extra_x_params, "D--", c="C3", label="accumulated (measured peak)")
     axs[2].axhline(2, ls=":", c="gray")
     axs[2].set(xscale="log", yscale="log", xlabel="n_batch", ylabel="extra memory / parameter memory",
                title="estimator buffers")
+    axs[3].plot(sz.params_M, sz.per_example_extra_MB, "^-", c="C2", label="per_example, loss kept (as bs_find)")
+    axs[3].plot(sz.params_M, sz.per_example_extra_released_MB, "^--", c="C2", alpha=0.6,
+                label="per_example, loss released")
+    axs[3].plot(sz.params_M, sz.linear_inputs_MB, "k:", label="inputs of the Linear layers")
+    axs[3].plot(sz.params_M, sz.param_MB, "k-", lw=0.5, label="parameters")
+    axs[3].set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="MB",
+               title=f"per-example extra peak memory, batch {BS}")
     for ax in axs:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6)
     save_fig(fig, path)
 
 
@@ -151,6 +300,12 @@ def main() -> None:
     cols = ["sweep", "params_M", "n_batch", "plain_s", "ours_s", "ours_overhead_pct", "ours_update_pct", "original_s",
             "original_overhead_pct", "original_update_pct", "param_MB", "ours_mem_x_params", "original_held_x_params",
             "original_peak_x_params"]
+    print(markdown(df[cols]))
+    print("per_example steps and gradient accumulation (k = n_batch micro-batches; times per micro-batch)")
+    cols = ["sweep", "params_M", "n_batch", "plain_s", "per_example_s", "per_example_overhead_pct",
+            "per_example_norms_pct", "linear_inputs_MB", "per_example_extra_MB", "per_example_extra_released_MB",
+            "per_example_extra_x_params", "accum_plain_s", "accum_ours_s", "accum_overhead_pct", "accum_update_pct",
+            "accum_buffer_x_params", "accum_extra_x_params"]
     print(markdown(df[cols]))
     print(f"total {time.perf_counter() - t0:.0f} s")
 
