@@ -21,7 +21,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from .estimator import NoiseScaleEstimator, WindowEstimate, loss_scale_of
+from .estimator import NoiseScaleEstimator, WindowEstimate, loss_scale_of, piece_norms
 
 __all__ = ["DDPNoiseScale", "allreduce_measured", "is_distributed"]
 
@@ -70,10 +70,10 @@ def allreduce_measured(model: nn.Module, batch_size: int,
     local_sq = big_sq = None
     for grads in _buckets([p.grad for p in params]):
         flat = _flatten_dense_tensors(grads)
-        local_sq = _add(local_sq, _sq(flat))  # before the in-place average below
+        local_sq = _add(local_sq, _sq([flat]))  # before the in-place average below
         flat.div_(world)  # divide first, as DDP's allreduce_hook does (no fp16 overflow, same rounding)
         dist.all_reduce(flat, group=group)
-        big_sq = _add(big_sq, _sq(flat))
+        big_sq = _add(big_sq, _sq([flat]))
         torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
     return _reduce_scalars(local_sq, big_sq, float(batch_size), world, group)
 
@@ -126,7 +126,7 @@ class DDPNoiseScale:
         if getattr(ddp_model, "_comm_hooks", None):
             raise ValueError("ddp_model already has a communication hook; DDP allows only one per model")
         self.model, self.estimator = ddp_model, estimator
-        self._norms: list[Tensor] = []  # |bucket|, one per bucket of the latest synchronized backward
+        self._norms: list[Tensor] = []  # norms of each bucket's pieces, for the latest synchronized backward
         self._fresh = False  # a synchronized backward happened since the last update
         self._pending: list[int] = []  # sizes of no_sync micro-batches reported since then
         self._micro: list[int] = []  # those that belong to the latest synchronized step
@@ -137,7 +137,7 @@ class DDPNoiseScale:
         "Norm of this bucket's local gradient, then DDP's own all-reduce (which averages in place)."
         if bucket.index() == 0:  # DDP launches buckets in index order: a new backward pass
             self._norms, self._micro, self._pending, self._fresh = [], self._pending, [], True
-        self._norms.append(_norm(bucket.buffer()))  # queued before the in-place divide: no host sync
+        self._norms.append(piece_norms([bucket.buffer()]))  # queued before the in-place divide: no host sync
         return allreduce_hook(self.group, bucket)
 
     def update(self, batch_size: int, grad_scale: float | Tensor | None = None) -> WindowEstimate | None:
@@ -155,11 +155,11 @@ class DDPNoiseScale:
             return None
         sizes, self._micro, self._fresh = [*self._micro, batch_size], [], False
         b_local = len(sizes) ** 2 / sum(1 / s for s in sizes)  # equal-weight micro-batches, as in the docstring
-        local_sq = torch.stack(self._norms).double().square().sum()
+        local_sq = torch.cat(self._norms).double().square().sum()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
             raise RuntimeError("no gradients: call update after loss.backward() and before zero_grad()")
-        big_sq = _sq_sum(grads)  # DDP has already averaged .grad
+        big_sq = _sq(grads)  # DDP has already averaged .grad
         small_sq, big_sq, b_small, b_big = _reduce_scalars(local_sq, big_sq, b_local, self.world_size, self.group)
         return self.estimator.update_norms(small_sq, big_sq, b_small, b_big, grad_scale)
 
@@ -225,24 +225,9 @@ def _buckets(grads: list[Tensor]) -> list[list[Tensor]]:
     return out + [b for b, _ in open_.values()]
 
 
-def _norm(t: Tensor) -> Tensor:
-    "2-norm, accumulated in float32 at least (half-precision buckets would overflow)."
-    return torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-
-
-def _sq(t: Tensor) -> Tensor:
-    return _norm(t).double().square()
-
-
-def _sq_sum(tensors: list[Tensor]) -> Tensor:
-    "Σ|t|² in float64 on the device, one foreach kernel per dtype (half precision normed in float32)."
-    low = {torch.float16, torch.bfloat16}
-    parts = []
-    for group, dtype in (([t for t in tensors if t.dtype in low], torch.float32),
-                         ([t for t in tensors if t.dtype not in low], None)):
-        if group:
-            parts.append(torch.stack(torch._foreach_norm(group, 2, dtype=dtype)).double())
-    return torch.cat(parts).square().sum()
+def _sq(tensors: list[Tensor]) -> Tensor:
+    "Σ|t|² as a float64 scalar on the device (accurate for long tensors: see `piece_norms`)."
+    return piece_norms(tensors).double().square().sum()
 
 
 def _add(a: Tensor | None, b: Tensor) -> Tensor:
