@@ -22,6 +22,7 @@ from gns_widget import NoiseScaleEstimator
 from gns_widget.datasets import digits
 from gns_widget.ddp import DDPNoiseScale, allreduce_measured, is_distributed
 from tests.exact import exact_noise_scale
+from tests.test_exactness import _linear_problem
 
 N = 20_000
 STEPS = 1000
@@ -31,14 +32,6 @@ START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
 # ---------------------------------------------------------------- shared by the parent and the workers
-
-def _linear_problem():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 20, generator=gen)
-    y = x @ torch.randn(20, 1, generator=gen) + 0.5 * torch.randn(N, 1, generator=gen)
-    torch.manual_seed(0)
-    return nn.Linear(20, 1), nn.MSELoss(), x, y
-
 
 def _batch_indices(sizes: tuple[int, ...], steps: int, n: int, seed: int = 0) -> list[list[torch.Tensor]]:
     "Per rank, per step, disjoint example indices: consecutive slices of a new permutation each epoch."
@@ -98,7 +91,7 @@ def _launch(worker, tmp_path, *args, timeout: float = 50.0) -> list[dict]:
 
 def _measure_worker(rank: int, sizes: tuple[int, int], beta: float) -> dict:
     "Train-loop usage of DDPNoiseScale at fixed weights; every raw estimate is returned."
-    model, loss_func, x, y = _linear_problem()
+    model, loss_func, x, y = _linear_problem(N)
     ddp = DDP(model)
     gns = DDPNoiseScale(ddp, beta=beta)
     raw = []
@@ -175,7 +168,7 @@ def _consistency_worker(rank: int) -> dict:
 
 def _exact_and_single_process(sizes: tuple[int, int], beta: float) -> tuple[float, float]:
     "The exact B_simple, and NoiseScaleEstimator fed the same batches in windows of n_batch=2 (rank 0, rank 1)."
-    model, loss_func, x, y = _linear_problem()
+    model, loss_func, x, y = _linear_problem(N)
     exact = exact_noise_scale(model, loss_func, x, y)[2]
     est = NoiseScaleEstimator(n_batch=2, beta=beta)
     for pair in zip(*_batch_indices(sizes, STEPS, N)):
@@ -219,7 +212,7 @@ def test_comm_hook_matches_exact_and_single_process(tmp_path):
 def test_unequal_rank_batches_are_weighted_as_ddp_averages(tmp_path):
     "8 and 40 examples: DDP's equal-weight average makes B_small = 2/(1/8+1/40) = 13.3 and B_big 26.7, not 24/48."
     res = _launch(_measure_worker, tmp_path, (8, 40), 0.999)
-    model, loss_func, x, y = _linear_problem()
+    model, loss_func, x, y = _linear_problem(N)
     exact = exact_noise_scale(model, loss_func, x, y)[2]
     r0, r1 = res
     raw = r0["raw"]
@@ -302,7 +295,7 @@ def _bs_find_worker(rank: int) -> dict:
 
     from gns_widget import bs_find
 
-    model, loss_func, x, y = _linear_problem()
+    model, loss_func, x, y = _linear_problem(N)
     ddp = DDP(model)
     ds = TensorDataset(x, y)
     dl = DataLoader(ds, batch_size=32, sampler=DistributedSampler(ds, seed=rank + 3))
@@ -319,7 +312,7 @@ def _bs_find_worker(rank: int) -> dict:
 def test_bs_find_under_ddp_matches_exact(tmp_path):
     "Each step one estimate from the two ranks' batches; every rank gets the same numbers and its model back."
     r0, r1 = _launch(_bs_find_worker, tmp_path)
-    model, loss_func, x, y = _linear_problem()
+    model, loss_func, x, y = _linear_problem(N)
     exact = exact_noise_scale(model, loss_func, x, y)[2]
     print(f"\nexact {exact:.4g}  bs_find under DDP {r0['noise_scale']:.4g} ({r0['noise_scale'] / exact - 1:+.2%})")
     assert r0["estimates"] == STEPS and r0["method"] == "fixed"

@@ -10,10 +10,10 @@ from tests.exact import exact_noise_scale
 N = 50_000
 
 
-def _linear_problem():
+def _linear_problem(n: int = N):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 20, generator=gen)
-    y = x @ torch.randn(20, 1, generator=gen) + 0.5 * torch.randn(N, 1, generator=gen)
+    x = torch.randn(n, 20, generator=gen)
+    y = x @ torch.randn(20, 1, generator=gen) + 0.5 * torch.randn(n, 1, generator=gen)
     torch.manual_seed(0)
     return nn.Linear(20, 1), nn.MSELoss(), x, y
 
