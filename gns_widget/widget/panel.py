@@ -71,7 +71,7 @@ class GNSWidget(ipw.VBox):
 
     `target`, `train_dl` and `loss_func` are as for `bs_find`; `lr`, `num_it`, `n_batch`
     and `beta` in `bs_find_kwargs` set the controls' initial values and the rest (`opt`,
-    `method`, `device`, `batch_fn`) go to every run. `on_apply(new_loader)` is called when
+    `method`, `amp`, `device`, `batch_fn`) go to every run. `on_apply(new_loader)` is called when
     Apply gives a plain torch loader a new batch size (torch loaders are rebuilt, so code
     holding the old one needs the new one).
     """
