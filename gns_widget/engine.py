@@ -201,9 +201,7 @@ def _batches(tgt: Target, total: int, stop_event: threading.Event | None) -> Ite
 
 def _forward_backward(tgt: Target, inputs: Any, targets: Any, run: _Run) -> torch.Tensor:
     "The loss, after its (scaled, under float16) backward pass."
-    tgt.model.zero_grad(set_to_none=True)
-    with torch.autocast(tgt.device.type, dtype=run.amp, enabled=run.amp is not None):
-        loss = tgt.loss_func(tgt.model(*inputs), *targets)
+    loss = tgt.fresh_loss(inputs, targets, run.amp)
     (loss * run.loss_scale.value if run.loss_scale.enabled else loss).backward()
     return loss
 

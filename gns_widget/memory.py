@@ -146,9 +146,7 @@ class _Prober:
     def _step(self, n: int) -> None:
         tgt = self.tgt
         inputs, targets = tgt.split_batch(to_device(self.pool.batch(n), tgt.device))
-        tgt.model.zero_grad(set_to_none=True)
-        with torch.autocast(tgt.device.type, dtype=self.amp, enabled=self.amp is not None):
-            loss = tgt.loss_func(tgt.model(*inputs), *targets)
+        loss = tgt.fresh_loss(inputs, targets, self.amp)
         loss.backward()  # unscaled even for float16: the memory is the same, an overflow is harmless here
         self.opt.step()
 

@@ -26,6 +26,12 @@ class Target:
     batch_size: int | None  # the loader's current batch size, when it can tell
     n_train: int | None  # training examples, to cap the suggestion
 
+    def fresh_loss(self, inputs: Sequence[Any], targets: Sequence[Any], amp: torch.dtype | None = None) -> torch.Tensor:
+        "The loss of one batch with the gradients cleared for its backward, the forward under autocast when `amp`."
+        self.model.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            return self.loss_func(self.model(*inputs), *targets)
+
 
 def pair_batch(batch: Any) -> tuple[tuple, tuple]:
     "The default batch_fn: batches are (x, y) pairs."
