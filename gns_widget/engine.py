@@ -28,6 +28,7 @@ import torch
 
 from .ddp import allreduce_measured, is_distributed
 from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
+from .guard import claim
 from .loaders import population_size
 from .memory import max_batch_size, plan_batch
 from .per_example import PerExampleNorms
@@ -89,13 +90,15 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     # beta is the decay per n_batch small batches for every method, so all average over as many batches
     step_beta = beta ** (1 / n_batch) if per_step else beta
     estimator = NoiseScaleEstimator(n_batch, step_beta, n_train=population_size(tgt.train_dl))
-    state = UserState(tgt.model, tgt.user_opt, tgt.train_dl)
-    run = _Run(lr, method, amp, LossScale(amp == torch.float16), on_update, stop_event)
-    try:
-        recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
-    finally:
-        state.restore()
-    stopped = stop_event is not None and stop_event.is_set()
+    with claim(tgt.model, "bs_find", stop_event) as held:
+        stop_event = held.stop_event  # one the user passed, or the guard's: a new panel can stop this run
+        state = UserState(tgt.model, tgt.user_opt, tgt.train_dl)
+        run = _Run(lr, method, amp, LossScale(amp == torch.float16), on_update, stop_event)
+        try:
+            recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
+        finally:
+            state.restore()
+    stopped = stop_event.is_set()
     result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta, method=method,
                              stopped=stopped)
     probe = tgt.device.type == "cuda" if probe_memory is None else probe_memory
