@@ -18,6 +18,7 @@ The engine knows nothing of widgets: it reports through `on_update` and stops wh
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -30,7 +31,7 @@ from .ddp import allreduce_measured, is_distributed
 from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
 from .guard import claim
 from .loaders import population_size
-from .memory import max_batch_size, plan_batch
+from .memory import fitting_batch_size, plan_batch
 from .per_example import PerExampleNorms
 from .precision import LossScale, resolve_amp
 from .result import GNSRecord, GNSResult, RunRecorder
@@ -59,6 +60,9 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     `stop_event` ends the run at the next step with a partial result. Whatever happens,
     the model, optimizer, loader and RNG states are restored exactly.
 
+    What is measured is the noise scale of the trainable parameters (`requires_grad=True`):
+    frozen layers are left out, as they do not train.
+
     `n_batch` small batches make one estimate and `beta` is the EMA decay per estimate. Methods
     that estimate every step ("per_example", DDP) decay by beta**(1/n_batch) per step instead, so
     every method averages over the same number of small batches, about n_batch / (1 - beta).
@@ -76,36 +80,38 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     `amp` runs forward passes under `torch.autocast` with this dtype (float16 with a dynamic
     loss scale whose overflowed batches are skipped, as GradScaler does); None follows a
     Learner's `MixedPrecision` callback, `torch.float32` forces full precision.
+
+    Only one finder run may use a model at a time: a second one raises `FinderBusyError`.
     """
-    NoiseScaleEstimator.check_args(n_batch, beta)
-    _check_args(lr=lr, num_it=num_it, n_batch=n_batch, method=method)
+    n_batch = NoiseScaleEstimator.check_args(n_batch, beta)
+    num_it = _check_args(lr=lr, num_it=num_it, n_batch=n_batch, method=method)
     tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
     amp = resolve_amp(target, amp)
     distributed = is_distributed(tgt.model)
     if distributed and method != "fixed":
         raise ValueError(f"method={method!r} is not available under DistributedDataParallel: use method='fixed' "
                          "(each rank's batch is a small batch, the all-reduced batch the big one)")
+    _check_dataset_size(tgt)
     per_step = distributed or method == "per_example"  # one estimate per step instead of per window
     total = _total_iterations(tgt.train_dl, num_it, 1 if per_step else n_batch)
     # beta is the decay per n_batch small batches for every method, so all average over as many batches
     step_beta = beta ** (1 / n_batch) if per_step else beta
     estimator = NoiseScaleEstimator(n_batch, step_beta, n_train=population_size(tgt.train_dl))
-    with claim(tgt.model, "bs_find", stop_event) as held:
+    with claim(tgt.model, "bs_find", stop_event) as held, tgt.during_run():
         stop_event = held.stop_event  # one the user passed, or the guard's: a new panel can stop this run
-        state = UserState(tgt.model, tgt.user_opt, tgt.train_dl)
-        run = _Run(lr, method, amp, LossScale(amp == torch.float16), on_update, stop_event)
+        state = UserState(tgt.model, tgt.user_opt, tgt.train_dl, tgt.loss_func)
+        run = _Run(lr, method, amp, LossScale(amp == torch.float16), on_update, stop_event, n_batch)
         try:
-            recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
+            with torch.inference_mode(False), torch.enable_grad():  # called under no_grad, it still trains
+                recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
         finally:
             state.restore()
-    stopped = stop_event.is_set()
-    result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta, method=method,
-                             stopped=stopped)
-    probe = tgt.device.type == "cuda" if probe_memory is None else probe_memory
-    if probe and result.reliable and not distributed:
-        fits = max_batch_size(target, train_dl, loss_func, limit=result.suggested_bs, opt=opt, device=device,
-                              batch_fn=batch_fn, amp=amp or torch.float32)  # resolved above
-        result.memory_plan = plan_batch(result.suggested_bs, fits)
+        result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta, method=method,
+                                 stopped=stop_event.is_set())
+        probe = tgt.device.type == "cuda" if probe_memory is None else probe_memory
+        if probe and result.reliable and not distributed:
+            fits = fitting_batch_size(tgt, limit=result.suggested_bs, amp=amp)
+            result.memory_plan = plan_batch(result.suggested_bs, fits)
     return result
 
 
@@ -117,7 +123,20 @@ class _Run:
     amp: torch.dtype | None
     loss_scale: LossScale
     on_update: Callable[[GNSRecord], None] | None
-    stop_event: threading.Event | None
+    stop_event: threading.Event
+    n_batch: int
+    bad_streak: int = 0  # consecutive small batches skipped as not finite
+
+    def skipped(self, skipped: bool, iteration: int) -> None:
+        "Count a batch whose gradients were (not) finite; too many in a row is divergence, not a stray batch."
+        self.bad_streak = self.bad_streak + 1 if skipped else 0
+        # float16's loss scale may need ~16 halvings before its first good step
+        limit = self.n_batch + (32 if self.loss_scale.enabled else 0)
+        if self.bad_streak >= limit:
+            raise RuntimeError(f"the gradients were not finite for {self.bad_streak} batches in a row (iterations "
+                               f"{iteration - self.bad_streak + 1}–{iteration}): training diverged at "
+                               f"lr={self.lr:g}, or the data holds NaN/inf; lower lr, or use lr=0 to measure at the "
+                               "current weights")
 
 
 def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _Run) -> RunRecorder:
@@ -126,21 +145,27 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
     step_every_batch = opt is not None and run.method == "sequential"
     scale = run.loss_scale
     recorder = RunRecorder(estimator, total)
-    for inputs, targets, bs in _batches(tgt, total, run.stop_event):
+    watch = _WeightWatch(tgt.model)
+    for inputs, targets, bs, epoch in _batches(tgt, total, run.stop_event):
+        watch.check()
         loss = _forward_backward(tgt, inputs, targets, run)
         carried, skipped = scale.grad_scale, estimator.n_skipped
-        record = recorder.step(loss, bs, tgt.model, grad_scale=carried)
+        record = recorder.step(loss, bs, tgt.model, grad_scale=carried, epoch=epoch)
         overflowed = estimator.n_skipped != skipped
+        run.skipped(overflowed, recorder.iteration)
         scale.update(overflowed)
         if step_every_batch and not overflowed:
             _unscale(tgt.model, carried)
-            opt.step()
+            watch.step(opt)
         if record is None:
             continue
-        _check_finite(recorder, record, run.lr)
         if opt is not None and run.method == "fixed":
-            torch._foreach_copy_(gradients_of(tgt.model), estimator.big_batch_grads())  # unscaled already
-            opt.step()
+            for p, g in estimator.big_batch_grads().items():  # unscaled already
+                if p.grad is None:  # this parameter's last batch did not use it
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
+            watch.step(opt)
         if run.on_update is not None:
             run.on_update(record)
     return recorder
@@ -151,8 +176,10 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
     opt = _prepare(tgt, run.lr)
     recorder = RunRecorder(estimator, total)
     model, scale = tgt.model, run.loss_scale
+    watch = _WeightWatch(model)
     with (nullcontext() if is_distributed(model) else PerExampleNorms(model)) as norms:
-        for inputs, targets, bs in _batches(tgt, total, run.stop_event):
+        for inputs, targets, bs, _ in _batches(tgt, total, run.stop_event):
+            watch.check()
             if norms is None:  # DDP: the local gradient first, then the same all-reduce DDP would do
                 with model.no_sync():
                     loss = _forward_backward(tgt, inputs, targets, run)
@@ -164,16 +191,45 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
                 small_sq, big_sq, b_small, b_big = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
             carried = scale.grad_scale
             record = recorder.step_norms(loss, bs, small_sq, big_sq, b_small, b_big, grad_scale=carried)
+            run.skipped(record is None, recorder.iteration)
             scale.update(overflowed=record is None)
-            if record is None:  # float16 overflow: skipped, as GradScaler skips the step
+            if record is None:  # not finite (float16 overflow): skipped, as GradScaler skips the step
                 continue
             _unscale(model, carried)
-            _check_finite(recorder, record, run.lr)
             if opt is not None:
-                opt.step()
+                watch.step(opt)
             if run.on_update is not None:
                 run.on_update(record)
     return recorder
+
+
+class _WeightWatch:
+    """Notices when something other than this run changes the model's weights during the run.
+
+    Training the same model in another cell (or thread) while the panel runs would be silently
+    undone by the restore at the end, and mixes two trainings meanwhile. Every in-place change of
+    a tensor bumps its version counter; the run's own optimizer steps are accounted for.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.version = self._sum()
+
+    def _sum(self) -> int:
+        return sum(p._version for p in self.params)
+
+    def step(self, opt: Any) -> None:
+        "The run's own optimizer step."
+        self.check()
+        opt.step()
+        self.version = self._sum()
+
+    def check(self) -> None:
+        if self._sum() != self.version:
+            raise RuntimeError("the model's weights were changed by something other than the finder during the run "
+                               "(training in another cell or thread?). The run stopped and put the weights back as "
+                               "they were before it started, so changes made meanwhile are undone: run the finder "
+                               "and your training one after the other")
 
 
 def _unscale(model: torch.nn.Module, grad_scale: float | None) -> None:
@@ -183,23 +239,24 @@ def _unscale(model: torch.nn.Module, grad_scale: float | None) -> None:
 
 
 def _prepare(tgt: Target, lr: float) -> Any:
-    "Put the model on the run's device in train mode; the run's optimizer, or None to measure without steps."
-    tgt.model.to(tgt.device)
+    "Put the model (and its optimizer state) on the run's device in train mode; the run's optimizer, or None."
+    tgt.to_run_device()
     tgt.model.train()
     return tgt.make_opt(lr) if lr > 0 else None
 
 
-def _batches(tgt: Target, total: int, stop_event: threading.Event | None) -> Iterator[tuple[Any, Any, int]]:
-    "(inputs, targets, batch size) on the run's device, `total` of them, until `stop_event` is set."
+def _batches(tgt: Target, total: int, stop_event: threading.Event) -> Iterator[tuple[Any, Any, int, int]]:
+    "(inputs, targets, batch size, epoch) on the run's device, `total` of them, until `stop_event` is set."
     batches = _cycle(tgt.train_dl)
     for _ in range(total):
-        if stop_event is not None and stop_event.is_set():
+        if stop_event.is_set():
             return
-        inputs, targets = tgt.split_batch(to_device(next(batches), tgt.device))
+        epoch, batch = next(batches)
+        inputs, targets = tgt.inputs_and_targets(to_device(batch, tgt.device))
         bs = batch_size_of(targets, inputs)
         if tgt.batch_size is None:
             tgt.batch_size = bs
-        yield inputs, targets, bs
+        yield inputs, targets, bs, epoch
 
 
 def _forward_backward(tgt: Target, inputs: Any, targets: Any, run: _Run) -> torch.Tensor:
@@ -209,28 +266,32 @@ def _forward_backward(tgt: Target, inputs: Any, targets: Any, run: _Run) -> torc
     return loss
 
 
-def _cycle(dl: Any) -> Iterator:
-    "Batches from `dl`, epoch after epoch (a fresh iterator each epoch, as a training loop does)."
+def _cycle(dl: Any) -> Iterator[tuple[int, Any]]:
+    "(epoch, batch) from `dl`, epoch after epoch (a fresh iterator each epoch, as a training loop does)."
+    epoch, first_epoch_len = 0, None
     while True:
-        empty = True
+        n = 0
         for b in dl:
-            empty = False
-            yield b
-        if empty:
-            raise ValueError("train_dl yielded no batches: give it a non-empty dataset (and drop_last=False "
-                             "if the dataset is smaller than one batch)")
+            n += 1
+            yield epoch, b
+        if n == 0 and first_epoch_len:
+            raise ValueError(f"train_dl was exhausted after {first_epoch_len} batches and yields nothing on a second "
+                             "pass: it is a one-shot iterator (a generator?). Pass a DataLoader or a list of "
+                             f"batches, or num_it <= {first_epoch_len}")
+        if n == 0:
+            raise ValueError("train_dl yielded no batches: give it a non-empty dataset (and drop_last=False if the "
+                             "dataset is smaller than one batch); a generator can only be iterated once")
+        first_epoch_len = first_epoch_len or n
+        epoch += 1
 
 
-def _check_finite(recorder: RunRecorder, record: GNSRecord, lr: float) -> None:
-    losses = recorder.last_window_losses
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        it = record.iteration - len(losses) + 1 + int(bad[0])
-        raise RuntimeError(f"the loss became {losses[int(bad[0])].item()} at iteration {it}: training diverged "
-                           f"at lr={lr:g}; lower lr, or use lr=0 to measure at the current weights")
-    if not (math.isfinite(record.noise_raw) and math.isfinite(record.scale_raw)):
-        raise RuntimeError(f"the gradients were not finite in iterations {record.iteration - len(losses) + 1}"
-                           f"–{record.iteration}: lower lr, or use lr=0 to measure at the current weights")
+def _check_dataset_size(tgt: Target) -> None:
+    "Refuse a training set that fits in one batch: every batch is then the full gradient, with no noise to measure."
+    if tgt.n_train and tgt.batch_size and tgt.n_train <= tgt.batch_size:
+        raise ValueError(f"the training set ({tgt.n_train} examples) fits in one batch of {tgt.batch_size}: every "
+                         "batch is the whole dataset, so there is no gradient noise to measure and no batch size "
+                         f"to suggest beyond {tgt.n_train} (full-batch training). Measure with a smaller batch "
+                         "size, or on more data")
 
 
 def _total_iterations(dl: Any, num_it: int | None, n_batch: int) -> int:
@@ -248,12 +309,16 @@ def _total_iterations(dl: Any, num_it: int | None, n_batch: int) -> int:
     return num_it
 
 
-def _check_args(*, lr: float, num_it: int | None, n_batch: int, method: str) -> None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+def _check_args(*, lr: float, num_it: int | None, n_batch: int, method: str) -> int | None:
+    "Check the run's arguments; return num_it as a plain int (numpy integers are accepted)."
+    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0 (0 measures without training), got {lr!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     least, what = (1, "1") if method == "per_example" else (n_batch, f"n_batch ({n_batch})")
-    if num_it is not None and (isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < least):
+    if num_it is None:
+        return None
+    if isinstance(num_it, bool) or not isinstance(num_it, numbers.Integral) or num_it < least:
         raise ValueError(f"num_it must be an integer >= {what} so at least one estimate is made, "
                          f"or None for one epoch; got {num_it!r}")
+    return int(num_it)

@@ -7,6 +7,7 @@ workers, pin_memory, drop_last and the rest.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from torch.utils.data import (
@@ -80,8 +81,10 @@ def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:
     with the same dataset, sampler, collate_fn, workers, pin_memory, drop_last and other
     settings; the old one is untouched.
     """
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+    if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
         raise ValueError(f"bs must be a positive integer, got {bs!r}")
+    bs = int(bs)
+    _check_not_empty(dls_or_loader, bs)
     if _is_fastai_dls(dls_or_loader):
         dls_or_loader.train.bs = bs
         return dls_or_loader
@@ -92,6 +95,15 @@ def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:
         return _rebuild(dls_or_loader, bs)
     raise TypeError("apply_batch_size takes fastai DataLoaders or a torch DataLoader, "
                     f"got {type(dls_or_loader).__name__}")
+
+
+def _check_not_empty(dls_or_loader: Any, bs: int) -> None:
+    "A loader that drops its last incomplete batch yields nothing at all once bs exceeds the dataset: refuse that."
+    dl = dls_or_loader.train if _is_fastai_dls(dls_or_loader) else dls_or_loader
+    n = dataset_len(dl)
+    if getattr(dl, "drop_last", False) and n is not None and bs > n:
+        raise ValueError(f"bs={bs} is larger than the training set ({n} examples) and the loader drops its last "
+                         f"incomplete batch (drop_last=True), so it would yield no batch at all: use bs <= {n}")
 
 
 def _rebuild(dl: DataLoader, bs: int) -> DataLoader:

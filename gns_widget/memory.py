@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .guard import claim
+from .memory_plan import MemoryPlan, check_positive_int, plan_batch
 from .precision import resolve_amp
 from .state import UserState
 from .targets import Target, as_target
 from .targets.base import batch_size_of, to_device
 
-__all__ = ["max_batch_size", "MemoryPlan", "plan_batch", "is_oom_error"]
+__all__ = ["max_batch_size", "fitting_batch_size", "MemoryPlan", "plan_batch", "is_oom_error"]
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +59,28 @@ def max_batch_size(target: Any, train_dl: Any = None, loss_func: Callable | None
     `amp` is as for `bs_find` (autocast dtype; None follows a Learner's `MixedPrecision`).
     Raises RuntimeError if not even a batch of one fits.
     """
-    _check_positive_int("limit", limit)
+    check_positive_int("limit", limit)
     if start is not None:
-        _check_positive_int("start", start)
+        check_positive_int("start", start)
     tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
-    amp = resolve_amp(target, amp)
+    return fitting_batch_size(tgt, limit=limit, amp=resolve_amp(target, amp), start=start)
+
+
+def fitting_batch_size(tgt: Target, *, limit: int, amp: torch.dtype | None, start: int | None = None) -> int:
+    "`max_batch_size` for a resolved target and autocast dtype (None: full precision), as `bs_find` has them."
     first = min(start if start is not None else (tgt.batch_size or 1), limit)
-    state = UserState(tgt.model, tgt.user_opt, tgt.train_dl)
-    pool = _ExamplePool(tgt)
-    try:
-        prober = _Prober(tgt, pool, amp)
-        found = _search(prober, first, limit)
-        log.debug("largest batch that fits: %d (≤ %d), after %d probes", found, limit, prober.probes)
-    finally:
-        pool.close()
-        state.restore()
-        _free_memory(tgt.device)
+    with claim(tgt.model, "max_batch_size"):
+        state = UserState(tgt.model, tgt.user_opt, tgt.train_dl, tgt.loss_func)
+        pool = _ExamplePool(tgt)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                prober = _Prober(tgt, pool, amp)
+                found = _search(prober, first, limit)
+            log.debug("largest batch that fits: %d (≤ %d), after %d probes", found, limit, prober.probes)
+        finally:
+            pool.close()
+            state.restore()
+            _free_memory(tgt.device)
     if found == 0:
         raise RuntimeError(f"not even a batch of 1 fits in memory on {tgt.device} for one training step (forward, "
                            "backward, optimizer step): use a smaller model, mixed precision, or a bigger device")
@@ -117,7 +123,7 @@ class _Prober:
     def __init__(self, tgt: Target, pool: _ExamplePool, amp: torch.dtype | None):
         self.tgt, self.pool, self.amp, self.probes = tgt, pool, amp, 0
         try:
-            tgt.model.to(tgt.device)
+            tgt.to_run_device()
         except Exception as e:
             if is_oom_error(e):
                 raise RuntimeError(f"the model itself does not fit in memory on {tgt.device}, before any batch: "
@@ -145,7 +151,7 @@ class _Prober:
 
     def _step(self, n: int) -> None:
         tgt = self.tgt
-        inputs, targets = tgt.split_batch(to_device(self.pool.batch(n), tgt.device))
+        inputs, targets = tgt.inputs_and_targets(to_device(self.pool.batch(n), tgt.device))
         loss = tgt.fresh_loss(inputs, targets, self.amp)
         loss.backward()  # unscaled even for float16: the memory is the same, an overflow is harmless here
         self.opt.step()
@@ -193,7 +199,7 @@ class _ExamplePool:
         elif shapes != self.shapes:
             self.done = True
             return
-        inputs, targets = self.tgt.split_batch(b)
+        inputs, targets = self.tgt.inputs_and_targets(b)
         self.batches.append(b)
         self.joined = None
         self.n += batch_size_of(targets, inputs)
@@ -283,38 +289,3 @@ def _free_memory(device: torch.device | str) -> None:
         torch.mps.empty_cache()
     elif device.type != "cpu":
         gc.collect()
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer (a batch size), got {value!r}")
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    batch_size: int  # per optimizer micro-step: what fits on the device
-    accumulation_steps: int  # micro-batches whose gradients are accumulated before each optimizer step
-    effective_batch_size: int  # batch_size * accumulation_steps, ≥ the suggestion
-    text: str
-
-
-def plan_batch(suggested_bs: int, max_fit: int) -> MemoryPlan:
-    """How to train at `suggested_bs` when only `max_fit` examples fit in one step.
-
-    If it fits, use it as is. Otherwise take the fewest accumulation steps that can reach
-    the suggestion, k = ceil(suggested / max_fit) (bigger micro-batches run faster), and
-    the smallest per-step batch that reaches it in k steps, ceil(suggested / k): it is
-    ≤ max_fit, and the effective batch exceeds the suggestion by fewer than k examples
-    (by none when k divides it). 2048 with 768 fitting: 683 × 3 = 2049.
-    """
-    _check_positive_int("suggested_bs", suggested_bs)
-    _check_positive_int("max_fit", max_fit)
-    if suggested_bs <= max_fit:
-        return MemoryPlan(suggested_bs, 1, suggested_bs,
-                          f"noise scale suggests {suggested_bs}; it fits on the device in one step: "
-                          f"use batch size {suggested_bs}")
-    k = math.ceil(suggested_bs / max_fit)
-    bs = math.ceil(suggested_bs / k)
-    return MemoryPlan(bs, k, bs * k,
-                      f"noise scale suggests {suggested_bs}; the device fits {max_fit} per step: use batch size "
-                      f"{bs} with gradient accumulation {k} (effective {bs * k})")

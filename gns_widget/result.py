@@ -14,7 +14,7 @@ from .estimator import NoiseScaleEstimator, WindowEstimate
 from .suggest import LRAdvice, Suggestion, scale_lr, suggest_batch_size, tradeoff
 
 if TYPE_CHECKING:
-    from .memory import MemoryPlan
+    from .memory_plan import MemoryPlan
 
 __all__ = ["GNSRecord", "GNSResult", "RunRecorder"]
 
@@ -124,20 +124,21 @@ class RunRecorder:
         self.last_window_losses: Tensor | None = None  # the completed window's losses, to find a divergence
         self._start = time.perf_counter()
 
-    def step(self, loss: Tensor, batch_size: int, grads_or_model, weight: float | None = None,
-             grad_scale: float | None = None) -> GNSRecord | None:
+    def step(self, loss: Tensor, batch_size: int, model, weight: float | None = None,
+             grad_scale: float | None = None, epoch: int | None = None) -> GNSRecord | None:
         """Record one small batch whose gradient is ready; return the new record when a window completes.
 
-        `weight` and `grad_scale` are passed to the estimator (gradient accumulation, mixed precision).
+        `weight`, `grad_scale` and `epoch` are passed to the estimator (gradient accumulation, mixed
+        precision, small datasets). A skipped batch's loss is left out of the window's mean loss.
         """
         self.iteration += 1
         self.samples += batch_size
         self._window_losses.append(loss.detach())
         skipped = self.estimator.n_skipped
-        estimate = self.estimator.update(grads_or_model, batch_size, weight, grad_scale)
+        estimate = self.estimator.update(model, batch_size, weight, grad_scale, epoch=epoch)
         if estimate is None:
-            if self.estimator.n_skipped != skipped:  # an overflow was dropped: so are its losses
-                self._window_losses = []
+            if self.estimator.n_skipped != skipped:  # dropped: this batch, or a whole accumulation cycle
+                self._window_losses = [] if self.estimator.accumulated else self._window_losses[:-1]
             return None
         return self._record(estimate)
 

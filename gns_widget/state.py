@@ -4,6 +4,12 @@ A run trains (weights and BatchNorm statistics move), switches modules to train 
 moves the model to the run's device, steps an optimizer, draws from every RNG and advances
 the loader's shuffling state. `UserState` records all of that before and puts it back after,
 bit for bit, whether the run finished, was stopped or raised.
+
+What counts as the user's: every parameter and buffer of the model (non-persistent buffers
+included, which `state_dict` leaves out) and of a loss module, every parameter the user's
+optimizer steps (a learnable temperature outside the model, say), their gradients, the
+optimizer's state, each module's train/eval mode, the global RNGs, and the random generators a
+loader and its samplers own (torch, numpy and Python ones).
 """
 from __future__ import annotations
 
@@ -13,52 +19,61 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["UserState"]
+__all__ = ["UserState", "user_tensors"]
+
+
+def user_tensors(model: nn.Module, loss_func: Any = None, optimizer: Any = None) -> list[Tensor]:
+    "The parameters and buffers a run may change, each once: the model's, a loss module's, the optimizer's."
+    modules = [model] + ([loss_func] if isinstance(loss_func, nn.Module) else [])
+    found: dict[int, Tensor] = {}
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            found.setdefault(id(t), t)
+    for group in getattr(optimizer, "param_groups", ()):
+        for p in group["params"]:
+            found.setdefault(id(p), p)
+    return list(found.values())
 
 
 class UserState:
     "Everything of the user's that a run may change; `restore()` puts it back exactly."
 
-    def __init__(self, model: nn.Module, optimizer: Any = None, loader: Any = None):
+    def __init__(self, model: nn.Module, optimizer: Any = None, loader: Any = None, loss_func: Any = None):
         self.model, self.optimizer, self.loader = model, optimizer, loader
-        self.device = _device_of(model)
+        self.tensors = user_tensors(model, loss_func, optimizer)
         # On an accelerator the copies live in host memory, so the run keeps its device memory.
-        offload = self.device.type != "cpu"
-        self.tensors = {k: _copy(v, offload) for k, v in model.state_dict(keep_vars=True).items()}
-        self.grads = [None if p.grad is None else _copy(p.grad, offload) for p in model.parameters()]
-        self.training = {m: m.training for m in model.modules()}
+        self.saved = [(t.device, _copy(t)) for t in self.tensors]
+        self.grads = [None if t.grad is None else _copy(t.grad) for t in self.tensors]
+        self.modules = [model] + ([loss_func] if isinstance(loss_func, nn.Module) else [])
+        self.training = {m: m.training for root in self.modules for m in root.modules()}
         self.opt_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
         self.rng = _rng_state()
-        self.loader_rng = _loader_rng_state(loader)
+        self.loader_rngs = _owned_generators(loader)
 
     def restore(self) -> None:
-        model = self.model
-        if _device_of(model) != self.device:
-            model.to(self.device)
         with torch.no_grad():
-            current = model.state_dict(keep_vars=True)
-            for k, saved in self.tensors.items():
-                current[k].data.copy_(saved)
-            for p, g in zip(model.parameters(), self.grads):
-                p.grad = None if g is None else g.to(p.device).clone()
+            for t, (device, saved) in zip(self.tensors, self.saved):
+                if t.device != device:  # the run moved it: put it back where it was, same tensor object
+                    t.data = saved.to(device, copy=True)
+                else:
+                    t.copy_(saved)
+            for t, g in zip(self.tensors, self.grads):
+                t.grad = None if g is None else g.to(t.device, copy=True)
         for m, mode in self.training.items():
             m.training = mode
-        if self.opt_state is not None:
+        if self.opt_state is not None:  # after the tensors: state is cast to each parameter's device
             self.optimizer.load_state_dict(self.opt_state)
         _set_rng_state(self.rng)
-        _set_loader_rng_state(self.loader, self.loader_rng)
+        for owner, name, gen, state in self.loader_rngs:
+            setattr(owner, name, gen)  # fastai swaps its Random for a new one every epoch: put the original back
+            _set_generator_state(gen, state)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _copy(t: torch.Tensor, offload: bool) -> torch.Tensor:
+def _copy(t: Tensor) -> Tensor:
     t = t.detach()
-    return t.to("cpu", copy=True) if offload else t.clone()
+    return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
 
 
 def _rng_state() -> dict:
@@ -80,24 +95,42 @@ def _set_rng_state(state: dict) -> None:
         torch.mps.set_rng_state(state["mps"])
 
 
-def _loader_rng_state(loader: Any) -> tuple:
-    """The private random state a loader advances as it is iterated.
+_GENERATORS = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
 
-    fastai's DataLoader replaces its `random.Random` every epoch, so the object itself is kept to
-    be put back; torch generators (the loader's, its sampler's) are restored in place, each once.
+
+def _owned_generators(loader: Any) -> list[tuple[Any, str, Any, Any]]:
+    """(owner, attribute, generator, state) for each random generator held by the loader or its samplers.
+
+    Iterating a loader advances the private generators of the loader, its sampler and batch sampler
+    (a torch Generator, a numpy Generator or RandomState, a Python Random): each is recorded once.
     """
-    rng = getattr(loader, "rng", None)
-    fastai_rng = (rng, rng.getstate()) if isinstance(rng, random.Random) else None
+    if loader is None:
+        return []
     batch_sampler = getattr(loader, "batch_sampler", None)
-    owners = (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None))
-    generators = {id(g): g for g in (getattr(o, "generator", None) for o in owners) if isinstance(g, torch.Generator)}
-    return fastai_rng, [(g, g.get_state()) for g in generators.values()]
+    owners = [loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)]
+    seen, out = set(), []
+    for owner in {id(o): o for o in owners if o is not None}.values():
+        for name, value in list(getattr(owner, "__dict__", {}).items()):
+            if isinstance(value, _GENERATORS) and id(value) not in seen:
+                seen.add(id(value))
+                out.append((owner, name, value, _generator_state(value)))
+    return out
 
 
-def _set_loader_rng_state(loader: Any, state: tuple) -> None:
-    fastai_rng, generators = state
-    if fastai_rng is not None:
-        loader.rng, rng_state = fastai_rng
-        loader.rng.setstate(rng_state)
-    for gen, gen_state in generators:
-        gen.set_state(gen_state)
+def _generator_state(gen: Any) -> Any:
+    if isinstance(gen, torch.Generator):
+        return gen.get_state()
+    if isinstance(gen, np.random.Generator):
+        return copy.deepcopy(gen.bit_generator.state)
+    return gen.get_state() if isinstance(gen, np.random.RandomState) else gen.getstate()
+
+
+def _set_generator_state(gen: Any, state: Any) -> None:
+    if isinstance(gen, torch.Generator):
+        gen.set_state(state)
+    elif isinstance(gen, np.random.Generator):
+        gen.bit_generator.state = state
+    elif isinstance(gen, np.random.RandomState):
+        gen.set_state(state)
+    else:
+        gen.setstate(state)

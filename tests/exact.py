@@ -7,8 +7,8 @@ from torch.func import functional_call, grad, vmap
 
 
 def per_example_grads(model: nn.Module, loss_func, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    "(N, P) matrix of flattened per-example gradients at the model's current weights."
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    "(N, P) matrix of flattened per-example gradients of the trainable parameters at the current weights."
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
     def loss_one(p, xi, yi):
         return loss_func(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))

@@ -140,8 +140,10 @@ def test_error_in_the_middle_still_restores(mlp, digits_dl):
     _assert_same(before, _snapshot(mlp))
 
 
-def test_divergence_names_the_iteration_and_restores(mlp, digits_dl):
-    before = _snapshot(mlp)
+@pytest.mark.parametrize("method", ["fixed", "sequential", "per_example"])
+def test_a_stray_nan_batch_is_skipped_alone(digits_dl, method):
+    "One bad batch costs one small batch, not its window, and is never stepped on."
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     calls = []
 
     def loss_nan_at_7(pred, y):
@@ -149,8 +151,26 @@ def test_divergence_names_the_iteration_and_restores(mlp, digits_dl):
         loss = nn.functional.cross_entropy(pred, y)
         return loss * float("nan") if len(calls) == 7 else loss
 
-    with pytest.raises(RuntimeError, match="iteration 7.*lower lr"):
-        bs_find(mlp, digits_dl, loss_nan_at_7, lr=0.1, num_it=20, n_batch=5)
+    weights_ok = []
+    res = bs_find(model, digits_dl, loss_nan_at_7, lr=0.1, num_it=20, n_batch=5, method=method,
+                  on_update=lambda r: weights_ok.append(all(torch.isfinite(p).all() for p in model.parameters())))
+    windows = 20 if method == "per_example" else 3  # the window holding the NaN batch completes one batch later
+    assert res.n_skipped == 1 and len(res.history) == windows - (1 if method == "per_example" else 0)
+    assert all(weights_ok) and np.isfinite(res.history.loss).all()
+
+
+def test_divergence_names_the_iterations_and_restores(mlp, digits_dl):
+    "n_batch non-finite batches in a row is divergence (or broken data): a clear error, the model restored."
+    before = _snapshot(mlp)
+    calls = []
+
+    def loss_nan_from_7(pred, y):
+        calls.append(1)
+        loss = nn.functional.cross_entropy(pred, y)
+        return loss * float("nan") if len(calls) >= 7 else loss
+
+    with pytest.raises(RuntimeError, match="iterations 7–11.*lower lr"):
+        bs_find(mlp, digits_dl, loss_nan_from_7, lr=0.1, num_it=20, n_batch=5)
     _assert_same(before, _snapshot(mlp))
 
 

@@ -18,8 +18,8 @@ def test_one_window_matches_the_papers_formulas():
     grads = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0]), torch.tensor([-1.0, 1.0])]
     b = 4
     for g in grads[:-1]:
-        assert est.update([g], b) is None
-    out = est.update([grads[-1]], b)
+        assert est.update(grads=[g], batch_size=b) is None
+    out = est.update(grads=[grads[-1]], batch_size=b)
     small_sq = sum(g.square().sum().item() for g in grads) / 3  # mean over ALL small batches
     big_sq = (sum(grads) / 3).square().sum().item()
     B_small, B_big = 4, 12
@@ -40,7 +40,7 @@ def test_unbiased_for_equal_and_unequal_batch_sizes(sizes):
     noises, scales = [], []
     for _ in range(3000):
         for b in sizes:
-            out = est.update([_synthetic_grads(G, sigma, b, gen)], b)
+            out = est.update(grads=[_synthetic_grads(G, sigma, b, gen)], batch_size=b)
         noises.append(out.noise)
         scales.append(out.scale)
     tr_sigma, g_sq = dim * sigma**2, G.square().sum().item()
@@ -54,7 +54,7 @@ def test_bias_corrected_ema_and_ratio_of_averages():
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
         for _ in range(2):
-            out = est.update([torch.randn(10, generator=gen)], 3)
+            out = est.update(grads=[torch.randn(10, generator=gen)], batch_size=3)
         raws.append((out.noise, out.scale))
     w = [0.9 ** (4 - i) * 0.1 for i in range(5)]
     norm = 1 - 0.9**5
@@ -81,18 +81,31 @@ def test_reads_params_grads_or_module_alike():
     model = torch.nn.Linear(3, 2)
     model(torch.randn(5, 3)).sum().backward()
     outs = []
-    for source in (model, list(model.parameters()), [p.grad for p in model.parameters()]):
+    for source in (model, list(model.parameters())):
         est = NoiseScaleEstimator(n_batch=2)
         est.update(source, 5)
         outs.append(est.update(source, 5))
+    est = NoiseScaleEstimator(n_batch=2)
+    est.update(grads=[p.grad for p in model.parameters()], batch_size=5)
+    outs.append(est.update(grads=[p.grad for p in model.parameters()], batch_size=5))
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_raw_gradients_are_never_guessed_from_requires_grad():
+    "A plain tensor among the params is refused with a pointer to grads=, and exactly one source is required."
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(5, 3)).sum().backward()
+    with pytest.raises(ValueError, match="grads="):
+        NoiseScaleEstimator().update([p.grad for p in model.parameters()], 5)
+    with pytest.raises(ValueError, match="exactly one"):
+        NoiseScaleEstimator().update(model, 5, grads=[model.weight.grad])
 
 
 def test_reset_and_nan_before_first_window():
     est = NoiseScaleEstimator(n_batch=2)
     assert math.isnan(est.noise_scale)
-    est.update([torch.ones(3)], 2)
-    est.update([torch.zeros(3)], 2)
+    est.update(grads=[torch.ones(3)], batch_size=2)
+    est.update(grads=[torch.zeros(3)], batch_size=2)
     assert est.n_estimates == 1
     est.reset()
     assert est.n_estimates == 0 and math.isnan(est.noise)
@@ -109,7 +122,7 @@ def test_update_without_gradients_says_so():
     with pytest.raises(ValueError, match="backward"):
         NoiseScaleEstimator().update(torch.nn.Linear(2, 2), 4)
     with pytest.raises(ValueError, match="batch_size"):
-        NoiseScaleEstimator().update([torch.ones(2)], 0)
+        NoiseScaleEstimator().update(grads=[torch.ones(2)], batch_size=0)
 
 
 def _accumulated_run(grads: list[torch.Tensor], sizes: list[int], weights: list[float]) -> list:
@@ -118,7 +131,7 @@ def _accumulated_run(grads: list[torch.Tensor], sizes: list[int], weights: list[
     running = torch.zeros_like(grads[0])
     for g, b, w in zip(grads, sizes, weights):
         running = running + w * g
-        out = est.update([running.clone()], b, weight=w)
+        out = est.update(grads=[running.clone()], batch_size=b, weight=w)
     return [out.noise, out.scale, out.b_big]
 
 
@@ -129,7 +142,7 @@ def test_accumulated_cycle_equals_separate_small_batches(sizes):
     grads = [torch.randn(30, generator=gen) for _ in sizes]
     plain = NoiseScaleEstimator(n_batch=len(sizes), beta=0.0)
     for g, b in zip(grads, sizes):
-        out = plain.update([g], b)
+        out = plain.update(grads=[g], batch_size=b)
     weights = [b / sum(sizes) for b in sizes]
     assert _accumulated_run(grads, sizes, weights) == pytest.approx([out.noise, out.scale, out.b_big], rel=1e-4)
 
@@ -147,7 +160,7 @@ def test_accumulated_with_equal_weights_is_unbiased_for_unequal_micro_batches():
 
 def test_weight_needs_accumulation():
     with pytest.raises(ValueError, match="accumulated=True"):
-        NoiseScaleEstimator(n_batch=2).update([torch.ones(2)], 4, weight=0.5)
+        NoiseScaleEstimator(n_batch=2).update(grads=[torch.ones(2)], batch_size=4, weight=0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -160,3 +173,157 @@ def test_squared_norm_of_long_tensors_is_accurate(dtype):
     assert piece_norms(tensors).dtype == torch.float32
     mixed = piece_norms([tensors[2].double(), tensors[2].half()])
     assert mixed.dtype == torch.float64 and len(mixed) == 2
+
+
+def _population(n: int, dim: int = 6, seed: int = 0) -> torch.Tensor:
+    "n per-example gradients: a finite training set whose exact tr(Σ) and |G|² are known."
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=gen).double() * 2 + torch.linspace(-0.5, 0.5, dim).double()
+
+
+def _exact(pop: torch.Tensor) -> tuple[float, float]:
+    G = pop.mean(0)
+    return (pop - G).square().sum(1).mean().item(), G.square().sum().item()
+
+
+@pytest.mark.parametrize("n, sizes", [(60, [8] * 5), (30, [8, 8, 8, 8, 8, 8, 8]), (45, [10, 7, 10, 3, 10, 10])],
+                         ids=["straddles", "window-larger-than-epoch", "unequal-sizes"])
+def test_finite_population_is_unbiased_for_any_mix_of_epochs(n, sizes):
+    """Shuffled epochs over n examples, windows that straddle them: with each batch's epoch, the raw estimates
+    average to the exact tr(Σ) (over n, not n−1) and |G|² of the population."""
+    pop = _population(n)
+    tr_sigma, g_sq = _exact(pop)
+    est = NoiseScaleEstimator(n_batch=len(sizes), beta=0.0, n_train=n)
+    gen = torch.Generator().manual_seed(1)
+    perm, pos, epoch = torch.randperm(n, generator=gen), 0, 0
+    noises, scales = [], []
+    for _ in range(4000):
+        for b in sizes:
+            if pos + b > n:  # drop_last, then a new epoch
+                perm, pos, epoch = torch.randperm(n, generator=gen), 0, epoch + 1
+            out = est.update(grads=[pop[perm[pos:pos + b]].mean(0)], batch_size=b, epoch=epoch)
+            pos += b
+        noises.append(out.noise)
+        scales.append(out.scale)
+    assert sum(noises) / len(noises) == pytest.approx(tr_sigma, rel=0.03)
+    assert sum(scales) / len(scales) == pytest.approx(g_sq, rel=0.05)
+
+
+def test_without_epochs_a_straddling_window_is_biased():
+    "The test above can fail: ignoring the epoch labels (the old assumption) biases |G|² on the same draws."
+    n, sizes = 30, [8] * 7
+    pop = _population(n)
+    _, g_sq = _exact(pop)
+    est = NoiseScaleEstimator(n_batch=len(sizes), beta=0.0, n_train=n)
+    gen = torch.Generator().manual_seed(1)
+    perm, pos, scales = torch.randperm(n, generator=gen), 0, []
+    for _ in range(4000):
+        for b in sizes:
+            if pos + b > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            out = est.update(grads=[pop[perm[pos:pos + b]].mean(0)], batch_size=b)
+            pos += b
+        scales.append(out.scale)
+    assert sum(scales) / len(scales) / g_sq - 1 > 0.1  # 16% high here
+
+
+def test_per_example_norms_with_a_finite_population():
+    "update_norms: single examples as the small batches, the batch (one epoch) as the big one."
+    n, b = 40, 8
+    pop = _population(n, seed=2)
+    tr_sigma, g_sq = _exact(pop)
+    est = NoiseScaleEstimator(n_batch=2, beta=0.0, n_train=n)
+    gen = torch.Generator().manual_seed(3)
+    noises, scales = [], []
+    for _ in range(20000):
+        batch = pop[torch.randperm(n, generator=gen)[:b]]
+        out = est.update_norms(batch.square().sum(1).mean(), batch.mean(0).square().sum(), 1, b)
+        noises.append(out.noise)
+        scales.append(out.scale)
+    assert sum(noises) / len(noises) == pytest.approx(tr_sigma, rel=0.03)
+    assert sum(scales) / len(scales) == pytest.approx(g_sq, rel=0.05)
+
+
+def test_whole_dataset_batches_give_no_estimate():
+    "Every batch is the full dataset: no sampling noise, so no number (not a confident 1)."
+    pop = _population(16)
+    est = NoiseScaleEstimator(n_batch=2, beta=0.0, n_train=16)
+    for epoch in range(4):
+        est.update(grads=[pop.mean(0)], batch_size=16, epoch=epoch)
+    assert est.n_estimates == 0 and math.isnan(est.noise_scale)
+
+
+def test_parameters_are_keyed_by_identity_and_missing_gradients_are_zero():
+    "A parameter without a gradient in a batch counts as zero, exactly as if its zero gradient were passed."
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    gen = torch.Generator().manual_seed(0)
+    by_params, by_grads = NoiseScaleEstimator(n_batch=4, beta=0.5), NoiseScaleEstimator(n_batch=4, beta=0.5)
+    for step in range(40):
+        ga, gb = torch.randn(3, generator=gen), torch.randn(2, generator=gen)
+        a.grad = ga if step % 3 else None  # a and b are used by different batches, in a changing set
+        b.grad = gb if step % 2 else None
+        used = [p for p in (b, a) if p.grad is not None]  # and in a changing order
+        if used:
+            out_p = by_params.update(used, 8)
+            out_g = by_grads.update(grads=[a.grad if a.grad is not None else torch.zeros(3),
+                                           b.grad if b.grad is not None else torch.zeros(2)], batch_size=8)
+            assert (out_p is None) == (out_g is None)
+            if out_p is not None:
+                assert (out_p.noise, out_p.scale) == pytest.approx((out_g.noise, out_g.scale), rel=1e-6)
+                big, ref = by_params.big_batch_grads(), by_grads.big_batch_grads()
+                assert set(map(id, big)) <= {id(a), id(b)}
+                for p, i in ((a, 0), (b, 1)):
+                    assert torch.allclose(big[p], ref[i]) if p in big else not ref[i].any()
+    assert by_params.n_estimates == by_grads.n_estimates > 5
+
+
+def test_frozen_parameters_are_not_measured():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    model(torch.randn(8, 4)).sum().backward()
+    est = NoiseScaleEstimator(n_batch=2)
+    est.update(model, 8)
+    assert sum(t.numel() for t in est._acc) == 5
+
+
+def test_a_non_finite_small_batch_is_skipped_alone():
+    est, ref = NoiseScaleEstimator(n_batch=3, beta=0.0), NoiseScaleEstimator(n_batch=3, beta=0.0)
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(4, generator=gen) for _ in range(3)]
+    est.update(grads=[grads[0]], batch_size=4)
+    assert est.update(grads=[torch.full((4,), math.nan)], batch_size=4) is None
+    est.update(grads=[grads[1]], batch_size=4)
+    out = est.update(grads=[grads[2]], batch_size=4)
+    for g in grads:
+        expected = ref.update(grads=[g], batch_size=4)
+    assert est.n_skipped == 1 and (out.noise, out.scale) == pytest.approx((expected.noise, expected.scale))
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "8", 0, None])
+def test_update_batch_size_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        NoiseScaleEstimator().update(grads=[torch.ones(2)], batch_size=bad)
+
+
+def test_numpy_integers_are_accepted():
+    import numpy as np
+
+    est = NoiseScaleEstimator(n_batch=np.int64(2), n_train=np.int32(100))
+    est.update(grads=[torch.ones(2)], batch_size=np.int64(4))
+    assert est.n_batch == 2 and isinstance(est.n_batch, int)
+
+
+def test_changing_gradient_shapes_are_refused():
+    est = NoiseScaleEstimator(n_batch=3)
+    est.update(grads=[torch.ones(2)], batch_size=4)
+    with pytest.raises(ValueError, match="shape changed"):
+        est.update(grads=[torch.ones(3)], batch_size=4)
+    with pytest.raises(ValueError, match="same gradient tensors"):
+        est.update(grads=[torch.ones(2), torch.ones(2)], batch_size=4)
+
+
+def test_sparse_gradients_are_refused_clearly():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        NoiseScaleEstimator().update(emb, 2)

@@ -61,7 +61,7 @@ def _scaled_run(model, loss_func, dl, accumulate: int = 0, epochs: int = 1, over
                 skipped += 1
             else:  # the same gradients, unscaled by hand, feed the reference
                 for bs, grads in cycle:
-                    ref.update([g / scale for g in grads], bs)
+                    ref.update(grads=[g / scale for g in grads], batch_size=bs)
             cycle = []
             opt.zero_grad()
     assert len(scales) >= 4  # the loss scale really kept changing

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Target", "BatchFn", "pair_batch", "to_device", "batch_size_of", "loader_len", "default_device"]
+__all__ = ["Target", "BatchFn", "pair_batch", "to_device", "batch_size_of", "loader_len", "default_device",
+           "check_device", "check_model"]
 
 # batch -> (inputs, targets); the model is called as model(*inputs), the loss as loss_func(pred, *targets)
 BatchFn = Callable[[Any], tuple[Sequence[Any], Sequence[Any]]]
@@ -25,10 +27,36 @@ class Target:
     device: torch.device
     batch_size: int | None  # the loader's current batch size, when it can tell
     n_train: int | None  # training examples, to cap the suggestion
+    during_run: Callable[[], AbstractContextManager] = nullcontext  # held while a run trains (a Learner refuses fit)
+
+    @property
+    def loss_module(self) -> nn.Module | None:
+        "The loss function when it is a module (it may hold parameters or buffers of its own), else None."
+        return self.loss_func if isinstance(self.loss_func, nn.Module) else None
+
+    def to_run_device(self) -> None:
+        "Move the model and a loss module to the run's device, and the user's optimizer state along with them."
+        for m in (self.model, self.loss_module):
+            if m is not None:
+                m.to(self.device)
+        if self.user_opt is not None and self.user_opt.state:
+            # load_state_dict casts each state tensor to its parameter's device (Adam's step stays where it must)
+            self.user_opt.load_state_dict(self.user_opt.state_dict())
+
+    def inputs_and_targets(self, batch: Any) -> tuple[Sequence[Any], Sequence[Any]]:
+        "`split_batch(batch)`, checked: a batch_fn that returns anything but (inputs, targets) is named."
+        out = self.split_batch(batch)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(p, (tuple, list)) for p in out)):
+            what = f"a {len(out)}-tuple" if isinstance(out, (tuple, list)) else type(out).__name__
+            raise ValueError(f"batch_fn must return (inputs, targets), two tuples such as ((x,), (y,)), got {what}; "
+                             "the model is called as model(*inputs) and the loss as loss_func(pred, *targets)")
+        return out
 
     def fresh_loss(self, inputs: Sequence[Any], targets: Sequence[Any], amp: torch.dtype | None = None) -> torch.Tensor:
         "The loss of one batch with the gradients cleared for its backward, the forward under autocast when `amp`."
         self.model.zero_grad(set_to_none=True)
+        if self.loss_module is not None:
+            self.loss_module.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
             return self.loss_func(self.model(*inputs), *targets)
 
@@ -53,9 +81,17 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def batch_size_of(*parts: Sequence[Any]) -> int:
-    "Examples in a batch: the leading dimension of its first tensor (targets first, then inputs)."
+    """Examples in a batch: the leading dimension of its first tensor (targets first, then inputs).
+
+    A 0-d target means the "batch" is one example (a loader with batch_size=None): its inputs'
+    leading dimension would be a feature count, so that is refused rather than misread.
+    """
     for part in parts:
         for t in part:
+            if isinstance(t, torch.Tensor) and t.ndim == 0 and part is parts[0]:
+                raise ValueError("the batch's target is a single value (0-d tensor): each item is one example, not "
+                                 "a batch (a DataLoader with batch_size=None?). Use a loader that yields batches, "
+                                 "e.g. DataLoader(dataset, batch_size=32, shuffle=True)")
             if isinstance(t, torch.Tensor) and t.ndim > 0:
                 return t.shape[0]
     raise ValueError("cannot tell the batch size: no tensor with a batch dimension in the batch")
@@ -80,3 +116,27 @@ def default_device() -> torch.device:
 def check_model(model: nn.Module) -> None:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (requires_grad=True): nothing to measure")
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError("the model has tensors on the meta device (no data): load or initialise its weights "
+                         "before measuring (e.g. model.to_empty(device='cpu') and load_state_dict)")
+
+
+def check_device(device: Any) -> torch.device:
+    """`device` as a torch.device the run can use, checked before the model is touched.
+
+    A device the model cannot come back from ('meta': no data) or one this machine lacks would
+    otherwise fail halfway, with the model moved.
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from e
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no data, so nothing can be trained or restored there: use 'cpu', "
+                         "'cuda' or 'mps'")
+    try:
+        torch.empty(1, device=device)
+    except Exception as e:  # e.g. "Torch not compiled with CUDA enabled", an invalid device index
+        raise ValueError(f"device={str(device)!r} is not usable on this machine ({e}); None picks cuda, mps or cpu") \
+            from e
+    return device

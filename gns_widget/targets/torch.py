@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..loaders import current_batch_size, dataset_len
-from .base import BatchFn, Target, check_model, default_device, pair_batch
+from .base import BatchFn, Target, check_device, check_model, default_device, pair_batch
 
 __all__ = ["module_target"]
 
@@ -34,7 +34,7 @@ def module_target(model: nn.Module, train_dl: Any, loss_func: Callable | None, *
         raise ValueError(f"opt must be an optimizer, a factory params -> optimizer, or None; got {opt!r}")
     return Target(model=model, train_dl=train_dl, loss_func=loss_func, split_batch=batch_fn or pair_batch,
                   make_opt=make_opt, user_opt=user_opt,
-                  device=torch.device(device) if device is not None else _device_for(model),
+                  device=check_device(device) if device is not None else _device_for(model),
                   batch_size=current_batch_size(train_dl), n_train=dataset_len(train_dl))
 
 
@@ -47,6 +47,9 @@ def _device_for(model: nn.Module) -> torch.device:
 
 def _with_lr(opt: Any, lr: float) -> Any:
     "The finder's lr replaces the optimizer's for the run (the user's value comes back on restore)."
+    if not hasattr(opt, "param_groups"):
+        raise ValueError(f"opt: the factory returned {type(opt).__name__}, not an optimizer; it must return one, "
+                         "e.g. opt=lambda params: torch.optim.Adam(params, lr=1e-3)")
     for group in opt.param_groups:
         group["lr"] = lr
     return opt
