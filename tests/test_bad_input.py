@@ -1,4 +1,5 @@
 "Bad input gets an error that names the problem and the fix, never a hang or a silent number."
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -74,3 +75,72 @@ def test_batches_that_are_not_pairs(mlp):
     triples = [(torch.randn(8, 64), torch.randint(0, 10, (8,)), torch.ones(8))] * 10
     with pytest.raises(ValueError, match="3-tuple.*batch_fn"):
         bs_find(mlp, triples, CE, num_it=10, n_batch=5)
+
+
+def _data(n=200):
+    gen = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_runs_when_called_under_no_grad(mlp, digits_dl, context):
+    with context():
+        res = bs_find(mlp, digits_dl, CE, num_it=20, n_batch=5)
+    assert len(res.history) == 4
+
+
+def test_single_example_loader_is_not_misread_as_a_batch(mlp):
+    "batch_size=None yields single examples: the feature count (64) must not be taken for a batch size."
+    with pytest.raises(ValueError, match="single value.*batch_size=32"):
+        bs_find(mlp, DataLoader(_data(), batch_size=None), CE, num_it=20, n_batch=5)
+
+
+def test_dataset_smaller_than_one_batch_is_refused(mlp):
+    with pytest.raises(ValueError, match="fits in one batch of 32"):
+        bs_find(mlp, DataLoader(_data(20), batch_size=32, shuffle=True), CE, num_it=20, n_batch=5)
+
+
+def test_sparse_embedding_gradients(digits_dl):
+    model = nn.Sequential(nn.Embedding(17, 8, sparse=True), nn.Flatten(), nn.Linear(64 * 8, 10))
+    dl = [(torch.randint(0, 17, (8, 64)), torch.randint(0, 10, (8,)))] * 10
+    with pytest.raises(ValueError, match="sparse=False"):
+        bs_find(model, dl, CE, num_it=10, n_batch=5)
+
+
+def test_one_shot_generator_says_it_is_exhausted(mlp):
+    gen = ((x, y) for x, y in DataLoader(_data(), batch_size=20))
+    with pytest.raises(ValueError, match="exhausted after 10 batches.*one-shot"):
+        bs_find(mlp, gen, CE, num_it=20, n_batch=5)
+    with pytest.raises(ValueError, match="generator can only be iterated once"):
+        bs_find(mlp, gen, CE, num_it=20, n_batch=5)
+
+
+def test_batch_fn_with_the_wrong_shape_is_named(mlp, digits_dl):
+    with pytest.raises(ValueError, match="batch_fn must return \\(inputs, targets\\)"):
+        bs_find(mlp, digits_dl, CE, num_it=10, n_batch=5, batch_fn=lambda b: (b[0], b[1]))
+
+
+def test_optimizer_factory_returning_none(mlp, digits_dl):
+    with pytest.raises(ValueError, match="factory returned NoneType"):
+        bs_find(mlp, digits_dl, CE, num_it=10, n_batch=5, opt=lambda params: None)
+
+
+def test_numpy_integers_are_accepted(mlp, digits_dl):
+    res = bs_find(mlp, digits_dl, CE, num_it=np.int64(10), n_batch=np.int32(5))
+    assert len(res.history) == 2 and res.n_batch == 5
+
+
+@pytest.mark.parametrize("device, match", [("meta", "holds no data"), ("cuda:99", "not usable"),
+                                           ("banana", "torch device")])
+def test_unusable_device_is_refused_before_the_model_moves(mlp, digits_dl, device, match):
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        bs_find(mlp, digits_dl, CE, num_it=10, n_batch=5, device=device)
+    assert all(torch.equal(v, mlp.state_dict()[k]) for k, v in before.items())
+
+
+def test_model_on_the_meta_device(digits_dl):
+    with torch.device("meta"):
+        model = nn.Linear(64, 10)
+    with pytest.raises(ValueError, match="meta device"):
+        bs_find(model, digits_dl, CE, num_it=10, n_batch=5)

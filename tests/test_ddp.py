@@ -5,6 +5,7 @@ in a worker fails the test with that worker's traceback. lr=0 throughout: nothin
 so every estimate is made at the weights where the exact value is computed.
 """
 import math
+import multiprocessing
 import socket
 import sys
 import time
@@ -26,9 +27,15 @@ from tests.test_exactness import _linear_problem
 
 N = 20_000
 STEPS = 1000
-# fork starts a worker in milliseconds, spawn re-imports torch and the package (~10 s on 2 slow cores). It is safe
-# here on Linux because workers set one intra-op thread before any torch work (as torch's own DDP tests fork).
-START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+# Never fork this process: once autograd has run in it (any earlier test), a forked child cannot use autograd
+# ("Unable to handle autograd's threading in combination with fork-based multiprocessing"). A forkserver is a fresh
+# process that has imported torch and this module once and never ran autograd: forking workers from it is safe and
+# takes milliseconds, where spawn re-imports everything for each worker (~10 s on 2 slow cores).
+if sys.platform == "linux":
+    START_METHOD = "forkserver"
+    multiprocessing.set_forkserver_preload(["torch", "tests.test_ddp"])
+else:
+    START_METHOD = "spawn"
 
 
 # ---------------------------------------------------------------- shared by the parent and the workers
@@ -68,7 +75,7 @@ def _entry(rank: int, worker, port: int, out_dir: str, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def _launch(worker, tmp_path, *args, timeout: float = 50.0) -> list[dict]:
+def _launch(worker, tmp_path, *args, timeout: float = 120.0) -> list[dict]:
     "Run `worker(rank, *args)` on 2 gloo ranks; their return values, or the failing worker's traceback."
     ctx = mp.start_processes(_entry, args=(worker, _free_port(), str(tmp_path), args), nprocs=2, join=False,
                              start_method=START_METHOD)

@@ -138,3 +138,34 @@ def test_callback_under_mixed_precision_reads_unscaled_gradients(learn, accumula
     assert len(a) == len(b) == len(learn.dls.train) // 4
     np.testing.assert_allclose(b.noise_raw, a.noise_raw, rtol=1e-4)
     np.testing.assert_allclose(b.scale_raw, a.scale_raw, rtol=1e-4)
+
+
+def _frozen_body_learner():
+    "learn.freeze() in miniature: the body frozen, the head trains, on 20k examples with an exact noise scale."
+    from fastai.optimizer import SGD
+
+    from tests.test_models import _regression
+
+    x, y = _regression()
+    dls = DataLoaders.from_dsets(TensorDataset(x, y), TensorDataset(x[:500], y[:500]), bs=50, device="cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 1))
+    learn = Learner(dls, model, loss_func=nn.MSELoss(), opt_func=SGD,
+                    splitter=lambda m: L(m[0], m[2]).map(lambda g: list(g.parameters())))
+    learn.freeze()
+    assert not model[0].weight.requires_grad and model[2].weight.requires_grad
+    return learn, x, y
+
+
+def test_frozen_learner_bs_find_and_callback_match_exact():
+    "The fine-tuning setup: bs_find and GNSCallback measure what trains (12% and 21% off before)."
+    from tests.exact import exact_noise_scale
+
+    learn, x, y = _frozen_body_learner()
+    _, _, exact = exact_noise_scale(learn.model, nn.MSELoss(), x, y)
+    res = learn.bs_find(lr=0, num_it=2000, n_batch=10, show_plot=False)
+    assert res.noise_scale == pytest.approx(exact, rel=0.10)
+    cb = GNSCallback(n_batch=10, beta=0.99)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(5, lr=0, cbs=cb)  # lr=0: the weights stay where the exact value was computed
+    assert cb.result.noise_scale == pytest.approx(exact, rel=0.10)

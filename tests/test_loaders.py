@@ -55,3 +55,11 @@ def test_population_size_only_for_sampling_without_replacement():
     assert population_size(DataLoader(DS, batch_size=8, sampler=SubsetRandomSampler(range(30)))) == 30
     assert population_size(DataLoader(DS, batch_size=8, sampler=RandomSampler(DS, replacement=True))) is None
     assert population_size([(torch.ones(2), torch.ones(2))]) is None
+
+
+def test_bs_larger_than_the_dataset_with_drop_last_is_refused():
+    "drop_last with bs > N would give a loader that yields nothing at all."
+    dl = DataLoader(TensorDataset(torch.randn(50, 3)), batch_size=8, shuffle=True, drop_last=True)
+    with pytest.raises(ValueError, match="larger than the training set \\(50 examples\\).*drop_last"):
+        apply_batch_size(dl, 64)
+    assert len(apply_batch_size(dl, 50)) == 1
