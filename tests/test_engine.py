@@ -67,7 +67,7 @@ def test_training_actually_moves_weights_during_the_run(mlp, digits_dl):
     seen = []
     w0 = mlp[0].weight.detach().clone()
     bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.5, num_it=20, n_batch=5,
-            on_update=lambda r: seen.append(not torch.equal(mlp[0].weight, w0)))
+            on_update=lambda r: seen.append(not torch.equal(mlp[0].weight.cpu(), w0)))
     assert seen and all(seen)
     assert torch.equal(mlp[0].weight, w0)
 
@@ -87,7 +87,7 @@ def test_lr_zero_measures_without_moving_weights(mlp, digits_dl):
     w0 = {k: v.clone() for k, v in mlp.state_dict().items() if "running" not in k and "num_batches" not in k}
     moved = []
     bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0, num_it=20, n_batch=5,
-            on_update=lambda r: moved.append(any(not torch.equal(v, mlp.state_dict()[k]) for k, v in w0.items())))
+            on_update=lambda r: moved.append(any(not torch.equal(v, mlp.state_dict()[k].cpu()) for k, v in w0.items())))
     assert moved == [False] * 4
 
 
