@@ -51,8 +51,16 @@ from torch.autograd.graph import register_multi_grad_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .per_example_rules import (Part, bind, embedding_parts, layer_norm_parts, linear_parts, replayed_parts, rnn_parts,
-                                sq_norms)
+from .per_example_rules import (
+    Part,
+    bind,
+    embedding_parts,
+    layer_norm_parts,
+    linear_parts,
+    replayed_parts,
+    rnn_parts,
+    sq_norms,
+)
 
 __all__ = ["PerExampleNorms"]
 
@@ -279,30 +287,25 @@ class PerExampleNorms:
             return out
         out, outs = _outside(out, idx)
         self._check_outputs(func, outs, bdim, args, kwargs)
-        shapes = [(t.shape, t.dtype) for t in outs]
+        zeros = [(t.shape, t.dtype, t.device) for t in outs]  # the gradient of an output the loss does not use
         inplace = _inplace(func)
 
         def forward(theta: dict, xs: list[Tensor]) -> list[Tensor]:
+            "The call on one example (batch dimension of size 1, at `bdim`), through the parameter-derived inputs."
             cache: dict = {}
+            xs = [x.movedim(0, bdim) for x in xs]
             a = _evaluate(t_args, theta, xs, cache)
             if inplace:  # the per-example slice is a view of vmap's input: write into a copy
                 a = (a[0].clone(), *a[1:])
             o = list(_flat_out(func(*a, **_evaluate(t_kwargs, theta, xs, cache))))
-            return [o[i] for i in idx]
+            return [o[i].movedim(bdim, 0) for i in idx]
 
         def parts_of(grads: list) -> dict[int, Part]:
-            grads = [torch.zeros(s, dtype=dt, device=outs_device) if g is None else g for g, (s, dt) in zip(grads, shapes)]
-            if bdim:
-                grads = [g.movedim(bdim, 0) for g in grads]
-                xs = [x.movedim(bdim, 0) for x in batched]
-            else:
-                xs = batched
+            grads = [torch.zeros(s, dtype=dt, device=dev) if g is None else g for g, (s, dt, dev) in zip(grads, zeros)]
             theta = {pid: self._params[pid].detach() for pid in pids}
-            fwd = forward if not bdim else (lambda th, one: [o.movedim(bdim, 0) for o in forward(
-                th, [x.movedim(0, bdim) for x in one])])
-            return replayed_parts(fwd, theta, xs, grads)
+            return replayed_parts(forward, theta, [x.movedim(bdim, 0) for x in batched],
+                                  [g.movedim(bdim, 0) for g in grads])
 
-        outs_device = outs[0].device
         self._hook(outs, bdim, pids, parts_of)
         return out
 
