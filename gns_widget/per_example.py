@@ -40,7 +40,7 @@ Examples interacting in ways that keep every shape (a softmax over the batch dim
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +62,7 @@ from .per_example_rules import (
     sq_norms,
 )
 
-__all__ = ["PerExampleNorms"]
+__all__ = ["PerExampleNorms", "norm_layer_params"]
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 _RNNS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "rnn_tanh", torch.rnn_relu: "rnn_relu"}
@@ -81,14 +81,22 @@ class PerExampleNorms:
 
     The loss must be the batch mean of per-example losses (the PyTorch default). The batch is the
     first dimension of the model's first tensor input (other inputs of that size are batched too).
+
+    `params` restricts the measurement to some trainable parameters (the others count as frozen),
+    e.g. `norm_layer_params(model)`: Gray et al. 2024 find the noise scale of the normalisation
+    layers' parameters predicts the whole transformer's, at a fraction of the cost. The big-batch
+    norm must then be taken over `self.params` as well.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, params: Iterable[nn.Parameter] | None = None):
         self.model = model
-        self.names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+        only = None if params is None else {id(p) for p in params}
+        self.names = {id(p): name for name, p in model.named_parameters()
+                      if p.requires_grad and (only is None or id(p) in only)}
         if not self.names:
-            raise ValueError("the model has no trainable parameters (requires_grad=True): nothing to measure")
-        self._params = {id(p): p for p in model.parameters() if p.requires_grad}
+            raise ValueError("the model has no trainable parameters (requires_grad=True) to measure")
+        self._params = {id(p): p for p in model.parameters() if id(p) in self.names}
+        self.params = list(self._params.values())  # what is measured: the big-batch norm must be of these too
         self._handles: list[Any] = []
         self._mode: _Tracer | None = None
         self._reset()
@@ -258,7 +266,10 @@ class PerExampleNorms:
             self._batched[t] = bdim
         for pid in pids:
             self._uses[pid] = self._uses.get(pid, 0) + 1
-        register_multi_grad_hook(outs, lambda grads: self._add(parts_of(list(grads))), mode="all")
+        if len(outs) == 1:
+            outs[0].register_hook(lambda grad: self._add(parts_of([grad])))
+        else:  # once, with every output's gradient (None where the loss does not use it)
+            register_multi_grad_hook(outs, lambda grads: self._add(parts_of(list(grads))), mode="all")
 
     def _check_outputs(self, func: Callable, outs: list[Tensor], bdim: int, args: tuple, kwargs: dict) -> None:
         for t in outs:
@@ -431,6 +442,15 @@ class PerExampleNorms:
     def _named_in(self, args: tuple, kwargs: dict) -> str:
         pids = _params_in(self._template((args, kwargs), {}))
         return ", ".join(f"'{self.names[p]}'" for p in dict.fromkeys(pids)) or "?"
+
+
+_NORMS = (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm), nn.GroupNorm, nn.modules.batchnorm._NormBase)
+
+
+def norm_layer_params(model: nn.Module) -> list[nn.Parameter]:
+    "The trainable parameters of the model's normalisation layers (LayerNorm, RMSNorm, GroupNorm, ...)."
+    return [p for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)
+            if p.requires_grad]
 
 
 class _Tracer(TorchFunctionMode):

@@ -8,7 +8,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from gns_widget import bs_find, estimator
-from gns_widget.per_example import PerExampleNorms
+from gns_widget.per_example import PerExampleNorms, norm_layer_params
 from tests.tiny_gpt import TinyGPT, markov_tokens, next_token_loss
 
 B = 6
@@ -291,3 +291,18 @@ def test_refuses_an_output_computed_from_parameters_alone():
     with pytest.raises(ValueError, match="'temperature'.* not on its input"):
         bs_find(_ParamOutput(), dl, lambda out, y: F.mse_loss(out[0] * out[1], y), lr=0, method="per_example",
                 device="cpu")
+
+
+def test_measuring_only_the_normalisation_layers_equals_freezing_the_rest():
+    "The opt-in subset (Gray et al. 2024): exactly the norms of those parameters, the rest counted as frozen."
+    torch.manual_seed(0)
+    model, (x, y) = TinyGPT(), markov_tokens(B, seed=3)
+    ln = norm_layer_params(model)
+    assert len(ln) == 6  # ln_1, ln_2, ln_f: weight and bias
+    with PerExampleNorms(model, ln) as norms:
+        next_token_loss(model(x), y).backward()
+        got = norms.pop().double()
+    assert norms.params == ln
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in ln))
+    torch.testing.assert_close(got, _exact_sq_norms(model, next_token_loss, x, y), rtol=1e-5, atol=0)
