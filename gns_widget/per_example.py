@@ -117,11 +117,12 @@ class PerExampleNorms:
 
     def pop(self) -> Tensor:
         "|g_j|² for each example of the last backward pass (gradients of the per-example losses); then reset."
-        if self._batch is None:
-            raise RuntimeError("no per-example norms: call pop() after loss.backward() inside the `with` block")
         for pid in list(self._pending):
             self._finish(pid)
-        b, sq = self._batch, self._sq
+        sq = self._sq
+        if sq is None and self._batch is None:
+            raise RuntimeError("no per-example norms: call pop() after loss.backward() inside the `with` block")
+        b = len(sq) if sq is not None else self._batch
         if sq is None:  # no parameter got a gradient
             sq = torch.zeros(b, device=next(iter(self._params.values())).device)
         self._reset()
@@ -267,9 +268,9 @@ class PerExampleNorms:
         for pid in pids:
             self._uses[pid] = self._uses.get(pid, 0) + 1
         if len(outs) == 1:
-            outs[0].register_hook(lambda grad: self._add(parts_of([grad])))
+            outs[0].register_hook(lambda grad: self._on_grads(parts_of, [grad]))
         else:  # once, with every output's gradient (None where the loss does not use it)
-            register_multi_grad_hook(outs, lambda grads: self._add(parts_of(list(grads))), mode="all")
+            register_multi_grad_hook(outs, lambda grads: self._on_grads(parts_of, list(grads)), mode="all")
 
     def _check_outputs(self, func: Callable, outs: list[Tensor], bdim: int, args: tuple, kwargs: dict) -> None:
         for t in outs:
@@ -419,6 +420,10 @@ class PerExampleNorms:
         return {id(use[k]): p for k, p in parts.items()}
 
     # --- the backward pass ----------------------------------------------------------------------------------
+    def _on_grads(self, parts_of: Callable[[list], dict[int, Part]], grads: list) -> None:
+        "All the work of one call's hook: its rule on the output gradients, and the norms."
+        self._add(parts_of(grads))
+
     def _add(self, parts: dict[int, Part]) -> None:
         for pid, part in parts.items():
             if self._uses.get(pid, 1) == 1:
