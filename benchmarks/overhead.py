@@ -92,9 +92,9 @@ class _RecordingNorms(PerExampleNorms):
         super().__init__(model)
         self.calls: list[tuple] = []
 
-    def _add(self, module, inputs, grad_out):
-        self.calls.append((module, inputs, grad_out))
-        super()._add(module, inputs, grad_out)
+    def _on_grads(self, parts_of, grads):
+        self.calls.append((parts_of, grads))
+        super()._on_grads(parts_of, grads)
 
 
 def linear_input_bytes(model: nn.Module, batch: int) -> int:
@@ -166,7 +166,7 @@ def time_config(width: int, n_batch: int, rounds: int) -> dict:
 
     def norms_alone() -> None:
         for call in rec.calls:
-            PerExampleNorms._add(rec, *call)  # the hooks' work, without recording it again
+            PerExampleNorms._on_grads(rec, *call)  # the hooks' work, without recording it again
         per_ex.update_norms(rec.pop().mean(), squared_norm(gradients_of(model)), 1, BS)
 
     alone = {"ours": lambda: ours.update(model, BS), "accum_ours": lambda: accum.update(model, BS),

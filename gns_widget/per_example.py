@@ -1,31 +1,73 @@
 """Per-example squared gradient norms from one ordinary backward pass.
 
 With the per-example gradients g_j of a batch of B, mean_j |g_j|² is a "small batch" of size 1
-and the batch gradient a big batch of size B, so every step gives a noise-scale estimate.
-Only the norms are needed, never the per-example gradients themselves:
+and the batch gradient a big batch of size B, so every step gives a noise-scale estimate. Only
+the norms are needed, never the per-example gradients themselves.
 
-- `nn.Linear` is exact and cheap: its per-example weight gradient is the outer product of the
-  gradient at its output and its input, so |g_j|² = |δ_j|²·|a_j|² (for inputs with extra
-  dimensions, Σ_ts (a_t·a_s)(δ_t·δ_s), or the materialised sum when that is cheaper).
-- Any other layer with parameters of its own (convolutions, norms, embeddings, ...) replays its
-  forward per example with `torch.func` (vmap of a vjp), from the input and output gradient
-  saved by hooks, which costs B copies of that layer's parameters, briefly.
+How: during the model's forward a `TorchFunctionMode` sees every torch call, and so every use of
+every trainable parameter (`requires_grad=True`; frozen ones are constants and not measured).
+It tracks which tensors carry the batch (those computed from the model's inputs, and where their
+batch dimension is) and which are computed from parameters alone. A call where a parameter meets
+the batch gets a gradient hook whose rule turns the call's output gradient into that parameter's
+per-example gradient, as factors (`per_example_rules.py`):
 
-Per-example gradients only exist when examples do not interact: BatchNorm in training mode
-and parameters used more than once per forward are refused with a clear error.
+- `linear`: Σ_t δ_t ⊗ a_t, normed through (T, T) Gram matrices or materialised, whichever is cheaper;
+- `embedding`: the same with one-hot rows kept as indices (so a tied input/output embedding, used
+  by `embedding` and `linear`, is exact, cross term included, without any V×d per example);
+- `layer_norm`, `rms_norm`: Σ_t δ_t ⊙ x̂_t and Σ_t δ_t;
+- LSTM, GRU and RNN layers (`nn.LSTM`, `nn.GRU`, `nn.RNN`, any number of layers, bidirectional):
+  replayed step by step to get each example's gate gradients;
+- any other call (convolutions, group norm, attention projections through `@`, ...): replayed per
+  example with `torch.func` (a vmapped vjp), which costs B copies of its parameters, briefly;
+- tensors computed from parameters alone (`wpe(arange(T))`, a bare `nn.Parameter`, `pos_emb[:, :T]`,
+  `cls_token.expand(B, -1, -1)`, weight normalisation) are followed until they meet the batch, and
+  that call is replayed per example through them.
+A parameter used several times (tied weights, a layer called twice) is exact: its uses' parts are
+added before norming.
+
+Supported: every model whose examples do not interact and whose parameters are used only by torch
+operations run with gradients enabled, on tensors whose batch dimension is tracked (the first
+dimension, or moved by transpose/permute/unsqueeze/indexing).
+Refused with a ValueError naming the problem (use method='fixed' instead):
+- BatchNorm in training mode (examples interact), `embedding(scale_grad_by_freq=True)`;
+- a parameter meeting a tensor whose batch dimension was lost or merged (`x.view(-1, d)` before a
+  layer, a reduction over the batch) or a call whose output has no batch dimension;
+- a parameter used with gradients disabled inside the forward (a custom `autograd.Function`, a
+  `torch.no_grad` block, reentrant checkpointing), or a model output computed from parameters alone;
+- PackedSequence inputs, LSTM projections (`proj_size`), dropout between recurrent layers in training;
+- random operations inside a replayed call (dropout inside `nn.MultiheadAttention`).
+Examples interacting in ways that keep every shape (a softmax over the batch dimension) are not detected.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.autograd.graph import register_multi_grad_hook
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["PerExampleNorms"]
+from .per_example_rules import (
+    Part,
+    bind,
+    embedding_parts,
+    layer_norm_parts,
+    linear_parts,
+    replayed_parts,
+    rnn_parts,
+    sq_norms,
+)
+
+__all__ = ["PerExampleNorms", "norm_layer_params"]
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+_RNNS = {torch.lstm: "lstm", torch.gru: "gru", torch.rnn_tanh: "rnn_tanh", torch.rnn_relu: "rnn_relu"}
+_UNKNOWN = None  # batched, but where the batch dimension went is not known
+_FIXED = "use method='fixed'"
 
 
 class PerExampleNorms:
@@ -37,114 +79,562 @@ class PerExampleNorms:
             loss_func(model(x), y).backward()   # a mean over the batch
             sq = norms.pop()                    # (B,) tensor of |g_j|², on the device
 
-    The loss must be the batch mean of per-example losses (the PyTorch default).
+    The loss must be the batch mean of per-example losses (the PyTorch default). The batch is the
+    first dimension of the model's first tensor input (other inputs of that size are batched too).
+
+    `params` restricts the measurement to some trainable parameters (the others count as frozen),
+    e.g. `norm_layer_params(model)`: Gray et al. 2024 find the noise scale of the normalisation
+    layers' parameters predicts the whole transformer's, at a fraction of the cost. The big-batch
+    norm must then be taken over `self.params` as well.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, params: Iterable[nn.Parameter] | None = None):
         self.model = model
-        self.layers = _layers_with_parameters(model)
+        only = None if params is None else {id(p) for p in params}
+        self.names = {id(p): name for name, p in model.named_parameters()
+                      if p.requires_grad and (only is None or id(p) in only)}
+        if not self.names:
+            raise ValueError("the model has no trainable parameters (requires_grad=True) to measure")
+        self._params = {id(p): p for p in model.parameters() if id(p) in self.names}
+        self.params = list(self._params.values())  # what is measured: the big-batch norm must be of these too
         self._handles: list[Any] = []
-        self._sq: Tensor | None = None
-        self._calls: dict[nn.Module, int] = {}
-        self._replaying = False
+        self._mode: _Tracer | None = None
+        self._reset()
 
     def __enter__(self) -> PerExampleNorms:
-        for m in self.layers:
-            self._handles.append(m.register_forward_hook(self._forward_hook))
+        self._handles = [self.model.register_forward_pre_hook(self._start, with_kwargs=True),
+                         self.model.register_forward_hook(self._stop, always_call=True)]
+        self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm) for m in self.model.modules()
+                          if isinstance(m, _BATCH_NORMS)]
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop()
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._sq, self._calls = None, {}
+        self._reset()
 
     def pop(self) -> Tensor:
         "|g_j|² for each example of the last backward pass (gradients of the per-example losses); then reset."
-        if self._sq is None:
+        for pid in list(self._pending):
+            self._finish(pid)
+        sq = self._sq
+        if sq is None and self._batch is None:
             raise RuntimeError("no per-example norms: call pop() after loss.backward() inside the `with` block")
-        sq, self._sq, self._calls = self._sq, None, {}
-        return sq
+        b = len(sq) if sq is not None else self._batch
+        if sq is None:  # no parameter got a gradient
+            sq = torch.zeros(b, device=next(iter(self._params.values())).device)
+        self._reset()
+        # The loss is a batch mean: its gradient carries 1/B, the per-example losses' gradients do not.
+        return sq.float() * b**2
 
-    def _forward_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if self._replaying or not torch.is_grad_enabled() or not isinstance(output, Tensor):
+    def _reset(self) -> None:
+        self._sq: Tensor | None = None
+        self._batch: int | None = None
+        self._uses: dict[int, int] = {}  # uses of each parameter in this step's forward passes
+        self._pending: dict[int, list[Part]] = {}  # parts of parameters used several times, until all are in
+        self._batched = WeakIdKeyDictionary()  # tensor -> position of its batch dimension (_UNKNOWN: lost)
+        self._derived = WeakIdKeyDictionary()  # tensor computed from parameters alone -> _Ref to replay it
+
+    # --- the forward pass -------------------------------------------------------------------------------------
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._mode is not None or not torch.is_grad_enabled():
             return
-        if module.training and isinstance(module, _BATCH_NORMS):
-            raise ValueError(f"{type(module).__name__} in training mode mixes the examples of a batch, so per-example "
-                             "gradients do not exist: use method='fixed', or put it in eval mode")
-        self._calls[module] = self._calls.get(module, 0) + 1
-        if self._calls[module] > 1:
-            raise ValueError(f"{type(module).__name__} is called more than once per forward pass; per-example norms "
-                             "need each parameter used once: use method='fixed'")
-        saved = tuple(x.detach() if isinstance(x, Tensor) else x for x in inputs)
-        output.register_hook(lambda grad: self._add(module, saved, grad.detach()))
+        leaves = [t for t in _tensors((args, kwargs)) if t.ndim > 0]
+        if not leaves:
+            raise ValueError("per-example norms need the model's input to be a tensor with the batch as its first "
+                             f"dimension; got none: {_FIXED}")
+        b = leaves[0].shape[0]
+        if self._batch is not None and b != self._batch:
+            raise ValueError(f"the model was called on batches of {self._batch} and {b} examples in one step: "
+                             f"per-example norms need one batch per step; {_FIXED}")
+        self._batch = b
+        for t in leaves:
+            if t.shape[0] == b:
+                self._batched[t] = 0
+        self._mode = _Tracer(self)
+        self._mode.__enter__()
 
-    def _add(self, module: nn.Module, inputs: tuple, grad_out: Tensor) -> None:
-        n = grad_out.shape[0]
-        if isinstance(module, nn.Linear):
-            sq = _linear_sq_norms(module, inputs[0], grad_out)
-        else:
-            self._replaying = True
-            try:
-                sq = _replayed_sq_norms(module, inputs, grad_out)
-            finally:
-                self._replaying = False
-        # The loss is a batch mean: its gradient carries 1/n, the per-example losses' gradients do not.
-        sq = sq.float() * n**2
+    def _stop(self, module: nn.Module | None = None, args: Any = None, output: Any = None) -> None:
+        if self._mode is None:
+            return
+        self._mode.__exit__(None, None, None)
+        self._mode = None
+        derived = [t for t in _tensors(output) if t.requires_grad and t in self._derived]
+        if derived:
+            raise ValueError(f"an output of the model depends on parameters ({self._named(derived[0])}) but not on "
+                             f"its input, so it has no per-example gradient: {_FIXED}")
+
+    def _refuse_batch_norm(self, module: nn.Module, args: tuple) -> None:
+        if module.training and self._mode is not None:
+            raise ValueError(f"{type(module).__name__} in training mode mixes the examples of a batch, so "
+                             f"per-example gradients do not exist: {_FIXED}, or put it in eval mode")
+
+    def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        "One torch call in the forward (from the mode): run it, track the batch, hook parameter uses."
+        bdims, has_params, has_tensors = [], False, False
+        for t in _tensors((args, kwargs)):
+            has_tensors = True
+            if id(t) in self._params or t in self._derived:
+                has_params = True
+            elif t in self._batched:
+                bdims.append(self._batched[t])
+        if not has_params:
+            out = func(*args, **kwargs)
+            if bdims:
+                self._track(func, args, kwargs, bdims, out)
+            elif not has_tensors and _name(func) in _FACTORIES and isinstance(out, Tensor) and out.ndim \
+                    and out.shape[0] == self._batch:
+                self._batched[out] = 0  # torch.zeros(B, H): the same row for every example, or one's own noise
+            return out
+        if func is F.batch_norm and bind(args, kwargs, _BN_ARGS)[5]:
+            raise ValueError(f"batch_norm in training mode mixes the examples of a batch: {_FIXED}")
+        if not torch.is_grad_enabled():
+            return self._without_grad(func, args, kwargs)
+        if not bdims:
+            one = _one_example_sizes(func, args, self._batch)
+            if one is None:
+                out = func(*args, **kwargs)
+                self._mark_derived(func, args, kwargs, out)
+                return out
+            return self._replayed(func, args, kwargs, [], one)
+        if func in _RNNS:
+            return self._rnn(func, args, kwargs, bdims)
+        k = bdims[0]
+        if k is _UNKNOWN or any(bd != k for bd in bdims):
+            shapes = [tuple(t.shape) for t in _tensors((args, kwargs)) if t in self._batched]
+            raise ValueError(f"{_name(func)} uses the parameter {self._named_in(args, kwargs)} on a tensor whose batch "
+                             f"dimension was lost, merged or moved inconsistently (shapes {shapes}); per-example "
+                             "norms need each example's rows kept apart (no x.view(-1, d) before a layer, no "
+                             f"reduction over the batch): {_FIXED}")
+        rule = _RULES.get(func)
+        if rule is not None and k == 0:
+            out = rule(self, args, kwargs)
+            if out is not _NO_RULE:
+                return out
+        return self._replayed(func, args, kwargs, bdims, None)
+
+    def _without_grad(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        out = func(*args, **kwargs)
+        computed = [t for t in _tensors(out) if t.is_floating_point()]
+        if computed and _name(func) not in ("__get__", "detach", "detach_", "size", "dim"):
+            raise ValueError(f"{_name(func)} uses the parameter {self._named_in(args, kwargs)} with gradients disabled "
+                             "inside the forward (a custom autograd.Function, a torch.no_grad block, reentrant "
+                             f"checkpointing?): its gradient cannot be followed per example; {_FIXED}")
+        return out
+
+    def _track(self, func: Callable, args: tuple, kwargs: dict, bdims: list, out: Any) -> None:
+        "Where the batch dimension of each output went."
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        moved = _moved_bdim(func, args, kwargs, self._batched.get(first, _UNKNOWN) if first is not None else _UNKNOWN)
+        common = bdims[0] if all(bd == bdims[0] for bd in bdims) else _UNKNOWN
+        outs = list(_tensors(out)) or ([first] if first is not None and _inplace(func) else [])
+        for t in outs:
+            bd = common if moved is _KEEP else moved
+            self._batched[t] = bd if bd is not _UNKNOWN and t.ndim > bd and t.shape[bd] == self._batch else _UNKNOWN
+
+    def _mark_derived(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+        "Outputs computed from parameters alone: remember how to recompute them from the parameters."
+        call = _Call(func, self._template(args, {}), self._template(kwargs, {}))
+        if isinstance(out, Tensor):
+            if out.requires_grad:
+                self._derived[out] = _Ref(call, None)
+        elif isinstance(out, (tuple, list)):
+            for i, t in enumerate(out):
+                if isinstance(t, Tensor) and t.requires_grad:
+                    self._derived[t] = _Ref(call, i)
+
+    def _template(self, obj: Any, slots: dict) -> Any:
+        "`obj` with parameters as _Param, parameter-derived tensors as _Ref and batched ones (in `slots`) as _Slot."
+        if isinstance(obj, Tensor):
+            if id(obj) in self._params:
+                return _Param(id(obj))
+            if obj in self._derived:
+                return self._derived[obj]
+            if id(obj) in slots:
+                return slots[id(obj)]
+            return obj
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(self._template(o, slots) for o in obj) if type(obj) in (tuple, list) else obj
+        if isinstance(obj, dict):
+            return {k: self._template(v, slots) for k, v in obj.items()}
+        return obj
+
+    def _hook(self, outs: list[Tensor], bdim: int, pids: set[int], parts_of: Callable[[list], dict[int, Part]]) -> None:
+        "Mark `outs` batched, count the uses, and hand the output gradients to `parts_of` during backward."
+        for t in outs:
+            self._batched[t] = bdim
+        for pid in pids:
+            self._uses[pid] = self._uses.get(pid, 0) + 1
+        if len(outs) == 1:
+            outs[0].register_hook(lambda grad: self._on_grads(parts_of, [grad]))
+        else:  # once, with every output's gradient (None where the loss does not use it)
+            register_multi_grad_hook(outs, lambda grads: self._on_grads(parts_of, list(grads)), mode="all")
+
+    def _check_outputs(self, func: Callable, outs: list[Tensor], bdim: int, args: tuple, kwargs: dict) -> None:
+        for t in outs:
+            if t.ndim <= bdim or t.shape[bdim] != self._batch:
+                raise ValueError(f"{_name(func)} uses the parameter {self._named_in(args, kwargs)} and returns a "
+                                 f"tensor of shape {tuple(t.shape)} without the batch dimension: the examples are "
+                                 f"mixed, so per-example gradients do not exist; {_FIXED}")
+
+    # --- rules --------------------------------------------------------------------------------------------------
+    def _replayed(self, func: Callable, args: tuple, kwargs: dict, bdims: list, one_sizes: tuple | None) -> Any:
+        "Any call: replay it on each example with torch.func, through the parameter-derived tensors it uses."
+        bdim = bdims[0] if bdims else 0
+        slots: dict[int, _Slot] = {}
+        batched = []
+        for t in _tensors((args, kwargs)):
+            if t in self._batched and id(t) not in slots:
+                slots[id(t)] = _Slot(len(batched))
+                batched.append(_plain(t.detach().clone() if _inplace(func) else t.detach()))
+        t_args = self._template(one_sizes if one_sizes is not None else args, slots)
+        t_kwargs = self._template(kwargs, slots)
+        pids = set(_params_in((t_args, t_kwargs)))
+        out = func(*args, **kwargs)
+        flat = list(_flat_out(out))
+        idx = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
+        if not idx:
+            return out
+        out, outs = _outside(out, idx)
+        self._check_outputs(func, outs, bdim, args, kwargs)
+        zeros = [(t.shape, t.dtype, t.device) for t in outs]  # the gradient of an output the loss does not use
+        inplace = _inplace(func)
+
+        def forward(theta: dict, xs: list[Tensor]) -> list[Tensor]:
+            "The call on one example (batch dimension of size 1, at `bdim`), through the parameter-derived inputs."
+            cache: dict = {}
+            xs = [x.movedim(0, bdim) for x in xs]
+            a = _evaluate(t_args, theta, xs, cache)
+            if inplace:  # the per-example slice is a view of vmap's input: write into a copy
+                a = (a[0].clone(), *a[1:])
+            o = list(_flat_out(func(*a, **_evaluate(t_kwargs, theta, xs, cache))))
+            return [o[i].movedim(bdim, 0) for i in idx]
+
+        def parts_of(grads: list) -> dict[int, Part]:
+            grads = [torch.zeros(s, dtype=dt, device=dev) if g is None else g for g, (s, dt, dev) in zip(grads, zeros)]
+            theta = {pid: self._params[pid].detach() for pid in pids}
+            return replayed_parts(forward, theta, [x.movedim(bdim, 0) for x in batched],
+                                  [g.movedim(bdim, 0) for g in grads])
+
+        self._hook(outs, bdim, pids, parts_of)
+        return out
+
+    def _linear(self, args: tuple, kwargs: dict) -> Any:
+        x, w, b = bind(args, kwargs, ("input", "weight", "bias"), (None,))
+        use = self._direct(w, b)
+        if use is None or x not in self._batched:
+            return _NO_RULE
+        out = F.linear(x, w, b)
+        a = _plain(x.detach())
+        self._hook([out], 0, {id(p) for p in use.values()},
+                   lambda g: self._keyed(linear_parts(a, g[0], "weight" in use, "bias" in use), use))
+        return out
+
+    def _embedding(self, args: tuple, kwargs: dict) -> Any:
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        idx, w, padding_idx, *_, by_freq, _ = bind(args, kwargs, names, (None, None, 2.0, False, False))
+        use = self._direct(w)
+        if use is None or idx not in self._batched:
+            return _NO_RULE
+        if by_freq:
+            raise ValueError("embedding(scale_grad_by_freq=True) scales each gradient by token counts over the whole "
+                             f"batch, so examples interact: {_FIXED}")
+        out = F.embedding(*args, **kwargs)
+        saved = _plain(idx.detach())
+        self._hook([out], 0, {id(w)},
+                   lambda g: self._keyed(embedding_parts(saved, g[0], w.shape[0], padding_idx), use))
+        return out
+
+    def _norm(self, args: tuple, kwargs: dict, rms: bool) -> Any:
+        names = ("input", "normalized_shape", "weight", "eps") if rms else \
+            ("input", "normalized_shape", "weight", "bias", "eps")
+        got = bind(args, kwargs, names, (None, None) if rms else (None, None, 1e-5))
+        x, shape, w, b, eps = (*got[:3], None, got[3]) if rms else got
+        use = self._direct(w, b)
+        if use is None or x not in self._batched:
+            return _NO_RULE
+        out = (F.rms_norm if rms else F.layer_norm)(*args, **kwargs)
+        saved = _plain(x.detach())
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self._hook([out], 0, {id(p) for p in use.values()}, lambda g: self._keyed(
+            layer_norm_parts(saved, g[0], shape, eps, rms, "weight" in use, "bias" in use), use))
+        return out
+
+    def _rnn(self, func: Callable, args: tuple, kwargs: dict, bdims: list) -> Any:
+        kind = _RNNS[func]
+        if kwargs or len(args) != 9 or not isinstance(args[3], bool):
+            raise ValueError(f"{kind} on a PackedSequence is not supported by per-example norms: pad the sequences "
+                             f"instead, or {_FIXED}")
+        x, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
+        bdim = 0 if batch_first else 1
+        if self._batched.get(x, _UNKNOWN) != bdim:
+            raise ValueError(f"the input of {kind} does not have the batch at dimension {bdim} (batch_first="
+                             f"{batch_first}), shape {tuple(x.shape)}: {_FIXED}")
+        n_dir = 2 if bidirectional else 1
+        if len(weights) != num_layers * n_dir * (4 if has_biases else 2):
+            raise ValueError(f"{kind} with projections (proj_size > 0) is not supported by per-example norms: {_FIXED}")
+        if dropout > 0 and train and num_layers > 1:
+            raise ValueError(f"{kind} with dropout between its layers in training draws random masks that cannot be "
+                             f"replayed per example: set dropout=0 or {_FIXED}")
+        if any(w in self._derived for w in weights):
+            raise ValueError(f"{kind} with weights computed from parameters (weight_norm?) is not supported by "
+                             f"per-example norms: {_FIXED}")
+        trainable = [id(w) in self._params for w in weights]
+        xs = _plain(x.detach() if batch_first else x.detach().transpose(0, 1))
+        states = [_plain(h.detach()) for h in (hx if isinstance(hx, (tuple, list)) else (hx,))]
+        ws = [_plain(w.detach()) for w in weights]
+        out = func(*args)
+        idx = [i for i, t in enumerate(out) if t.requires_grad]
+        if not idx:
+            return out
+        out, outs = _outside(out, idx)
+        pids = {id(w) for w, tr in zip(weights, trainable) if tr}
+
+        def parts_of(grads: list) -> dict[int, Part]:
+            full = [None] * len(out)
+            for i, g in zip(idx, grads):
+                full[i] = g
+            if full[0] is not None and not batch_first:
+                full[0] = full[0].transpose(0, 1)
+            parts = rnn_parts(kind, xs, states, ws, trainable, has_biases, num_layers, bidirectional, full)
+            return {id(weights[i]): p for i, p in parts.items()}
+
+        self._hook(outs, bdim, pids, parts_of)
+        for i, t in zip(idx, outs):
+            self._batched[t] = bdim if i == 0 else 1  # h_n (and c_n): (layers·directions, B, H)
+        return out
+
+    def _direct(self, *params: Tensor | None) -> dict[str, Tensor] | None:
+        "{'weight': w, 'bias': b} for the trainable ones when all are parameters or constants; None if one is derived."
+        if any(p is not None and p in self._derived for p in params):
+            return None
+        names = ("weight", "bias")[:len(params)]
+        use = {n: p for n, p in zip(names, params) if p is not None and id(p) in self._params}
+        return use or None
+
+    @staticmethod
+    def _keyed(parts: dict[str, Part], use: dict[str, Tensor]) -> dict[int, Part]:
+        return {id(use[k]): p for k, p in parts.items()}
+
+    # --- the backward pass ----------------------------------------------------------------------------------
+    def _on_grads(self, parts_of: Callable[[list], dict[int, Part]], grads: list) -> None:
+        "All the work of one call's hook: its rule on the output gradients, and the norms."
+        self._add(parts_of(grads))
+
+    def _add(self, parts: dict[int, Part]) -> None:
+        for pid, part in parts.items():
+            if self._uses.get(pid, 1) == 1:
+                self._accumulate(sq_norms([part]))
+                continue
+            pending = self._pending.setdefault(pid, [])
+            pending.append(part)
+            if len(pending) == self._uses[pid]:
+                self._finish(pid)
+
+    def _finish(self, pid: int) -> None:
+        self._accumulate(sq_norms(self._pending.pop(pid)))
+
+    def _accumulate(self, sq: Tensor) -> None:
         self._sq = sq if self._sq is None else self._sq + sq
 
+    def _named(self, t: Tensor) -> str:
+        pids = _params_in(self._template(t, {}))
+        return ", ".join(f"'{self.names[p]}'" for p in dict.fromkeys(pids)) or "?"
 
-def _layers_with_parameters(model: nn.Module) -> list[nn.Module]:
-    "The modules that own trainable parameters directly; each parameter must belong to exactly one."
-    layers, owner = [], {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        for p in own:
-            if id(p) in owner and owner[id(p)] is not m:
-                raise ValueError(f"a parameter of {name or 'the model'} is shared with another module; per-example "
-                                 "norms need each parameter used once: use method='fixed'")
-            owner[id(p)] = m
-        if any(True for _ in m.children()):
-            raise ValueError(f"{name or 'the model'} ({type(m).__name__}) has parameters of its own and submodules; "
-                             "per-example norms support layers without submodules: use method='fixed'")
-        if m not in layers:
-            layers.append(m)
-    if not layers:
-        raise ValueError("the model has no trainable parameters (requires_grad=True): nothing to measure")
-    return layers
+    def _named_in(self, args: tuple, kwargs: dict) -> str:
+        pids = _params_in(self._template((args, kwargs), {}))
+        return ", ".join(f"'{self.names[p]}'" for p in dict.fromkeys(pids)) or "?"
 
 
-def _linear_sq_norms(layer: nn.Linear, a: Tensor, d: Tensor) -> Tensor:
-    "Exact per-example |∂L/∂W|² + |∂L/∂b|² of a Linear layer from its input a and output gradient d."
-    a, d = a.reshape(a.shape[0], -1, a.shape[-1]), d.reshape(d.shape[0], -1, d.shape[-1])  # (B, T, in/out)
-    sq = torch.zeros(a.shape[0], device=d.device, dtype=torch.float32)
-    if layer.weight.requires_grad:
-        t, n_in, n_out = a.shape[1], a.shape[2], d.shape[2]
-        if t == 1:
-            sq = sq + a[:, 0].float().square().sum(1) * d[:, 0].float().square().sum(1)
-        elif t * t <= n_in * n_out:  # Σ_ts (a_t·a_s)(d_t·d_s): two (B, T, T) Gram matrices
-            sq = sq + ((a.float() @ a.float().transpose(1, 2)) * (d.float() @ d.float().transpose(1, 2))).sum((1, 2))
-        else:
-            sq = sq + torch.einsum("bto,bti->boi", d.float(), a.float()).square().sum((1, 2))
-    if layer.bias is not None and layer.bias.requires_grad:
-        sq = sq + d.float().sum(1).square().sum(1)
-    return sq
+_NORMS = (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm), nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
-def _replayed_sq_norms(layer: nn.Module, inputs: tuple, grad_out: Tensor) -> Tensor:
-    "Per-example |∂L/∂θ|² of any layer without submodules, by a vmapped vjp of its forward on one example."
-    params = {k: p.detach() for k, p in layer.named_parameters(recurse=False) if p.requires_grad}
-    batched = [isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == grad_out.shape[0] for x in inputs]
+def norm_layer_params(model: nn.Module) -> list[nn.Parameter]:
+    "The trainable parameters of the model's normalisation layers (LayerNorm, RMSNorm, GroupNorm, ...)."
+    return [p for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)
+            if p.requires_grad]
 
-    def one_example(*args) -> dict[str, Tensor]:
-        *xs, g = args
-        it = iter(xs)
-        full = tuple(next(it).unsqueeze(0) if b else x for x, b in zip(inputs, batched))
-        forward: Callable = lambda p: functional_call(layer, p, full)  # noqa: E731
-        _, pullback = vjp(forward, params)
-        return pullback(g.unsqueeze(0))[0]
 
-    grads = vmap(one_example)(*(x for x, b in zip(inputs, batched) if b), grad_out)
-    return sum(g.reshape(g.shape[0], -1).float().square().sum(1) for g in grads.values())
+class _Tracer(TorchFunctionMode):
+    "Sends every torch call of the forward to `PerExampleNorms.call` (the mode is off inside it)."
+
+    def __init__(self, norms: PerExampleNorms):
+        super().__init__()
+        self.norms = norms
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.norms.call(func, args, kwargs or {})
+
+
+# --- recomputing parameter-derived tensors -------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class _Call:
+    func: Callable
+    args: Any
+    kwargs: Any
+
+
+@dataclass(frozen=True)
+class _Ref:
+    "Output `index` (None: the only one) of a call on parameters alone."
+    call: _Call
+    index: int | None
+
+
+@dataclass(frozen=True)
+class _Param:
+    pid: int
+
+
+@dataclass(frozen=True)
+class _Slot:
+    "The i-th batched tensor of a replayed call."
+    i: int
+
+
+def _evaluate(obj: Any, theta: dict[int, Tensor], xs: list[Tensor], cache: dict) -> Any:
+    if isinstance(obj, _Param):
+        return theta[obj.pid]
+    if isinstance(obj, _Slot):
+        return xs[obj.i]
+    if isinstance(obj, _Ref):
+        call = obj.call
+        if call not in cache:
+            cache[call] = call.func(*_evaluate(call.args, theta, xs, cache), **_evaluate(call.kwargs, theta, xs, cache))
+        return cache[call] if obj.index is None else cache[call][obj.index]
+    if type(obj) in (tuple, list):
+        return type(obj)(_evaluate(o, theta, xs, cache) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _evaluate(v, theta, xs, cache) for k, v in obj.items()}
+    return obj
+
+
+def _params_in(obj: Any) -> Iterator[int]:
+    if isinstance(obj, _Param):
+        yield obj.pid
+    elif isinstance(obj, _Ref):
+        yield from _params_in((obj.call.args, obj.call.kwargs))
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _params_in(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _params_in(o)
+
+
+# --- small helpers ------------------------------------------------------------------------------------------------
+_NO_RULE = object()
+_KEEP = object()
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_RULES: dict[Callable, Callable] = {
+    F.linear: PerExampleNorms._linear,
+    F.embedding: PerExampleNorms._embedding,
+    F.layer_norm: lambda self, a, k: self._norm(a, k, rms=False),
+}
+if hasattr(F, "rms_norm"):
+    _RULES[F.rms_norm] = lambda self, a, k: self._norm(a, k, rms=True)
+_FACTORIES = {"zeros", "ones", "full", "empty", "randn", "rand", "randint", "normal"}
+_EXPANDS = {torch.Tensor.expand, torch.Tensor.repeat, torch.broadcast_to, torch.Tensor.broadcast_to}
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    "The tensors in a call's arguments or outputs (nested tuples, lists and dicts)."
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _flat_out(out: Any) -> Iterator[Any]:
+    if isinstance(out, (tuple, list)):
+        yield from out
+    else:
+        yield out
+
+
+def _outside(out: Any, idx: list[int]) -> tuple[Any, list[Tensor]]:
+    """`out` with its differentiated outputs `idx` as identity views, and those views.
+
+    A hook on an output of a composite call sees every gradient reaching it, including the one
+    from another output computed from it (LSTMCell's h from c); a hook on a view sees only what
+    the rest of the model sends back, which is what a replay of the call needs."""
+    if isinstance(out, Tensor):
+        return out, [out]
+    items = list(out)
+    for i in idx:
+        items[i] = items[i].view_as(items[i])
+    new = items if isinstance(out, list) else tuple(items) if type(out) is tuple else type(out)(items)
+    return new, [items[i] for i in idx]
+
+
+def _plain(t: Tensor) -> Tensor:
+    "A plain torch.Tensor (fastai's tensor subclasses do not go through vmap)."
+    return t.as_subclass(Tensor) if type(t) is not Tensor and not isinstance(t, nn.Parameter) else t
+
+
+def _name(func: Callable) -> str:
+    return getattr(func, "__name__", repr(func))
+
+
+def _inplace(func: Callable) -> bool:
+    name = _name(func)
+    return (name.endswith("_") and not name.startswith("__")) or name in (
+        "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__")
+
+
+def _one_example_sizes(func: Callable, args: tuple, batch: int | None) -> tuple | None:
+    """For `p.expand(B, ...)`, `p.repeat(B, ...)`, `broadcast_to(p, (B, ...))` on parameter-derived p: the same
+    arguments with B replaced by 1 (one example's copy). None for any other call."""
+    if func not in _EXPANDS or len(args) < 2:
+        return None
+    sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
+    if not sizes or sizes[0] != batch:
+        return None
+    one = (1, *sizes[1:])
+    return (args[0], one) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else (args[0], *one)
+
+
+def _moved_bdim(func: Callable, args: tuple, kwargs: dict, bd: int | None) -> Any:
+    "Where the batch dimension `bd` of args[0] goes for view-like calls; _KEEP for other calls."
+    name = _name(func)
+    if bd is _UNKNOWN or not args or not isinstance(args[0], Tensor):
+        return _KEEP
+    nd = args[0].ndim
+    try:
+        if name in ("transpose", "swapaxes", "swapdims", "transpose_"):
+            d0, d1 = (int(args[1]) % nd, int(args[2]) % nd) if len(args) >= 3 else (kwargs["dim0"] % nd,
+                                                                                  kwargs["dim1"] % nd)
+            return d1 if bd == d0 else d0 if bd == d1 else bd
+        if name == "t":
+            return 1 - bd if nd == 2 else bd
+        if name == "permute":
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            return [int(d) % nd for d in dims].index(bd)
+        if name in ("unsqueeze", "unsqueeze_"):
+            d = int(args[1] if len(args) > 1 else kwargs["dim"])
+            d = d % (nd + 1)
+            return bd + 1 if d <= bd else bd
+        if name in ("unbind", "select"):
+            d = int(args[1] if len(args) > 1 else kwargs.get("dim", 0)) % nd
+            return _UNKNOWN if d == bd else bd - 1 if d < bd else bd
+        if name == "__getitem__":
+            return _indexed_bdim(args[1], bd)
+    except (KeyError, ValueError, TypeError, IndexError):
+        return _UNKNOWN
+    return _KEEP
+
+
+def _indexed_bdim(index: Any, bd: int) -> Any:
+    index = index if isinstance(index, tuple) else (index,)
+    if any(e is None or e is Ellipsis or isinstance(e, (Tensor, list, bool)) for e in index):
+        return _KEEP
+    if bd < len(index) and isinstance(index[bd], int):
+        return _UNKNOWN  # one example picked out
+    return bd - sum(isinstance(e, int) for e in index[:bd])

@@ -77,34 +77,31 @@ def test_per_example_training_run_restores_everything_exactly(digits_dl):
     assert not any(m._forward_hooks for m in model.modules())  # the hooks are gone
 
 
-class _Twice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.lin(self.lin(x))
-
-
 def _tied():
+    "Two Linear modules sharing one weight: exact, cross term included (no longer refused)."
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
     b.weight = a.weight
     return nn.Sequential(a, nn.ReLU(), b)
 
 
-@pytest.mark.parametrize("model, match", [
-    (lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), "BatchNorm1d in training mode"),
-    (_Twice, "called more than once"),
-    (_tied, "shared with another module"),
-], ids=["batchnorm", "called-twice", "tied-weights"])
-def test_refuses_models_without_per_example_gradients(model, match):
-    model = model()
+def test_tied_linear_modules_are_exact():
+    torch.manual_seed(0)
+    model, x, y = _tied(), torch.randn(16, 4), torch.randint(0, 4, (16,))
+    expected = per_example_grads(model, nn.CrossEntropyLoss(), x, y).square().sum(1)
+    with PerExampleNorms(model) as norms:
+        nn.functional.cross_entropy(model(x), y).backward()
+        got = norms.pop()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_refuses_batchnorm_in_training_mode():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     dl = DataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64, 4)), batch_size=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match="BatchNorm1d in training mode"):
         bs_find(model, dl, nn.MSELoss(), lr=0.1, method="per_example")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert not any(m._forward_hooks for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_per_example_refuses_batches_of_one():
