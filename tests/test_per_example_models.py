@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from gns_widget import bs_find, estimator
+from gns_widget import bs_find
 from gns_widget.per_example import PerExampleNorms, norm_layer_params
 from tests.tiny_gpt import TinyGPT, markov_tokens, next_token_loss
 
@@ -191,8 +191,6 @@ def test_tiny_gpt_noise_scale_within_10_percent_of_exact():
     assert res.history.scale.iloc[-1] == pytest.approx(g_sq, rel=0.10)
 
 
-@pytest.mark.xfail(not hasattr(estimator, "trainable_grads"), strict=True,
-                   reason="the engine's big-batch norm counts frozen weights until estimator.gradients_of skips them")
 def test_frozen_first_layer_noise_scale_within_10_percent_of_exact():
     from tests.test_exactness import _mlp_problem
 
