@@ -29,7 +29,8 @@ class RunInfo:
     "Who holds a model: shown in the error, and used to stop that run."
     owner: str  # "bs_find", "GNSWidget", "max_batch_size", ...
     stop_event: threading.Event
-    thread: str = field(default_factory=lambda: threading.current_thread().name)
+    thread: str = field(default_factory=lambda: threading.current_thread().name)  # for people
+    thread_id: int = field(default_factory=threading.get_ident)  # for the nesting check: names need not be unique
     started: float = field(default_factory=time.time)
 
     def describe(self) -> str:
@@ -54,10 +55,9 @@ def claim(model: nn.Module, owner: str, stop_event: threading.Event | None = Non
     A run that nests another on the same thread (bs_find's memory probe) passes through: it is
     part of the run that holds the model, not a second one.
     """
-    me = threading.current_thread().name
     with _lock:
         held = _runs.get(model)
-        if held is not None and held.thread == me:
+        if held is not None and held.thread_id == threading.get_ident():
             nested = True
         elif held is not None:
             raise FinderBusyError(
