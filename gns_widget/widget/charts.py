@@ -77,18 +77,21 @@ def _figure(name: str, title: str, ylabel: str, log: bool, help_text: str):
     if log:  # the suggested batch size, drawn where the user compares it with the noise scale
         suggestion = bq.Lines(x=[], y=[], scales={"x": x, "y": y}, colors=[_SUGGESTION], line_style="dashed")
         marks.append(suggestion)
-    axes = [bq.Axis(scale=x, label="iteration (small batches)", side="bottom", tick_values=[], tick_format="~s"),
+    hidden = {"display": "none"}  # no tick labels until there is data (see GNSCharts._axes)
+    axes = [bq.Axis(scale=x, label="iteration (small batches)", side="bottom", tick_values=[], tick_format="~s",
+                    tick_style=hidden),
             bq.Axis(scale=y, label=ylabel, side="left", tick_values=[], tick_format=",~g" if log else ".3~g",
-                    label_offset="42px")]
+                    label_offset="42px", tick_style=hidden)]
     fig = bq.Figure(marks=marks, axes=axes, title=title, animation_duration=0, display_toolbar=False,
                     padding_x=0.0, padding_y=0.0, fig_margin={"top": 36, "bottom": 42, "left": 60, "right": 16},
-                    layout=ipw.Layout(width="100%", height="240px"))
+                    layout=ipw.Layout(width="auto", min_width="200px", height="240px"))
     fig.add_class("gns-chart")
     fig.add_class(f"gns-chart-{name.replace('_', '-')}")
-    caption = ipw.HTML(f'<span style="font-size:var(--jp-ui-font-size0, 11px);'
+    caption = ipw.HTML(f'<span style="display:block;line-height:1.35;font-size:var(--jp-ui-font-size0, 11px);'
                        f'color:var(--jp-ui-font-color2, #616161)">{help_text}</span>')
     caption.add_class("gns-help")
-    box = ipw.VBox([fig, caption], layout=ipw.Layout(flex="1 1 260px", min_width="240px", max_width="440px"))
+    box = ipw.VBox([fig, caption], layout=ipw.Layout(flex="1 1 260px", min_width="240px", max_width="440px",
+                                                     overflow="hidden"))
     box.add_class("gns-chart-box")
     return box, fig, line, suggestion
 
@@ -138,6 +141,9 @@ class GNSCharts(ipw.HBox):
         with x.hold_sync():
             x.min, x.max = 0.0, float(max(total, 1))
         x_axis.tick_values = nice_ticks(0, total, 4, integer=True) if total else []
+        # bqplot reads empty tick_values as "choose for me": hide the labels of an axis with nothing on it
+        x_axis.tick_style = {"display": "inline" if total else "none"}
+        y_axis.tick_style = {"display": "inline" if values else "none"}
         if not values:
             y_axis.tick_values = []
             return

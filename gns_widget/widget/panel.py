@@ -172,10 +172,11 @@ class GNSWidget(ipw.VBox):
         betas = tuple(sorted(set(BETAS) | {beta}))
         style = {"description_width": "60px"}
         lo, hi = N_BATCH_RANGE
+        fit = {"width": "100%", "max_width": "360px"}  # shrinks in a narrow notebook instead of overflowing
         self.n_batch_slider = ipw.IntSlider(value=n_batch, min=lo, max=hi, description="n_batch", style=style,
-                                            continuous_update=False, tooltip=_HELP["n_batch"])
+                                            continuous_update=False, tooltip=_HELP["n_batch"], layout=fit)
         self.beta_slider = ipw.SelectionSlider(options=betas, value=beta, description="beta", style=style,
-                                               continuous_update=False, tooltip=_HELP["beta"])
+                                               continuous_update=False, tooltip=_HELP["beta"], layout=fit)
         self.num_it_text = ipw.IntText(value=num_it, description="num_it", style=style, tooltip=_HELP["num_it"],
                                        layout={"width": "200px"})
         self.lr_text = ipw.FloatText(value=lr, description="lr", style=style, tooltip=_HELP["lr"],
@@ -195,7 +196,7 @@ class GNSWidget(ipw.VBox):
         self.progress_label = ipw.HTML("iteration 0")
         self.status = ipw.HTML()
         self.charts = GNSCharts()
-        self.result_box = ipw.HTML()
+        self.result_box = ipw.HTML(layout={"overflow": "auto"})  # a wide table scrolls alone
         for w, cls in ((self.n_batch_slider, "n-batch"), (self.beta_slider, "beta"), (self.num_it_text, "num-it"),
                        (self.lr_text, "lr"), (self.num_it_help, "num-it-help"), (self.bs_label, "bs"),
                        (self.error_label, "error"), (self.note_label, "note"), (self.start_button, "start"),
@@ -212,8 +213,9 @@ class GNSWidget(ipw.VBox):
         self._set_status("idle", "idle")
         controls = ipw.GridBox(
             [self._with_help(self.n_batch_slider, _HELP["n_batch"]), self._with_help(self.beta_slider, _HELP["beta"]),
-             ipw.VBox([self.num_it_text, self.num_it_help]), self._with_help(self.lr_text, _HELP["lr"])],
-            layout={"grid_template_columns": "repeat(auto-fill, minmax(330px, 1fr))", "grid_gap": "0 12px"})
+             ipw.VBox([self.num_it_text, self.num_it_help]),
+             self._with_help(self.lr_text, _HELP["lr"])],
+            layout={"grid_template_columns": "repeat(auto-fill, minmax(260px, 1fr))", "grid_gap": "0 12px"})
         row = {"flex_flow": "row wrap", "align_items": "center"}
         super().__init__([
             controls, self.error_label,
@@ -225,6 +227,7 @@ class GNSWidget(ipw.VBox):
 
     @staticmethod
     def _with_help(control: ipw.Widget, text: str) -> ipw.VBox:
+        "The control with its one-line explanation right under it (the tooltip only covers the label)."
         return ipw.VBox([control, _help_html(text)])
 
     # ---------------------------------------------------------------- state
@@ -476,7 +479,8 @@ class GNSWidget(ipw.VBox):
                 done = total
             elapsed = f" · {_duration(last.elapsed)}" if last else ""
             how = "finished" if result is not None and not result.stopped else "stopped"
-            self.progress_label.value = f"{how} at iteration {done}/{total}{elapsed}"
+            self.progress_label.value = (f"{how} at iteration {done}/{total}{elapsed}" if last else
+                                         f"{how} before the first estimate")
             if error is not None:
                 status, kind = f"error: {type(error).__name__}: {error}", "error"
             elif result.stopped:
@@ -497,8 +501,8 @@ class GNSWidget(ipw.VBox):
         self._set_status(status, kind, final=True)
 
     def _result_html(self, res: GNSResult, done: int, total: int) -> str:
-        rows = [f"<b>noise scale</b>: {res.noise_scale:.4g} examples "
-                "<span title='the batch size above which bigger batches stop saving steps'>ⓘ</span>"]
+        ns = f"{res.noise_scale:.4g} examples" if math.isfinite(res.noise_scale) else "no estimate yet"
+        rows = [f"<b>noise scale</b>: {ns} (the batch size beyond which bigger batches stop saving steps)"]
         if res.reliable:
             partial = f", from a stopped run ({done} of {total} iterations)" if res.stopped else ""
             rows.append(f"<b>suggested batch size</b>: {res.suggested_bs} (measured at batch size {res.batch_size}"
@@ -537,8 +541,8 @@ def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any) -> None:
 
 
 def _help_text(text: str) -> str:
-    return f'<span style="font-size:var(--jp-ui-font-size0, 11px);color:var(--jp-ui-font-color2, #616161)">' \
-           f"{html.escape(text)}</span>"
+    return ('<span style="display:block;line-height:1.35;font-size:var(--jp-ui-font-size0, 11px);'
+            f'color:var(--jp-ui-font-color2, #616161)">{html.escape(text)}</span>')
 
 
 def _help_html(text: str) -> ipw.HTML:
@@ -566,5 +570,5 @@ def _tradeoff_html(res: GNSResult) -> str:
     steps = "".join(f"<td style='padding:0 6px'>×{v:.2f}</td>" for v in t.steps)
     examples = "".join(f"<td style='padding:0 6px'>×{v:.2f}</td>" for v in t.examples)
     return ("<b>trade-off</b> (predicted steps and examples to reach the same loss, relative to their minimum):"
-            f"<table class='gns-tradeoff'><tr><th>batch size</th>{head}</tr>"
-            f"<tr><td>steps</td>{steps}</tr><tr><td>examples</td>{examples}</tr></table>")
+            f"<div style='overflow-x:auto;max-width:100%'><table class='gns-tradeoff'><tr><th>batch size</th>{head}"
+            f"</tr><tr><td>steps</td>{steps}</tr><tr><td>examples</td>{examples}</tr></table></div>")
