@@ -129,10 +129,17 @@ def _open(browser, lab: str, name: str, width: int = 1600, height: int = 1400):
     page = browser.new_page(viewport={"width": width, "height": height})
     page.goto(f"{lab}/lab/tree/{name}?reset")
     expect(page.locator("#jp-main-statusbar")).to_contain_text("Idle", timeout=60_000)
-    news = page.locator(".jp-Notification-Toast button", has_text="No")  # the "Jupyter news?" toast
+    return page
+
+
+def _dismiss_news(page) -> None:
+    "Close JupyterLab's 'Jupyter news?' toast, which appears a few seconds in and covers screenshots."
+    from playwright.sync_api import expect
+
+    news = page.get_by_role("button", name="No", exact=True)
     if news.count():
         news.first.click()
-    return page
+        expect(news).to_have_count(0)
 
 
 def _menu(page, menu: str, *items: str) -> None:
@@ -213,8 +220,10 @@ def test_quickstart_panel_apply_and_the_batch_size_the_code_gets(lab, browser):
     expect(panel.locator("button.gns-apply")).to_be_disabled()
     new_bs = int(re.search(r"32 → (\d+)", panel.locator(".gns-status").inner_text()).group(1))
     line = panel.locator(".gns-note code.gns-copy").inner_text()
-    assert line == "train_dl = w.train_dl" == _cell(page, n_cells - 2).locator(".jp-InputArea-editor").inner_text().strip()
+    copied = _cell(page, n_cells - 2).locator(".jp-InputArea-editor").inner_text().strip()
+    assert line == "train_dl = w.train_dl" == copied
     expect(panel.locator(".gns-bs")).to_contain_text("loaders made before Apply still give 32")
+    _dismiss_news(page)
     panel.screenshot(path=str(ARTIFACTS / "panel.png"))
     _run_cell(page, n_cells - 2)
     _run_cell(page, n_cells - 1)
@@ -310,6 +319,7 @@ def test_narrow_window_and_dark_theme(lab, browser):
         assert box["width"] >= 200 and area[0] - 1 <= box["x"] and box["x"] + box["width"] <= min(area[1], 800) + 1, \
             (name, box, area)
         expect(chart).to_be_in_viewport()
+    _dismiss_news(page)
     page.screenshot(path=str(ARTIFACTS / "narrow_dark.png"), full_page=True)
     # contrast of the status, help and error texts and the chart labels against what is behind them
     panel.locator(".gns-num-it input").fill("3")

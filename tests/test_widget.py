@@ -230,7 +230,7 @@ def test_apply_rebuilds_torch_loader_and_says_which_object_to_use(finished):
     assert current_batch_size(new) == 64 and current_batch_size(old) == 32
     assert finished.applied == [new]
     assert "train batch size 32 → 64" in finished.status.value
-    assert "<b>64</b> in <code>.train_dl</code>, a new DataLoader" in finished.bs_label.value
+    assert "<b>64</b> in <code>w.train_dl</code>, a new DataLoader" in finished.bs_label.value
     assert "made before Apply still give 32" in finished.bs_label.value
     assert "cannot change its batch size" in finished.note_label.value
     assert "train_dl = w.train_dl" in finished.note_label.value  # not under IPython: the usual names

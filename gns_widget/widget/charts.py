@@ -83,7 +83,7 @@ def _figure(name: str, title: str, ylabel: str, log: bool, help_text: str):
             bq.Axis(scale=y, label=ylabel, side="left", tick_values=[], tick_format=",~g" if log else ".3~g",
                     label_offset="42px", tick_style=hidden)]
     fig = bq.Figure(marks=marks, axes=axes, title=title, animation_duration=0, display_toolbar=False,
-                    padding_x=0.0, padding_y=0.0, fig_margin={"top": 36, "bottom": 42, "left": 60, "right": 16},
+                    padding_x=0.0, padding_y=0.0, fig_margin={"top": 36, "bottom": 42, "left": 60, "right": 24},
                     layout=ipw.Layout(width="auto", min_width="200px", height="240px"))
     fig.add_class("gns-chart")
     fig.add_class(f"gns-chart-{name.replace('_', '-')}")

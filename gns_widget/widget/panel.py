@@ -158,7 +158,7 @@ class GNSWidget(ipw.VBox):
         self._status_lock = threading.Lock()
         self._live = False  # a run is going and its final status is not written yet
         self._run_settings: dict[str, Any] = {}
-        self._applied: tuple[int | None, int, bool] | None = None  # (old bs, new bs, changed in place)
+        self._applied: tuple[int | None, int, bool, str] | None = None  # (old bs, new bs, in place, panel name)
         self._listener: ThrottledListener | None = None
         old = runner_of(self.model)
         if old is not None:  # the panel cell was re-run during a run: no run may outlive its panel
@@ -287,8 +287,8 @@ class GNSWidget(ipw.VBox):
             where = "dls.train" if self._uses_learner_dls() else "train_dl"
             text = f"batch size now: <b>{bs}</b> ({where}, changed in place by Apply)"
         else:
-            text = (f"batch size now: <b>{bs}</b> in <code>.train_dl</code>, a new DataLoader; "
-                    f"loaders made before Apply still give {self._applied[0]}")
+            text = (f"batch size now: <b>{bs}</b> in <code>{html.escape(self._applied[3])}.train_dl</code>, a new "
+                    f"DataLoader; loaders made before Apply still give {self._applied[0]}")
         self.bs_label.value = text
 
     def _set_status(self, text: str, kind: str, only_while_running: bool = False, final: bool = False) -> None:
@@ -422,14 +422,15 @@ class GNSWidget(ipw.VBox):
             self.train_dl = new_loader
             if self.on_apply is not None:
                 self.on_apply(new_loader)
-        self._applied = (old, new_bs, in_place)
+        panel_names = _names_of(self)
+        self._applied = (old, new_bs, in_place, panel_names[0] if panel_names else "w")
         self._show_bs()
         self._validate()  # one epoch is shorter at a bigger batch size
         self.apply_button.disabled = True  # done; the next run's suggestion enables it again
         steps = plan.accumulation_steps if plan is not None else 1
         accumulate = f", with gradient accumulation {steps}" if steps > 1 else ""
         self._set_status(f"train batch size {old} → {current_batch_size(new_loader)}{accumulate}", "finished")
-        self.note_label.value = "" if in_place else _new_loader_note(old, new_bs, names, _names_of(self))
+        self.note_label.value = "" if in_place else _new_loader_note(old, new_bs, names, self._applied[3])
         return new_loader
 
     @_guarded
@@ -551,10 +552,9 @@ def _help_html(text: str) -> ipw.HTML:
     return w
 
 
-def _new_loader_note(old: int | None, new: int, loader_names: list[str], panel_names: list[str]) -> str:
+def _new_loader_note(old: int | None, new: int, loader_names: list[str], panel: str) -> str:
     "The copyable line that makes the user's own variable the new loader (a torch loader cannot be resized)."
     loader = loader_names[0] if loader_names else "train_dl"
-    panel = panel_names[0] if panel_names else "w"
     line = f"{loader} = {panel}.train_dl"
     return (f"A PyTorch DataLoader cannot change its batch size, so Apply built a new one with batch size {new} "
             f"in <code>{html.escape(panel)}.train_dl</code>. Loaders made before Apply still give batches of {old}. "
