@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 # torchvision is pinned beside torch so pip keeps this torch instead of fetching a CUDA build for fastai.
 CPU_TORCH ?= torch==2.13.0 torchvision==0.28.0
 STAMP := $(VENV)/.installed
+# real image data for the benchmarks' tests: Debian's package, installed by `make test` when missing
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: install demo test lint clean
 
@@ -26,9 +28,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m gns_widget demo
 
-test: $(STAMP)
+test: $(STAMP) $(FASHION_MNIST)
 	$(PY) -m ruff check gns_widget tests benchmarks examples
 	$(PY) -m pytest -q -p no:cacheprovider
+
+$(FASHION_MNIST):
+	@command -v apt-get >/dev/null || { echo "the benchmarks' tests need Fashion-MNIST in $@: install Debian's" \
+	  "dataset-fashion-mnist package, or copy its four IDX .gz files there"; exit 1; }
+	@echo "installing Debian's dataset-fashion-mnist (Fashion-MNIST for the benchmarks' tests)"
+	@sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	$$sudo apt-get update -q && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist
 
 lint: $(STAMP)
 	$(PY) -m ruff check gns_widget tests benchmarks examples

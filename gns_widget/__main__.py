@@ -1,6 +1,6 @@
 """`python -m gns_widget demo`: find the batch size of a small MLP on the bundled digits, headless.
 
-Shows the whole engine with no notebook and no download: a progress bar while it runs,
+Shows the whole engine with no notebook and no download: fastprogress's bar while it runs,
 then the result, the learning-rate advice and where the plot was saved.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sys
 import time
 
 import torch
+from fastprogress.fastprogress import ConsoleProgressBar
 from torch import nn
 
 from . import bs_find
@@ -18,15 +19,23 @@ from .engine import METHODS
 from .result import GNSRecord
 
 
-def _progress(record: GNSRecord, width: int = 30) -> None:
-    done = record.iteration / record.total
-    bar = "█" * int(width * done) + "·" * (width - int(width * done))
-    eta = record.elapsed / done - record.elapsed
-    sys.stderr.write(f"\r{bar} {record.iteration}/{record.total}  noise scale {record.noise_scale:8.1f}  "
-                     f"loss {record.loss:.3f}  {record.elapsed:4.1f}s, eta {eta:4.1f}s")
-    if record.iteration >= record.total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+class _Progress:
+    "fastprogress's console bar (what fastai users see in `fit`), moved by the finder's `on_update`."
+
+    def __init__(self):
+        self.bar: ConsoleProgressBar | None = None
+
+    def __call__(self, record: GNSRecord) -> None:
+        if self.bar is None:
+            self.bar = ConsoleProgressBar(range(record.total), total=record.total)
+            self.bar.update(0)
+        self.bar.comment = f"noise scale {record.noise_scale:.1f}, loss {record.loss:.3f}"
+        self.bar.update(record.iteration)
+
+    def close(self) -> None:
+        "End the bar's line (a stopped or short run never reaches its total)."
+        if self.bar is not None:
+            print()
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -36,9 +45,11 @@ def demo(args: argparse.Namespace) -> int:
     print(f"digits (scikit-learn, {len(train_dl.dataset)} training images), MLP 64-128-10, batch size {args.bs}, "
           f"lr={args.lr}, num_it={args.num_it}, n_batch={args.n_batch}, beta={args.beta}, method={args.method}")
     start = time.perf_counter()
+    progress = _Progress()
     res = bs_find(model, train_dl, nn.CrossEntropyLoss(), lr=args.lr, num_it=args.num_it, n_batch=args.n_batch,
-                  beta=args.beta, method=args.method, on_update=_progress)
-    print(f"\n{res}\n({time.perf_counter() - start:.1f}s)")
+                  beta=args.beta, method=args.method, on_update=progress)
+    progress.close()
+    print(f"{res}\n({time.perf_counter() - start:.1f}s)")
     advice = res.lr_advice(rule="sgd") if args.lr > 0 else None
     if advice is not None:
         print(advice.text)

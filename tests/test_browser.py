@@ -1,8 +1,10 @@
-"""The panel in a real frontend: JupyterLab in headless Chromium runs the quickstart and clicks Apply.
+"""The panel in a real frontend: JupyterLab in headless Chromium, as a user drives it.
 
-This is the only test that sees what the user sees: the widget messages sent from the
-worker thread must reach the browser and render as charts, a full progress bar and the
-suggestion. Skipped without Chromium or playwright, except in CI where it must run.
+These are the only tests that see what the user sees: widget messages sent from the worker
+thread must reach the browser and render; a re-run cell, a kernel interrupt, Apply, an 800 px
+window and the dark theme must leave a usable panel and an untouched model. One JupyterLab
+server and one browser serve every test (a few seconds each to start). Skipped without
+Chromium or playwright, except in CI where they must run.
 """
 from __future__ import annotations
 
@@ -50,19 +52,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def lab(tmp_path):
-    "A JupyterLab server on a free port, rooted in a temp dir with the quickstart up to (not including) Apply."
+# the scenario notebooks: setup, then the panel cell, then checks the tests run one by one
+SETUP = """import threading
+import torch
+from torch import nn
+from gns_widget import GNSWidget
+from gns_widget.datasets import digits_loaders
+
+torch.manual_seed(0)
+train_dl, valid_dl = digits_loaders(bs=32)
+model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+before = {k: v.clone() for k, v in model.state_dict().items()}"""
+PANEL = "w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), lr=0.1, num_it=10**6, n_batch=10)\nw"
+CHECK = ("print('same weights:', all(torch.equal(v, before[k]) for k, v in model.state_dict().items()),\n"
+         "      '| runs alive:', sum(t.name.startswith('GNSWidget run') for t in threading.enumerate()))")
+SCENARIOS = {
+    "rerun.ipynb": [SETUP, PANEL, CHECK],
+    "interrupt.ipynb": [SETUP, PANEL, "w.start()\nres = w.wait()", CHECK],
+}
+
+
+def _notebook(cells: list) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    "A JupyterLab server on a free port, rooted in a temp dir with the quickstart (up to Apply) and the scenarios."
     _require_browser()
+    tmp_path = tmp_path_factory.mktemp("lab")
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     first_apply = next(i for i, c in enumerate(nb.cells) if "apply" in c.metadata.get("tags", []))
-    nb.cells = nb.cells[:first_apply]  # the test clicks Apply itself
+    # the test clicks Apply itself, then runs what the panel tells the user to run, then checks the batches
+    nb.cells = nb.cells[:first_apply] + [nbformat.v4.new_code_cell(c) for c in (
+        "train_dl = w.train_dl", "print('batch size my code gets:', len(next(iter(train_dl))[0]))")]
     root = tmp_path / "root"
     root.mkdir()
     nbformat.write(nb, root / "quickstart.ipynb")
+    for name, cells in SCENARIOS.items():
+        nbformat.write(_notebook(cells), root / name)
     port = _free_port()
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTERLAB_WORKSPACES_DIR":
-           str(tmp_path / "workspaces"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}
+           str(tmp_path / "workspaces"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
            "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={root}",
            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
@@ -72,6 +107,61 @@ def lab(tmp_path):
     with open(tmp_path / "jupyter.log", "w") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         yield from _serve(server, url, tmp_path / "jupyter.log")
+
+
+@pytest.fixture(scope="module")
+def browser(lab):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _open(browser, lab: str, name: str, width: int = 1600, height: int = 1400):
+    "A fresh page with notebook `name` open and its kernel idle."
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(f"{lab}/lab/tree/{name}?reset")
+    expect(page.locator("#jp-main-statusbar")).to_contain_text("Idle", timeout=60_000)
+    return page
+
+
+def _dismiss_news(page) -> None:
+    "Close JupyterLab's 'Jupyter news?' toast, which appears a few seconds in and covers screenshots."
+    from playwright.sync_api import expect
+
+    news = page.get_by_role("button", name="No", exact=True)
+    if news.count():
+        news.first.click()
+        expect(news).to_have_count(0)
+
+
+def _menu(page, menu: str, *items: str) -> None:
+    page.locator(".lm-MenuBar-itemLabel", has_text=menu).first.click()
+    for item in items:
+        page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
+
+
+def _cell(page, i: int):
+    return page.locator(".jp-Notebook .jp-Cell").nth(i)
+
+
+def _run_cell(page, i: int) -> None:
+    "Select cell `i` and run it (Shift+Enter), as a user re-running a cell does."
+    _cell(page, i).locator(".jp-InputPrompt").first.click()
+    page.keyboard.press("Shift+Enter")
+
+
+def _shutdown(page) -> None:
+    "Close the page and shut its kernel down, so the next test starts with the machine quiet."
+    _menu(page, "Kernel", "Shut Down Kernel")
+    page.close()
 
 
 def _serve(server: subprocess.Popen, url: str, log: Path):
@@ -96,41 +186,164 @@ def _serve(server: subprocess.Popen, url: str, log: Path):
             server.wait()
 
 
-def test_quickstart_panel_in_jupyterlab(lab):
-    from playwright.sync_api import expect, sync_playwright
+def test_quickstart_panel_apply_and_the_batch_size_the_code_gets(lab, browser):
+    "Run All, check the live charts and result, click Apply, run the line the panel shows, count a batch."
+    from playwright.sync_api import expect
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1400})
-            page.goto(f"{lab}/lab/tree/quickstart.ipynb?reset")
-            expect(page.locator("#jp-main-statusbar")).to_contain_text("Idle", timeout=60_000)
-            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-            page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    page = _open(browser, lab, "quickstart.ipynb")
+    n_cells = page.locator(".jp-Notebook .jp-Cell").count()
+    # run everything above the two check cells
+    _cell(page, n_cells - 3).locator(".jp-InputPrompt").first.click()
+    _menu(page, "Run", "Run All Above Selected Cell")
+    panel = page.locator(".gns-widget")
+    expect(panel.locator(".gns-status")).to_contain_text("finished", timeout=120_000)
+    panel.scroll_into_view_if_needed()
+    paths = {name: _line_paths(panel.locator(f".gns-chart-{name}")) for name in ("noise", "scale", "noise-scale")}
+    assert all(any(MANY_POINTS.match(d) for d in ds) for ds in paths.values()), paths
+    assert any(SEGMENT.match(d) for d in paths["noise-scale"]), "no suggested-bs line"
+    bar = panel.locator(".gns-progress .progress-bar")
+    assert bar.evaluate("e => e.style.width") == "100%"
+    expect(panel.locator(".gns-progress-label")).to_contain_text("finished at iteration 1000/1000")
+    expect(panel.locator(".gns-result")).to_contain_text("suggested batch size")
+    # no bqplot toolbar over the title, and no "null" tooltips
+    assert panel.locator(".bqplot .toolbar, .jupyter-widget.bqplot-toolbar").count() == 0
+    nulls = panel.locator("[title='null']").evaluate_all(  # hidden labels of widgets without a description
+        "es => es.filter(e => e.offsetParent !== null).map(e => e.className + ' < ' + e.parentElement.className)")
+    assert not nulls, nulls
+    for control in ("n-batch", "beta", "num-it", "lr"):  # a tooltip on the name, a plain line under the input
+        assert len(panel.locator(f".gns-{control} label").get_attribute("title")) > 30, control
+        below = panel.locator(f".gns-{control} + .gns-help, .gns-{control} + .gns-num-it-help").inner_text()
+        assert len(below) > 30, control
 
-            panel = page.locator(".gns-widget")
-            expect(panel.locator(".gns-status")).to_contain_text("finished", timeout=120_000)
-            panel.scroll_into_view_if_needed()
-            paths = {name: _line_paths(panel.locator(f".gns-chart-{name}"))
-                     for name in ("noise", "scale", "noise-scale")}
-            assert all(any(MANY_POINTS.match(d) for d in ds) for ds in paths.values()), paths
-            assert any(SEGMENT.match(d) for d in paths["noise-scale"]), "no suggested-bs line"
-            bar = panel.locator(".gns-progress .progress-bar")
-            assert bar.evaluate("e => e.style.width") == "100%"
-            expect(panel.locator(".gns-progress-label")).to_contain_text("iteration 1000/1000")
-            expect(panel.locator(".gns-result")).to_contain_text("suggested batch size")
-
-            panel.locator("button.gns-apply").click()
-            expect(panel.locator(".gns-status")).to_contain_text("train batch size 32 →", timeout=30_000)
-            expect(panel.locator("button.gns-apply")).to_be_disabled()
-            shot = ARTIFACTS / "panel.png"
-            panel.screenshot(path=str(shot))
-        finally:
-            browser.close()
+    panel.locator("button.gns-apply").click()
+    expect(panel.locator(".gns-status")).to_contain_text("train batch size 32 →", timeout=30_000)
+    expect(panel.locator("button.gns-apply")).to_be_disabled()
+    new_bs = int(re.search(r"32 → (\d+)", panel.locator(".gns-status").inner_text()).group(1))
+    line = panel.locator(".gns-note code.gns-copy").inner_text()
+    copied = _cell(page, n_cells - 2).locator(".jp-InputArea-editor").inner_text().strip()
+    assert line == "train_dl = w.train_dl" == copied
+    expect(panel.locator(".gns-bs")).to_contain_text("loaders made before Apply still give 32")
+    _dismiss_news(page)
+    panel.screenshot(path=str(ARTIFACTS / "panel.png"))
+    _run_cell(page, n_cells - 2)
+    _run_cell(page, n_cells - 1)
+    expect(_cell(page, n_cells - 1).locator(".jp-OutputArea")).to_contain_text(
+        f"batch size my code gets: {new_bs}", timeout=30_000)
+    _shutdown(page)
     # the README's screenshot is refreshed on request only, so a test run leaves the tree clean
     readme_copy = ROOT / "docs" / "panel.png" if os.environ.get("GNS_UPDATE_SCREENSHOT") else None
-    _small_copy(shot, readme_copy or ARTIFACTS / "panel_small.png")
+    _small_copy(ARTIFACTS / "panel.png", readme_copy or ARTIFACTS / "panel_small.png")
+
+
+def test_rerunning_the_panel_cell_during_a_run(lab, browser):
+    "The old run stops and restores the model; the new panel runs; at most one run is ever alive."
+    from playwright.sync_api import expect
+
+    page = _open(browser, lab, "rerun.ipynb")
+    _menu(page, "Run", "Run All Cells")
+    panel = page.locator(".gns-widget")
+    expect(panel.locator("button.gns-start")).to_be_enabled(timeout=60_000)
+    panel.locator("button.gns-start").click()
+    expect(panel.locator(".gns-progress-label")).to_contain_text("left", timeout=30_000)
+    _run_cell(page, 1)  # the panel cell again, while its run goes on
+    panel = page.locator(".gns-widget")
+    expect(panel.locator(".gns-status")).to_contain_text("idle", timeout=30_000)
+    assert panel.count() == 1
+    _run_cell(page, 2)
+    out = _cell(page, 2).locator(".jp-OutputArea")
+    expect(out).to_contain_text("same weights: True | runs alive: 0", timeout=30_000)
+    panel.locator("button.gns-start").click()
+    expect(panel.locator(".gns-progress-label")).to_contain_text("left", timeout=30_000)
+    _run_cell(page, 2)
+    expect(out).to_contain_text("runs alive: 1", timeout=30_000)
+    panel.locator("button.gns-stop").click()
+    expect(panel.locator(".gns-status")).to_contain_text("model restored", timeout=30_000)
+    _run_cell(page, 2)
+    expect(out).to_contain_text("same weights: True | runs alive: 0", timeout=30_000)
+    _shutdown(page)
+
+
+def test_kernel_interrupt_during_a_run(lab, browser):
+    "■ while a cell waits for the run: the run stops, the model is restored and the panel starts again."
+    from playwright.sync_api import expect
+
+    page = _open(browser, lab, "interrupt.ipynb")
+    _menu(page, "Run", "Run All Cells")
+    panel = page.locator(".gns-widget")
+    expect(panel.locator(".gns-progress-label")).to_contain_text("left", timeout=60_000)
+    _menu(page, "Kernel", "Interrupt Kernel")
+    expect(panel.locator(".gns-status")).to_contain_text("interrupted (kernel interrupt) after", timeout=30_000)
+    expect(panel.locator(".gns-status")).to_contain_text("model restored")
+    expect(panel.locator("button.gns-start")).to_be_enabled()
+    expect(panel.locator("button.gns-stop")).to_be_disabled()
+    expect(panel.locator(".gns-progress-label")).to_contain_text("stopped at iteration")
+    expect(_cell(page, 2).locator(".jp-OutputArea")).to_contain_text("KeyboardInterrupt")
+    _run_cell(page, 3)
+    out = _cell(page, 3).locator(".jp-OutputArea")
+    expect(out).to_contain_text("same weights: True | runs alive: 0", timeout=30_000)
+    stopped_at = panel.locator(".gns-progress-label").inner_text()
+    panel.locator("button.gns-start").click()  # usable: a new run starts and reports
+    expect(panel.locator(".gns-progress-label")).not_to_have_text(stopped_at, timeout=30_000)
+    expect(panel.locator(".gns-progress-label")).to_contain_text("left", timeout=30_000)
+    panel.locator("button.gns-stop").click()
+    expect(panel.locator(".gns-status")).to_contain_text("model restored", timeout=30_000)
+    _run_cell(page, 3)
+    expect(out).to_contain_text("same weights: True | runs alive: 0", timeout=30_000)
+    _shutdown(page)
+
+
+def test_narrow_window_and_dark_theme(lab, browser):
+    "At 800 px the three charts wrap instead of scrolling sideways; in the dark theme every text stays readable."
+    from playwright.sync_api import expect
+
+    page = _open(browser, lab, "rerun.ipynb", width=800, height=900)
+    _menu(page, "Settings", "Theme", "JupyterLab Dark")
+    expect(page.locator("body")).to_have_attribute("data-jp-theme-light", "false", timeout=30_000)
+    _run_cell(page, 0)
+    _run_cell(page, 1)
+    panel = page.locator(".gns-widget")
+    expect(panel.locator("button.gns-start")).to_be_enabled(timeout=60_000)
+    panel.locator("button.gns-start").click()
+    expect(panel.locator(".gns-progress-label")).to_contain_text("left", timeout=30_000)
+    page.wait_for_timeout(1500)
+    panel.locator("button.gns-stop").click()
+    expect(panel.locator(".gns-status")).to_contain_text("model restored", timeout=30_000)
+    area = panel.evaluate("e => { const r = e.getBoundingClientRect(); return [r.left, r.right, e.scrollWidth,"
+                          " e.clientWidth, [...e.querySelectorAll('*')].filter(c => c.getBoundingClientRect().right"
+                          " > r.right + 1).map(c => c.getAttribute('class')).slice(0, 5)] }")
+    assert area[2] <= area[3] + 1, f"the panel scrolls sideways: {area}"
+    for name in ("noise", "scale", "noise-scale"):
+        chart = panel.locator(f".gns-chart-{name}")
+        chart.scroll_into_view_if_needed()
+        box = chart.bounding_box()
+        assert box["width"] >= 200 and area[0] - 1 <= box["x"] and box["x"] + box["width"] <= min(area[1], 800) + 1, \
+            (name, box, area)
+        expect(chart).to_be_in_viewport()
+    _dismiss_news(page)
+    page.screenshot(path=str(ARTIFACTS / "narrow_dark.png"), full_page=True)
+    # contrast of the status, help and error texts and the chart labels against what is behind them
+    panel.locator(".gns-num-it input").fill("3")
+    panel.locator(".gns-num-it input").press("Enter")
+    expect(panel.locator(".gns-error")).to_contain_text("num_it must be")
+    for selector in (".gns-status span", ".gns-help span", ".gns-error span", ".gns-bs", ".gns-progress-label",
+                     ".gns-chart .axis text", ".gns-chart .mainheading"):
+        for ratio, text in page.evaluate(CONTRAST_JS, f".gns-widget {selector}"):
+            assert ratio >= 4.5, f"{selector} {text!r}: contrast {ratio:.2f}"
+    _shutdown(page)
+
+
+# WCAG contrast of each matched element's text colour (fill for SVG) against its first opaque ancestor background
+CONTRAST_JS = """sel => {
+  const rgb = s => (s.match(/[\\d.]+/g) || []).map(Number);
+  const f = c => { c /= 255; return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4 };
+  const lum = ([r, g, b]) => 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  const bg = e => { for (; e; e = e.parentElement) { const c = rgb(getComputedStyle(e).backgroundColor);
+                      if (c.length === 3 || c[3] > 0.5) return c.slice(0, 3) } return [255, 255, 255] };
+  return [...document.querySelectorAll(sel)].filter(e => e.textContent.trim()).map(e => {
+    const s = getComputedStyle(e); const fg = rgb(e instanceof SVGElement ? s.fill : s.color).slice(0, 3);
+    const [a, b] = [lum(fg), lum(bg(e))].sort((x, y) => y - x);
+    return [(a + 0.05) / (b + 0.05), e.textContent.trim().slice(0, 40)] })
+}"""
 
 
 def _line_paths(figure, timeout: float = 10.0) -> list[str]:

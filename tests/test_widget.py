@@ -1,7 +1,14 @@
 """The panel without a browser: controls, the background run, charts, result, Apply and every error path."""
 from __future__ import annotations
 
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +18,11 @@ from torch import nn
 import gns_widget
 from gns_widget import GNSWidget
 from gns_widget.datasets import bikeshare, digits_loaders
+from gns_widget.guard import FinderBusyError, active_run
 from gns_widget.loaders import current_batch_size
+from gns_widget.result import GNSRecord
 from gns_widget.widget import panel, runner
-from gns_widget.widget.charts import CHARTS
+from gns_widget.widget.charts import CHARTS, log_ticks, nice_ticks
 from gns_widget.widget.runner import ThrottledListener
 
 # lr=0 measures at fixed weights: fast, deterministic and reliable on digits (noise scale ~80 → bs 64)
@@ -61,11 +70,10 @@ def same_weights(model: nn.Module, before: dict) -> bool:
 
 
 def test_construct_shows_controls_and_idle(train_dl):
-    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=15, beta=0.999)
-    assert (w.n_batch_slider.value, w.beta_slider.value, w.num_it_text.value) == (15, 0.999, 0)
-    assert (w.n_batch_slider.min, w.n_batch_slider.max) == (2, 100)
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=15, beta=0.999, num_it=300)
+    assert (w.n_batch_slider.value, w.beta_slider.value, w.num_it_text.value) == (15, 0.999, 300)
+    assert (w.n_batch_slider.min, w.n_batch_slider.max) == panel.N_BATCH_RANGE == (2, 100)
     assert {0.9, 0.99, 0.999, 0.9999} <= set(w.beta_slider.options)
-    assert w.settings()["num_it"] is None  # 0 in the box = one epoch
     assert "idle" in w.status.value and "32" in w.bs_label.value
     assert w.apply_button.disabled and w.stop_button.disabled and not w.start_button.disabled
     assert w.result is None and w.wait() is None
@@ -73,31 +81,70 @@ def test_construct_shows_controls_and_idle(train_dl):
     w.close()
 
 
+def test_default_num_it_is_one_epoch_only_when_that_can_suggest(train_dl):
+    "digits at bs 32: one epoch is 45 batches; a suggestion needs 5 estimates of n_batch batches."
+    assert GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=5).num_it_text.value == 0  # 45 ≥ 25
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=15)
+    assert w.num_it_text.value == 75 and w.settings()["num_it"] == 75 and w.error_label.value == ""
+    assert "num_it ≥ 5 × n_batch 15 = 75" in w.num_it_help.value and "one epoch = 45 batches" in w.num_it_help.value
+    per_example = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=15, method="per_example")
+    assert per_example.num_it_text.value == 0  # every step is an estimate: 45 ≥ 5
+
+
 def test_reserved_and_bad_target_are_refused(train_dl):
-    with pytest.raises(ValueError, match="on_update"):
+    with pytest.raises(TypeError, match="on_update"):
         GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), on_update=print)
     with pytest.raises(TypeError, match="target"):
         GNSWidget("model", train_dl, nn.CrossEntropyLoss())
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(n_batches=10), TypeError, "n_batches"),
+    (dict(n_batch=200), ValueError, "n_batch must be an integer from 2 to 100"),
+    (dict(n_batch=1), ValueError, "n_batch must be an integer from 2 to 100"),
+    (dict(n_batch=2.5), ValueError, "n_batch"),
+    (dict(beta=1.0), ValueError, "beta"),
+    (dict(beta=0.0), ValueError, "beta"),
+    (dict(lr=-1.0), ValueError, "lr must be a finite number"),
+    (dict(lr=math.inf), ValueError, "lr must be a finite number"),
+    (dict(num_it=30, n_batch=10), ValueError, r"num_it must be ≥ 50 \(a suggestion needs 5 estimates"),
+    (dict(num_it=0, n_batch=10), ValueError, "one epoch is only 45 batches at batch size 32"),
+    (dict(num_it=-1), ValueError, "num_it must be an integer"),
+    (dict(method="exact"), ValueError, "method must be one of"),
+    (dict(on_apply=3), TypeError, "on_apply"),
+    (dict(amp=torch.int8), ValueError, "amp"),
+    (dict(opt=42), ValueError, "opt"),
+])
+def test_bad_arguments_raise_when_the_panel_is_built(train_dl, kwargs, error, message):
+    "Item 4: every argument is checked at construction, none silently clamped or left for Start to find."
+    with pytest.raises(error, match=message):
+        GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **kwargs)
+
+
+def test_missing_loss_is_refused_at_build(train_dl):
+    with pytest.raises(ValueError, match="loss_func is required"):
+        GNSWidget(mlp(), train_dl)
 
 
 def test_finished_run_fills_charts_progress_status_and_result(finished):
     w, res = finished, finished.result
     assert res.reliable and res.suggested_bs == 64
     h = res.history
-    for name, _title, log in CHARTS:
+    for name, _title, _label, log, _help in CHARTS:
         line = w.charts.lines[name]
         keep = (h[name] > 0) if log else np.isfinite(h[name])
         assert len(line.x) > 0
         np.testing.assert_allclose(line.x, h.iteration[keep])
         np.testing.assert_allclose(line.y, h[name][keep])
     assert list(w.charts.suggestion_line.y) == [64, 64]
-    assert "(bs 64)" in w.charts.figures[2].title and f"{res.noise_scale:.4g}" in w.charts.figures[2].title
+    assert "(suggested bs 64)" in w.charts.figures[2].title and f"{res.noise_scale:.4g}" in w.charts.figures[2].title
     assert w.progress.value == w.progress.max == QUICK["num_it"]
-    assert f"iteration {QUICK['num_it']}/{QUICK['num_it']}" in w.progress_label.value
-    assert "ETA" in w.progress_label.value and "elapsed" in w.progress_label.value
-    assert "status: finished" in w.status.value
+    assert w.progress_label.value.startswith(f"finished at iteration {QUICK['num_it']}/{QUICK['num_it']}")
+    assert "left" not in w.progress_label.value  # no ETA once the run is over
+    assert "status: finished" in w.status.value and "success-color" in w.status.value
     assert "noise scale" in w.result_box.value and "suggested batch size</b>: 64" in w.result_box.value
-    assert "sgd rule" in w.result_box.value  # plain module, no opt: bs_find trains with SGD
+    assert "measured at batch size 32" in w.result_box.value  # not "(now 32)", which Apply would make stale
+    assert "SGD-like optimizer" in w.result_box.value  # plain module, no opt: bs_find trains with SGD
     # the trade-off row for the suggested size: steps 1 + B_noise/B, examples 1 + B/B_noise
     ns = w.result.noise_scale
     assert "gns-tradeoff" in w.result_box.value
@@ -105,14 +152,110 @@ def test_finished_run_fills_charts_progress_status_and_result(finished):
     assert not w.apply_button.disabled and w.stop_button.disabled and not w.start_button.disabled
 
 
-def test_apply_rebuilds_torch_loader_and_calls_on_apply(finished):
+def test_axes_are_round_and_start_at_zero(finished):
+    "Item 8: x from 0 to num_it with round ticks, the log axis on 1-2-5 values around the data and the suggestion."
+    for fig in finished.charts.figures:
+        x_axis, y_axis = fig.axes
+        assert (x_axis.scale.min, x_axis.scale.max) == (0, QUICK["num_it"]) and not x_axis.scale.allow_padding
+        assert list(x_axis.tick_values) == [0, 50, 100, 150, 200]
+        assert y_axis.label and x_axis.label == "iteration (small batches)"
+        assert len(y_axis.tick_values) >= 2 and not fig.display_toolbar
+    log_scale = finished.charts.figures[2].axes[1].scale
+    ns = finished.charts.lines["noise_scale"].y
+    assert log_scale.min <= min(ns.min(), 64) and log_scale.max >= max(ns.max(), 64)
+    assert all(lo <= t <= hi for t in finished.charts.figures[2].axes[1].tick_values
+               for lo, hi in [(log_scale.min, log_scale.max)])
+
+
+def test_tick_helpers():
+    assert nice_ticks(0, 1000, 4, integer=True) == [0, 500, 1000]
+    assert nice_ticks(0, 20000, 4, integer=True) == [0, 5000, 10000, 15000, 20000]
+    assert nice_ticks(0, 3, 4, integer=True) == [0, 1, 2, 3]
+    assert nice_ticks(5.77, 14.4) == [7.5, 10, 12.5]
+    assert log_ticks(39.5, 1540) == (20, 2000, [20, 50, 100, 200, 500, 1000, 2000])
+    assert log_ticks(1, 1e6)[2] == [1, 10, 100, 1e3, 1e4, 1e5, 1e6]  # wide: decades only
+    assert log_ticks(60, 90) == (50, 100, [50, 70, 100])  # narrow: still at least the two ends
+
+
+def _record(it: int, value: float, elapsed: float, total: int = 100) -> GNSRecord:
+    return GNSRecord(iteration=it, samples=32 * it, loss=1.0, noise=value, scale=1.0, noise_scale=value,
+                     noise_raw=value, scale_raw=1.0, elapsed=elapsed, total=total)
+
+
+def test_charts_before_a_run_and_with_a_single_estimate():
+    "No '0 0 1 1' ticks before data; one estimate is drawn as a dot on a non-degenerate axis, not a blank chart."
+    charts = panel.GNSCharts()
+    assert all(list(ax.tick_values) == [] for fig in charts.figures for ax in fig.axes)
+    charts.show([_record(10, 80.0, 0.5)])
+    for name, fig in zip(charts.lines, charts.figures):
+        line = charts.lines[name]
+        assert list(line.y) == [80.0 if name != "scale" else 1.0] and line.marker == "circle"
+        assert fig.axes[1].scale.min < line.y[0] < fig.axes[1].scale.max
+    charts.show([_record(10, 80.0, 0.5), _record(20, 90.0, 1.0)])
+    assert charts.lines["noise"].marker is None
+
+
+def test_layout_wraps_and_explains_every_control_and_chart(finished):
+    "Items 10 and 12: charts wrap on narrow screens; every control has a tooltip, every chart a plain caption."
+    assert finished.charts.layout.flex_flow == "row wrap"
+    for w in (finished.n_batch_slider, finished.beta_slider, finished.num_it_text, finished.lr_text,
+              finished.start_button, finished.stop_button, finished.apply_button):
+        assert w.tooltip and w.tooltip != "null"
+    captions = [box.children[1].value for box in finished.charts.children]
+    assert len(captions) == 3 and all(len(c) > 40 for c in captions)
+
+
+def test_status_colours_follow_the_jupyterlab_theme(train_dl):
+    "Item 11: every status colour is a JupyterLab theme variable, so the dark theme keeps it readable."
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
+    for kind in ("idle", "running", "finished", "error", "warn"):
+        w._set_status("x", kind)
+        assert "color:var(--jp-" in w.status.value
+
+
+def test_eta_uses_the_average_rate_after_start_up():
+    "Item 13: a slow first estimate (start-up) does not inflate the ETA: 5 s to start, then 0.01 s per iteration."
+    assert math.isnan(panel.eta_seconds([_record(10, 1, 5.0, 1000)]))  # one estimate: no rate yet
+    records = [_record(10 * k, 1, 5.0 + 0.1 * (k - 1), 1000) for k in range(1, 21)]
+    for n in range(2, 21):
+        assert panel.eta_seconds(records[:n]) == pytest.approx(0.01 * (1000 - 10 * n))
+    assert panel._duration(9.84) == "9.8 s" and panel._duration(75) == "1 min 15 s"
+
+
+def test_apply_rebuilds_torch_loader_and_says_which_object_to_use(finished):
+    "Item 5: the panel never claims the user's own loader changed; it shows the line that makes it so."
     old = finished.train_dl
     new = finished.apply()
     assert new is finished.train_dl and new is not old
     assert current_batch_size(new) == 64 and current_batch_size(old) == 32
     assert finished.applied == [new]
-    assert "train batch size 32 → 64" in finished.status.value and "64" in finished.bs_label.value
+    assert "train batch size 32 → 64" in finished.status.value
+    assert "<b>64</b> in <code>w.train_dl</code>, a new DataLoader" in finished.bs_label.value
+    assert "made before Apply still give 32" in finished.bs_label.value
+    assert "cannot change its batch size" in finished.note_label.value
+    assert "train_dl = w.train_dl" in finished.note_label.value  # not under IPython: the usual names
+    assert "measured at batch size 32" in finished.result_box.value  # still true after Apply
     assert finished.apply_button.disabled
+    # one epoch at 64 is 23 batches, too few for 5 estimates of 10: the control says so before Start
+    finished.num_it_text.value = 0
+    assert "one epoch is only 23 batches at batch size 64" in finished.error_label.value
+    assert finished.start_button.disabled
+    finished.num_it_text.value = QUICK["num_it"]
+
+
+def test_copy_line_uses_the_notebook_variable_names(train_dl, monkeypatch):
+    import IPython
+
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
+    w.start()
+    w.wait(60)
+
+    class Shell:
+        user_ns = {"my_dl": train_dl, "panel_w": w, "_": w}
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: Shell())
+    w.apply()
+    assert "my_dl = panel_w.train_dl" in w.note_label.value
 
 
 def test_buttons_start_stop_and_apply_refused_while_running(train_dl):
@@ -128,12 +271,15 @@ def test_buttons_start_stop_and_apply_refused_while_running(train_dl):
     w.stop_button.click()
     res = w.wait(timeout=30)
     assert res is not None and res.stopped
-    assert "stopped after" in w.status.value and w.progress.value < w.progress.max
+    assert "stopped after" in w.status.value and "model restored" in w.status.value
+    assert w.progress.value < w.progress.max
+    assert w.progress_label.value.startswith("stopped at iteration") and "left" not in w.progress_label.value
+    assert "stopped after" in w.result_box.value and "increase num_it" not in w.result_box.value
     assert same_weights(model, before)
     assert not w.start_button.disabled and w.stop_button.disabled
 
 
-def test_start_twice_runs_once(train_dl, monkeypatch):
+def test_start_twice_runs_once_and_keeps_the_status(train_dl, monkeypatch):
     calls = []
 
     def counting(*args, **kwargs):
@@ -144,16 +290,35 @@ def test_start_twice_runs_once(train_dl, monkeypatch):
     w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **{**QUICK, "num_it": 2000})
     assert w.start()
     assert not w.start()
-    w.start_button.click()
-    assert "already running" in w.status.value
+    w.start_button.click()  # a double click: ignored, and the status is not left saying so all run long
+    assert "status: running" in w.status.value and "already" not in w.status.value
     w.stop()
     assert w.wait(timeout=30) is not None
     assert len(calls) == 1
 
 
+def test_finished_without_suggestion_is_not_shown_as_success(train_dl, monkeypatch):
+    "Item 6: no green 'finished' when there is nothing to apply."
+    from gns_widget.suggest import Suggestion
+
+    def unsettled(*args, **kwargs):
+        res = gns_widget.bs_find(*args, **kwargs)
+        res.suggestion = Suggestion(None, "still moving: increase num_it")
+        return res
+
+    monkeypatch.setattr(runner, "bs_find", unsettled)
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
+    w.start()
+    assert w.wait(timeout=60) is not None
+    assert "finished without a suggestion" in w.status.value and "warn-color" in w.status.value
+    assert "no suggestion</b>: still moving" in w.result_box.value and w.apply_button.disabled
+
+
 @pytest.mark.parametrize("setting, value, message", [
-    ("num_it_text", 5, "num_it (5) must be ≥ n_batch (10)"),
-    ("num_it_text", -3, "num_it must be ≥ n_batch"),
+    ("num_it_text", 5, "num_it must be ≥ 50 (a suggestion needs 5 estimates of n_batch=10"),
+    ("num_it_text", 30, "num_it must be ≥ 50"),
+    ("num_it_text", -3, "num_it must be an integer ≥ 50"),
+    ("num_it_text", 0, "one epoch is only 45 batches"),
     ("lr_text", -0.1, "lr must be a finite number"),
 ])
 def test_bad_settings_give_inline_error_and_refuse_start(train_dl, setting, value, message):
@@ -163,6 +328,124 @@ def test_bad_settings_give_inline_error_and_refuse_start(train_dl, setting, valu
     assert not w.start() and "error:" in w.status.value and not w.running
     getattr(w, setting).value = QUICK["num_it"] if setting == "num_it_text" else 0.0
     assert w.error_label.value == "" and not w.start_button.disabled
+
+
+def test_num_it_help_follows_n_batch(train_dl):
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
+    w.n_batch_slider.value = 40
+    assert "= 200" in w.num_it_help.value and w.error_label.value == ""
+    w.n_batch_slider.value = 41
+    assert "num_it must be ≥ 205" in w.error_label.value and w.start_button.disabled
+
+
+# ---------------------------------------------------------------- one run per model (item 1)
+def test_a_new_panel_for_the_same_model_stops_the_old_run(train_dl):
+    "The panel cell re-run during a run: the old run stops, the model is restored, one run at most is alive."
+    model = mlp()
+    before = snapshot(model)
+    old = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), **LONG)
+    assert old.start() and wait_for(lambda: old.progress.value > 0)
+    assert active_run(model).owner == "GNSWidget" and active_run(model).thread.startswith("GNSWidget run")
+    new = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), **LONG)
+    assert not old.running and active_run(model) is None  # stopped and restored before the new panel exists
+    assert "a new panel for this model took over" in old.status.value
+    assert same_weights(model, before)
+    assert new.start() and wait_for(lambda: new.progress.value > 0)
+    assert not old.start() and "FinderBusyError" in old.status.value and "GNSWidget in thread" in old.status.value
+    new.stop()
+    assert new.wait(30) is not None and same_weights(model, before)
+    assert not [t for t in threading.enumerate() if t.name.startswith("GNSWidget run")]
+
+
+def test_start_is_refused_at_once_while_bs_find_holds_the_model(train_dl):
+    model = mlp()
+    stop = threading.Event()
+    worker = threading.Thread(target=gns_widget.bs_find, args=(model, train_dl, nn.CrossEntropyLoss()),
+                              kwargs={**LONG, "stop_event": stop}, name="my bs_find")
+    worker.start()
+    try:
+        assert wait_for(lambda: active_run(model) is not None)
+        w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), **QUICK)  # bs_find is not stopped by a panel
+        assert active_run(model).owner == "bs_find"
+        assert not w.start() and not w.running
+        assert "FinderBusyError" in w.status.value and "bs_find in thread &#x27;my bs_find&#x27;" in w.status.value
+        assert "Stop it first" in w.status.value and not w.start_button.disabled
+    finally:
+        stop.set()
+        worker.join(30)
+
+
+def test_bs_find_is_refused_while_the_panel_runs(train_dl):
+    model = mlp()
+    w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), **LONG)
+    assert w.start()
+    try:
+        with pytest.raises(FinderBusyError, match="GNSWidget in thread 'GNSWidget run"):
+            gns_widget.bs_find(model, train_dl, nn.CrossEntropyLoss(), **QUICK)
+    finally:
+        w.stop()
+        w.wait(30)
+
+
+# ---------------------------------------------------------------- interrupts and exit (item 3)
+def test_keyboard_interrupt_while_waiting_stops_the_run_and_restores(train_dl, monkeypatch):
+    """The notebook's ■ during `w.wait()`: the run stops at its next step, the model is restored, the panel works.
+
+    A real SIGINT, as the kernel gets: on Python 3.11 one landing in `Thread.join` marked the live
+    thread finished, and ipykernel then closed its socket (ZMQError) while it kept training.
+    """
+    model = mlp()
+    before = snapshot(model)
+    w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), **LONG)
+    assert w.start() and wait_for(lambda: w.progress.value > 0)
+
+    def join(*args, **kwargs):
+        raise AssertionError("Thread.join is not interrupt-safe on Python 3.11: wait on the run's Event")
+
+    monkeypatch.setattr(w._runner.thread, "join", join)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        w.wait()
+    assert not w.running and active_run(model) is None
+    assert same_weights(model, before)
+    assert "interrupted (kernel interrupt) after" in w.status.value and "model restored" in w.status.value
+    assert not w.start_button.disabled and w.stop_button.disabled
+    assert w.start() and wait_for(lambda: w.progress.value > 0)  # usable again
+    w.stop()
+    assert w.wait(30) is not None and same_weights(model, before)
+
+
+def test_a_script_that_ends_during_a_run_exits_cleanly(tmp_path):
+    "A daemon thread still in torch when Python finalizes aborted the process (SIGABRT); the exit hook stops it."
+    script = tmp_path / "ends_early.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from torch import nn
+        from gns_widget import GNSWidget
+        from gns_widget.datasets import digits_loaders
+
+        w = GNSWidget(nn.Linear(64, 10), digits_loaders(bs=32)[0], nn.CrossEntropyLoss(), lr=0.1,
+                      num_it=10**7, n_batch=10)
+        w.start()
+        while w.progress.value == 0:
+            time.sleep(0.05)
+        print("leaving mid-run", flush=True)
+    """))
+    root = Path(__file__).parent.parent
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "leaving mid-run" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_demo_shows_a_fastprogress_bar(tmp_path, capsys):
+    "Item 14: the command-line demo's progress is fastprogress's console bar, not a hand-written one."
+    from gns_widget.__main__ import main
+
+    assert main(["demo", "--num-it", "60", "--n-batch", "10", "--out", str(tmp_path / "plot.png")]) == 0
+    out = capsys.readouterr().out
+    assert "100.00% [60/60" in out and "noise scale" in out and (tmp_path / "plot.png").exists()
 
 
 def test_exception_in_run_shows_in_status_and_restores_weights(train_dl):
@@ -232,8 +515,10 @@ def test_fastai_learner_widget_applies_in_place():
     w.start()
     res = w.wait(timeout=120)
     assert res is not None and res.reliable, w.status.value
-    assert "adam rule, for optimizer Adam" in w.result_box.value
+    assert "square root of the batch-size ratio (Adam-like optimizer Adam)" in w.result_box.value
     assert same_weights(learn.model, before)
     assert w.apply() is dls
     assert dls.train.bs == res.suggested_bs
     assert f"train batch size 64 → {res.suggested_bs}" in w.status.value
+    assert f"<b>{res.suggested_bs}</b> (dls.train, changed in place by Apply)" in w.bs_label.value
+    assert w.note_label.value == ""  # nothing to copy: the user's dls is the object that changed

@@ -1,9 +1,15 @@
-"""The three live bqplot charts: noise tr(Σ), scale |G|² and the noise scale B_simple against iteration.
+"""The three live bqplot charts: gradient noise tr(Σ), gradient signal |G|² and the noise scale, per iteration.
 
-Noise and scale can be negative early in a run (they are differences of noisy estimates),
+Noise and signal can be negative early in a run (they are differences of noisy estimates),
 so their y axes are linear. The noise scale spans orders of magnitude, so its axis is
 logarithmic and only its positive, finite points are drawn: a log scale turns anything
 else into an invalid SVG path.
+
+Every axis gets an explicit domain and explicit round tick values: bqplot's own choice pads
+the x axis into negative iterations, ticks at odd values (1005), bunches log labels and,
+before any data, labels an empty axis "0 0 1 1". The toolbar bqplot shows on hover would hide
+the title, which carries the live value, so it is off. The figures wrap onto new rows when
+the notebook is narrow instead of scrolling sideways.
 """
 from __future__ import annotations
 
@@ -15,32 +21,79 @@ import numpy as np
 
 from ..result import GNSRecord
 
-__all__ = ["GNSCharts", "CHARTS"]
+__all__ = ["GNSCharts", "CHARTS", "nice_ticks", "log_ticks"]
 
-# (record field, title, log y)
-CHARTS = (("noise", "noise tr(Σ)", False), ("scale", "scale |G|²", False), ("noise_scale", "noise scale", True))
+# (record field, title, y-axis label, log y, one plain line under the chart)
+CHARTS = (
+    ("noise", "gradient noise tr(Σ)", "variance per example", False,
+     "How much the gradients of single examples disagree (their variance, summed over all weights)."),
+    ("scale", "gradient signal |G|²", "squared gradient", False,
+     "How strong the true gradient is: the squared length of the average gradient."),
+    ("noise_scale", "noise scale", "batch size (examples)", True,
+     "Noise ÷ signal: bigger batches than this barely cut the steps needed. Dashed: the suggested batch size."),
+)
+_LINE, _SUGGESTION = "#1f77b4", "#ff7f0e"  # readable on light and dark backgrounds
 
 
-def _figure(name: str, title: str, log: bool) -> tuple[bq.Figure, bq.Lines, bq.Lines | None]:
-    x = bq.LinearScale()
+def nice_ticks(lo: float, hi: float, n: int = 4, integer: bool = False) -> list[float]:
+    "About `n` round values (1, 2, 2.5 or 5 × a power of ten apart) between `lo` and `hi`."
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo] if math.isfinite(lo) else []
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    steps = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)
+    step = next(m * mag for m in steps if m * mag >= raw * (1 - 1e-9))
+    if integer:
+        step = max(1, round(step))
+    first = math.ceil(lo / step - 1e-9)
+    return [round(k * step, 12) for k in range(first, math.floor(hi / step + 1e-9) + 1)]
+
+
+def _round_125(v: float, up: bool) -> float:
+    "The nearest 1-2-5 value (1, 2, 5, 10, 20, ...) at or above (`up`) or below `v` > 0."
+    k = math.floor(math.log10(v))
+    ladder = [m * 10.0**e for e in (k - 1, k, k + 1) for m in (1, 2, 5)]
+    return min(x for x in ladder if x >= v * (1 - 1e-9)) if up else max(x for x in ladder if x <= v * (1 + 1e-9))
+
+
+def log_ticks(lo: float, hi: float) -> tuple[float, float, list[float]]:
+    "(domain min, domain max, ticks) for positive values in [lo, hi]: ends on 1-2-5 values, ticks spread evenly."
+    dmin, dmax = _round_125(lo / 1.1, up=False), _round_125(hi * 1.1, up=True)
+    decades = math.log10(dmax / dmin)
+    mantissas = (1,) if decades > 2.5 else (1, 2, 5) if decades > 0.9 else (1, 1.5, 2, 3, 5, 7)
+    ticks = [m * 10.0**e for e in range(math.floor(math.log10(dmin)), math.ceil(math.log10(dmax)) + 1)
+             for m in mantissas]
+    return dmin, dmax, sorted({round(t, 12) for t in ticks if dmin * (1 - 1e-9) <= t <= dmax * (1 + 1e-9)})
+
+
+def _figure(name: str, title: str, ylabel: str, log: bool, help_text: str):
+    x = bq.LinearScale(min=0.0, max=1.0, allow_padding=False)
     # bqplot derives a log domain from every mark, empty ones included, and then draws nothing:
-    # the noise-scale axis gets an explicit domain instead (see GNSCharts.show)
-    y = bq.LogScale(min=1.0, max=1000.0) if log else bq.LinearScale()
-    line = bq.Lines(x=[], y=[], scales={"x": x, "y": y}, colors=["#1f77b4"])
+    # every scale gets an explicit domain instead (see GNSCharts.show)
+    y = bq.LogScale(min=1.0, max=1000.0) if log else bq.LinearScale(min=0.0, max=1.0, allow_padding=False)
+    line = bq.Lines(x=[], y=[], scales={"x": x, "y": y}, colors=[_LINE])
     marks = [line]
     suggestion = None
     if log:  # the suggested batch size, drawn where the user compares it with the noise scale
-        suggestion = bq.Lines(x=[], y=[], scales={"x": x, "y": y}, colors=["#ff7f0e"], line_style="dashed",
-                              labels=["suggested bs"], display_legend=False)
+        suggestion = bq.Lines(x=[], y=[], scales={"x": x, "y": y}, colors=[_SUGGESTION], line_style="dashed")
         marks.append(suggestion)
-    axes = [bq.Axis(scale=x, label="iteration", side="bottom", num_ticks=4, tick_format="d"),
-            bq.Axis(scale=y, side="left", tick_format=".3~g", num_ticks=4)]
-    fig = bq.Figure(marks=marks, axes=axes, title=title, animation_duration=0,
-                    fig_margin={"top": 40, "bottom": 40, "left": 55, "right": 25},
-                    layout=ipw.Layout(width="300px", height="240px"))
+    hidden = {"display": "none"}  # no tick labels until there is data (see GNSCharts._axes)
+    axes = [bq.Axis(scale=x, label="iteration (small batches)", side="bottom", tick_values=[], tick_format="~s",
+                    tick_style=hidden),
+            bq.Axis(scale=y, label=ylabel, side="left", tick_values=[], tick_format=",~g" if log else ".3~g",
+                    label_offset="42px", tick_style=hidden)]
+    fig = bq.Figure(marks=marks, axes=axes, title=title, animation_duration=0, display_toolbar=False,
+                    padding_x=0.0, padding_y=0.0, fig_margin={"top": 36, "bottom": 42, "left": 60, "right": 24},
+                    layout=ipw.Layout(width="auto", min_width="200px", height="240px"))
     fig.add_class("gns-chart")
     fig.add_class(f"gns-chart-{name.replace('_', '-')}")
-    return fig, line, suggestion
+    caption = ipw.HTML(f'<span style="display:block;line-height:1.35;font-size:var(--jp-ui-font-size0, 11px);'
+                       f'color:var(--jp-ui-font-color2, #616161)">{help_text}</span>')
+    caption.add_class("gns-help")
+    box = ipw.VBox([fig, caption], layout=ipw.Layout(flex="1 1 260px", min_width="240px", max_width="440px",
+                                                     overflow="hidden"))
+    box.add_class("gns-chart-box")
+    return box, fig, line, suggestion
 
 
 def _fmt(v: float) -> str:
@@ -52,37 +105,55 @@ class GNSCharts(ipw.HBox):
 
     def __init__(self):
         built = [_figure(*spec) for spec in CHARTS]
-        self.figures = [f for f, _, _ in built]
-        self.lines = {spec[0]: line for spec, (_, line, _) in zip(CHARTS, built)}
-        self.suggestion_line = built[-1][2]
-        self.log_scale = self.suggestion_line.scales["y"]
-        super().__init__(self.figures)
+        self.figures = [fig for _, fig, _, _ in built]
+        self.lines = {spec[0]: line for spec, (_, _, line, _) in zip(CHARTS, built)}
+        self.suggestion_line = built[-1][3]
+        super().__init__([box for box, _, _, _ in built], layout=ipw.Layout(flex_flow="row wrap", width="100%"))
         self.add_class("gns-charts")
 
     def show(self, records: list[GNSRecord], suggested_bs: int | None = None) -> None:
-        "Draw `records` (the whole history so far) and the suggestion line, if any."
+        "Draw `records` (the whole history so far) and the suggestion line, if any; [] resets the charts."
         it = np.array([r.iteration for r in records], dtype=float)
-        for (name, title, log), fig in zip(CHARTS, self.figures):
+        total = records[-1].total if records else 0
+        for (name, title, _label, log, _help), fig in zip(CHARTS, self.figures):
             y = np.array([getattr(r, name) for r in records], dtype=float)
             keep = np.isfinite(y) & (y > 0) if log else np.isfinite(y)
             line = self.lines[name]
             with line.hold_sync():
                 line.x, line.y = it[keep], y[keep]
-            fig.title = f"{title}: {_fmt(y[-1])}" if len(y) else title
-        self._log_domain(records, suggested_bs)
+                line.marker = "circle" if keep.sum() == 1 else None  # one estimate is no line: draw a dot
+            extra = [suggested_bs] if log and suggested_bs is not None else []
+            self._axes(fig, total, list(y[keep]) + extra, log)
+            value = f": {_fmt(y[-1])}" if len(y) else ""
+            bs = f" (suggested bs {suggested_bs})" if log and suggested_bs is not None else ""
+            fig.title = f"{title}{value}{bs}"
         with self.suggestion_line.hold_sync():
-            if suggested_bs is not None and len(it):
-                self.suggestion_line.x, self.suggestion_line.y = [it[0], it[-1]], [suggested_bs, suggested_bs]
-                self.suggestion_line.labels = [f"suggested bs {suggested_bs}"]
+            if suggested_bs is not None and total:
+                self.suggestion_line.x, self.suggestion_line.y = [0, total], [suggested_bs, suggested_bs]
             else:
                 self.suggestion_line.x, self.suggestion_line.y = [], []
-        if suggested_bs is not None:
-            self.figures[-1].title += f" (bs {suggested_bs})"
 
-    def _log_domain(self, records: list[GNSRecord], suggested_bs: int | None) -> None:
-        "Fit the log axis to the positive noise scales and the suggestion, with a little margin."
-        values = [r.noise_scale for r in records if math.isfinite(r.noise_scale) and r.noise_scale > 0]
-        values += [suggested_bs] if suggested_bs is not None else []
-        if values:
-            with self.log_scale.hold_sync():
-                self.log_scale.min, self.log_scale.max = min(values) / 1.25, max(values) * 1.25
+    @staticmethod
+    def _axes(fig: bq.Figure, total: int, values: list[float], log: bool) -> None:
+        "Fit both scales to the run's length and the values shown, with round ticks; no ticks without data."
+        x_axis, y_axis = fig.axes
+        x, y = x_axis.scale, y_axis.scale
+        with x.hold_sync():
+            x.min, x.max = 0.0, float(max(total, 1))
+        x_axis.tick_values = nice_ticks(0, total, 4, integer=True) if total else []
+        # bqplot reads empty tick_values as "choose for me": hide the labels of an axis with nothing on it
+        x_axis.tick_style = {"display": "inline" if total else "none"}
+        y_axis.tick_style = {"display": "inline" if values else "none"}
+        if not values:
+            y_axis.tick_values = []
+            return
+        lo, hi = min(values), max(values)
+        if log:
+            lo, hi, ticks = log_ticks(lo, hi)
+        else:
+            pad = (hi - lo) * 0.08 or abs(hi) * 0.1 or 1.0
+            lo, hi = lo - pad, hi + pad
+            ticks = nice_ticks(lo, hi, 4)
+        with y.hold_sync():
+            y.min, y.max = float(lo), float(hi)
+        y_axis.tick_values = ticks

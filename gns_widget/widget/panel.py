@@ -4,6 +4,10 @@ The kernel's main thread owns the controls and stays responsive; one daemon work
 runs `bs_find` and is the only writer of the charts and progress bar while it runs, in
 batches (`hold_sync`) and at a throttled rate. Handlers never raise: the ipywidgets
 dispatcher would swallow the exception, so every error is shown in the status line.
+
+One run per model: a panel built for a model whose run belongs to another panel (the panel
+cell re-run during a run) stops that run and waits until its model is restored; any other
+run on the model (`bs_find` in a thread) makes Start refuse with the guard's error.
 """
 from __future__ import annotations
 
@@ -15,17 +19,37 @@ from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as ipw
+import torch
 from torch import nn
 
+from ..ddp import is_distributed
+from ..engine import METHODS
+from ..estimator import NoiseScaleEstimator
+from ..guard import FinderBusyError
 from ..loaders import apply_batch_size, current_batch_size
+from ..precision import resolve_amp
 from ..result import GNSRecord, GNSResult
+from ..suggest import MIN_ESTIMATES
+from ..targets import as_target
+from ..targets.base import loader_len
 from .charts import GNSCharts
-from .runner import Runner, ThrottledListener
+from .runner import Runner, ThrottledListener, runner_of
 
-__all__ = ["GNSWidget", "BETAS", "optimizer_rule"]
+__all__ = ["GNSWidget", "BETAS", "N_BATCH_RANGE", "optimizer_rule", "eta_seconds"]
 
 BETAS = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
+N_BATCH_RANGE = (2, 100)  # the n_batch slider's range
 _ADAM_LIKE = ("adam", "lamb", "ranger", "lion", "adafactor", "rmsprop")
+# JupyterLab's theme variables (light and dark), with fallbacks for other frontends
+_COLORS = {"error": "var(--jp-error-color1, #c62828)", "finished": "var(--jp-success-color1, #2e7d32)",
+           "running": "var(--jp-brand-color1, #1565c0)", "warn": "var(--jp-warn-color1, #e65100)",
+           "idle": "var(--jp-ui-font-color1, inherit)"}
+_HELP = {  # one plain line per control: shown under it and as its tooltip
+    "n_batch": "small batches averaged into one noise estimate: more is steadier but gives fewer estimates",
+    "beta": "smoothing of the curves: 0.99 averages about the last 100 estimates; higher is smoother, slower",
+    "num_it": "small batches the trial run trains on (0 = one epoch); your model is restored afterwards",
+    "lr": "learning rate of the trial run; 0 measures at the current weights without training",
+}
 
 
 def optimizer_rule(target: Any, opt: Any = None) -> tuple[str, str]:
@@ -61,70 +85,122 @@ def _guarded(handler: Callable) -> Callable:
 
 
 def _duration(seconds: float) -> str:
+    "Tenths under 10 s, whole seconds under a minute, then minutes and seconds (an ETA is no more precise)."
     if not math.isfinite(seconds):
         return "–"
-    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    seconds = round(seconds)
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def eta_seconds(records: list[GNSRecord]) -> float:
+    """Seconds left, at the average rate since the first estimate (NaN until there are two).
+
+    The first estimate carries the run's start-up (first batches, optimizer creation), so
+    measuring from it instead of from zero keeps the ETA from starting minutes too high, and
+    the average over the whole run keeps it from jumping with each refresh.
+    """
+    if len(records) < 2 or records[-1].iteration <= records[0].iteration:
+        return math.nan
+    first, last = records[0], records[-1]
+    rate = (last.elapsed - first.elapsed) / (last.iteration - first.iteration)
+    return rate * (last.total - last.iteration)
+
+
+def _names_of(obj: Any) -> list[str]:
+    "The notebook variables bound to `obj` (to write a line the user can copy), if running under IPython."
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return []
+    shell = get_ipython()
+    if shell is None:
+        return []
+    return [k for k, v in list(shell.user_ns.items()) if v is obj and not k.startswith("_")]
 
 
 class GNSWidget(ipw.VBox):
     """Measure the gradient noise scale of a model live and apply the suggested batch size.
 
-    `target`, `train_dl` and `loss_func` are as for `bs_find`; `lr`, `num_it`, `n_batch`
-    and `beta` in `bs_find_kwargs` set the controls' initial values and the rest (`opt`,
-    `method`, `amp`, `device`, `batch_fn`) go to every run. `on_apply(new_loader)` is called when
+    `target`, `train_dl`, `loss_func` and the keyword arguments are those of `bs_find`, checked
+    when the panel is built; `lr`, `num_it`, `n_batch` and `beta` set the controls, the rest go to
+    every run. `num_it=None` picks one epoch when that gives the `MIN_ESTIMATES` estimates a
+    suggestion needs, else the smallest num_it that does. `on_apply(new_loader)` is called when
     Apply gives a plain torch loader a new batch size (torch loaders are rebuilt, so code
-    holding the old one needs the new one).
+    holding the old one needs the new one: `w.train_dl`).
     """
 
     def __init__(self, target: Any, train_dl: Any = None, loss_func: Callable | None = None,
-                 on_apply: Callable[[Any], Any] | None = None, **bs_find_kwargs: Any):
-        for reserved in ("on_update", "stop_event"):
-            if reserved in bs_find_kwargs:
-                raise ValueError(f"{reserved} is managed by the widget; use GNSWidget.start/stop/wait instead")
+                 on_apply: Callable[[Any], Any] | None = None, *, lr: float = 1e-3, num_it: int | None = None,
+                 n_batch: int = 20, beta: float = 0.99, opt: Any = None, method: str = "fixed",
+                 amp: torch.dtype | None = None, device: Any = None, batch_fn: Callable | None = None,
+                 probe_memory: bool | None = None):
         if not (_is_learner(target) or isinstance(target, nn.Module)):
             raise TypeError(f"target must be a fastai Learner or a torch nn.Module, got {type(target).__name__}")
+        if on_apply is not None and not callable(on_apply):
+            raise TypeError(f"on_apply must be a function new_loader -> None, got {on_apply!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.target, self.train_dl, self.loss_func, self.on_apply = target, train_dl, loss_func, on_apply
-        self._controls_init = {k: bs_find_kwargs.pop(k) for k in ("lr", "num_it", "n_batch", "beta")
-                               if k in bs_find_kwargs}
-        self._extra = bs_find_kwargs
-        self.rule, self.opt_name = optimizer_rule(target, bs_find_kwargs.get("opt"))
-        self._runner = Runner()
+        self._extra = dict(opt=opt, method=method, amp=amp, device=device, batch_fn=batch_fn,
+                           probe_memory=probe_memory)
+        tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)  # checks them
+        resolve_amp(target, amp)
+        self.model = tgt.model
+        self._per_step = method == "per_example" or is_distributed(tgt.model)
+        _check_build_args(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta)
+        if num_it is None:
+            num_it = 0 if self._check_num_it(0, n_batch) is None else self.least_num_it(n_batch)
+        elif (msg := self._check_num_it(num_it, n_batch)) is not None:
+            raise ValueError(msg)
+        self.rule, self.opt_name = optimizer_rule(target, opt)
         self._status_lock = threading.Lock()
+        self._live = False  # a run is going and its final status is not written yet
         self._run_settings: dict[str, Any] = {}
-        self._build()
+        self._applied: tuple[int | None, int, bool, str] | None = None  # (old bs, new bs, in place, panel name)
+        self._listener: ThrottledListener | None = None
+        old = runner_of(self.model)
+        if old is not None:  # the panel cell was re-run during a run: no run may outlive its panel
+            old.stop_and_wait("a new panel for this model took over")
+        self._runner = Runner(self.model)
+        self._build(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta)
         self._validate()
 
     # ---------------------------------------------------------------- layout
-    def _build(self) -> None:
-        init = self._controls_init
-        num_it = init.get("num_it")
-        beta = init.get("beta", 0.99)
+    def _build(self, *, lr: float, num_it: int, n_batch: int, beta: float) -> None:
         betas = tuple(sorted(set(BETAS) | {beta}))
-        style = {"description_width": "70px"}
-        self.n_batch_slider = ipw.IntSlider(value=init.get("n_batch", 20), min=2, max=100, description="n_batch",
-                                            style=style, continuous_update=False)
+        style = {"description_width": "60px"}
+        lo, hi = N_BATCH_RANGE
+        fit = {"width": "100%", "max_width": "360px"}  # shrinks in a narrow notebook instead of overflowing
+        self.n_batch_slider = ipw.IntSlider(value=n_batch, min=lo, max=hi, description="n_batch", style=style,
+                                            continuous_update=False, tooltip=_HELP["n_batch"], layout=fit)
         self.beta_slider = ipw.SelectionSlider(options=betas, value=beta, description="beta", style=style,
-                                               continuous_update=False)
-        self.num_it_text = ipw.IntText(value=0 if num_it is None else num_it, description="num_it", style=style,
-                                       tooltip="small batches to run; 0 = one epoch", layout={"width": "190px"})
-        self.lr_text = ipw.FloatText(value=init.get("lr", 1e-3), description="lr", style=style,
-                                     tooltip="0 measures at the current weights", layout={"width": "190px"})
+                                               continuous_update=False, tooltip=_HELP["beta"], layout=fit)
+        self.num_it_text = ipw.IntText(value=num_it, description="num_it", style=style, tooltip=_HELP["num_it"],
+                                       layout={"width": "200px"})
+        self.lr_text = ipw.FloatText(value=lr, description="lr", style=style, tooltip=_HELP["lr"],
+                                     layout={"width": "200px"})
+        self.num_it_help = ipw.HTML()
         self.bs_label = ipw.HTML()
         self.error_label = ipw.HTML()
         self.note_label = ipw.HTML()
-        self.start_button = ipw.Button(description="Start", button_style="primary", icon="play")
-        self.stop_button = ipw.Button(description="Stop", icon="stop", disabled=True)
+        self.start_button = ipw.Button(description="Start", button_style="primary", icon="play",
+                                       tooltip="train a short trial run and measure the noise scale")
+        self.stop_button = ipw.Button(description="Stop", icon="stop", disabled=True,
+                                      tooltip="end the run at the next step; the model is restored")
         self.apply_button = ipw.Button(description="Apply suggested bs", button_style="success", icon="check",
-                                       disabled=True, layout={"width": "170px"})
-        self.progress = ipw.IntProgress(value=0, min=0, max=1, layout={"width": "320px"})
+                                       disabled=True, layout={"width": "170px"},
+                                       tooltip="train with the suggested batch size from now on")
+        self.progress = ipw.IntProgress(value=0, min=0, max=1, layout={"width": "260px"})
         self.progress_label = ipw.HTML("iteration 0")
         self.status = ipw.HTML()
         self.charts = GNSCharts()
-        self.result_box = ipw.HTML()
+        self.result_box = ipw.HTML(layout={"overflow": "auto"})  # a wide table scrolls alone
         for w, cls in ((self.n_batch_slider, "n-batch"), (self.beta_slider, "beta"), (self.num_it_text, "num-it"),
-                       (self.lr_text, "lr"), (self.bs_label, "bs"), (self.error_label, "error"),
-                       (self.note_label, "note"), (self.start_button, "start"), (self.stop_button, "stop"),
-                       (self.apply_button, "apply"), (self.progress, "progress"),
+                       (self.lr_text, "lr"), (self.num_it_help, "num-it-help"), (self.bs_label, "bs"),
+                       (self.error_label, "error"), (self.note_label, "note"), (self.start_button, "start"),
+                       (self.stop_button, "stop"), (self.apply_button, "apply"), (self.progress, "progress"),
                        (self.progress_label, "progress-label"), (self.status, "status"),
                        (self.result_box, "result")):
             w.add_class(f"gns-{cls}")
@@ -135,15 +211,24 @@ class GNSWidget(ipw.VBox):
         self.apply_button.on_click(self._click_apply)
         self._show_bs()
         self._set_status("idle", "idle")
+        controls = ipw.GridBox(
+            [self._with_help(self.n_batch_slider, _HELP["n_batch"]), self._with_help(self.beta_slider, _HELP["beta"]),
+             ipw.VBox([self.num_it_text, self.num_it_help]),
+             self._with_help(self.lr_text, _HELP["lr"])],
+            layout={"grid_template_columns": "repeat(auto-fill, minmax(260px, 1fr))", "grid_gap": "0 12px"})
+        row = {"flex_flow": "row wrap", "align_items": "center"}
         super().__init__([
-            ipw.HBox([self.n_batch_slider, self.beta_slider]),
-            ipw.HBox([self.num_it_text, self.lr_text, self.bs_label]),
-            self.error_label,
-            ipw.HBox([self.start_button, self.stop_button, self.apply_button]),
-            ipw.HBox([self.progress, self.progress_label]),
+            controls, self.error_label,
+            ipw.HBox([self.start_button, self.stop_button, self.apply_button, self.bs_label], layout=row),
+            ipw.HBox([self.progress, self.progress_label], layout=row),
             self.status, self.note_label, self.charts, self.result_box,
         ])
         self.add_class("gns-widget")
+
+    @staticmethod
+    def _with_help(control: ipw.Widget, text: str) -> ipw.VBox:
+        "The control with its one-line explanation right under it (the tooltip only covers the label)."
+        return ipw.VBox([control, _help_html(text)])
 
     # ---------------------------------------------------------------- state
     @property
@@ -153,24 +238,71 @@ class GNSWidget(ipw.VBox):
     @property
     def result(self) -> GNSResult | None:
         "The latest run's result (partial if stopped), None before a run ends or when it failed."
-        return self._runner.result
+        return None if self.running else self._runner.result
 
     @property
     def error(self) -> BaseException | None:
         "The exception that ended the latest run, if any."
-        return self._runner.error
+        return None if self.running else self._runner.error
+
+    def _uses_learner_dls(self) -> bool:
+        return _is_learner(self.target) and self.train_dl is None
 
     def _loader(self) -> Any:
-        "What Apply changes: the given train_dl, else the Learner's DataLoaders."
-        return self.train_dl if self.train_dl is not None or not _is_learner(self.target) else self.target.dls
+        "What runs train on and Apply changes: the given train_dl, else the Learner's DataLoaders."
+        return self.target.dls if self._uses_learner_dls() else self.train_dl
+
+    def _train_loader(self) -> Any:
+        "The loader a run iterates (a Learner's training loader, not its DataLoaders)."
+        return self.target.dls.train if self._uses_learner_dls() else self.train_dl
+
+    def least_num_it(self, n_batch: int) -> int:
+        "The fewest small batches that give the estimates a suggestion needs."
+        return MIN_ESTIMATES * (1 if self._per_step else n_batch)
+
+    def _check_num_it(self, num_it: int, n_batch: int) -> str | None:
+        "Why `num_it` (0: one epoch) cannot give a suggestion, or None."
+        least = self.least_num_it(n_batch)
+        need = (f"a suggestion needs {MIN_ESTIMATES} estimates"
+                + ("" if self._per_step else f" of n_batch={n_batch} small batches each"))
+        if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 0:
+            return f"num_it must be an integer ≥ {least} ({need}), or 0 for one epoch; got {num_it!r}"
+        if num_it == 0:
+            epoch = loader_len(self._train_loader())
+            if epoch is None:
+                return f"num_it=0 means one epoch, but the loader has no length: set num_it ≥ {least}"
+            if epoch < least:
+                return (f"one epoch is only {epoch} batches at batch size {current_batch_size(self._loader())}, "
+                        f"and {need}: set num_it ≥ {least} (the loader is cycled) or lower n_batch")
+            return None
+        if num_it < least:
+            return f"num_it must be ≥ {least} ({need}), or 0 for one epoch; got {num_it}"
+        return None
 
     def _show_bs(self) -> None:
-        self.bs_label.value = f"current batch size: <b>{current_batch_size(self._loader())}</b>"
+        bs = current_batch_size(self._loader())
+        if self._applied is None:
+            text = f"batch size now: <b>{bs}</b>"
+        elif self._applied[2]:
+            where = "dls.train" if self._uses_learner_dls() else "train_dl"
+            text = f"batch size now: <b>{bs}</b> ({where}, changed in place by Apply)"
+        else:
+            text = (f"batch size now: <b>{bs}</b> in <code>{html.escape(self._applied[3])}.train_dl</code>, a new "
+                    f"DataLoader; loaders made before Apply still give {self._applied[0]}")
+        self.bs_label.value = text
 
-    def _set_status(self, text: str, kind: str) -> None:
-        "The one status line, written by either thread (the lock keeps the two writes whole)."
-        color = {"error": "#c62828", "finished": "#2e7d32", "running": "#1565c0"}.get(kind, "#444")
+    def _set_status(self, text: str, kind: str, only_while_running: bool = False, final: bool = False) -> None:
+        """The one status line, written by either thread.
+
+        The lock keeps writes whole and in order: once the run's final status is written (`final`),
+        a late "running" or "stopping…" from the main thread (`only_while_running`) is dropped.
+        """
+        color = _COLORS.get(kind, _COLORS["idle"])
         with self._status_lock:
+            if only_while_running and not self._live:
+                return
+            if final:
+                self._live = False
             self.status.value = f'<span style="color:{color}">status: {html.escape(text)}</span>'
 
     def settings(self) -> dict[str, Any]:
@@ -181,14 +313,18 @@ class GNSWidget(ipw.VBox):
     def _validate(self) -> str | None:
         "Check the controls; show the problem inline and refuse Start while there is one."
         s = self.settings()
+        n_batch = s["n_batch"]
+        epoch = loader_len(self._train_loader())
+        epoch_text = f"; one epoch = {epoch} batches" if epoch is not None else ""
+        per = "" if self._per_step else f" × n_batch {n_batch}"
+        self.num_it_help.value = _help_text(f"{_HELP['num_it']}. A suggestion needs num_it ≥ {MIN_ESTIMATES}{per} = "
+                                            f"{self.least_num_it(n_batch)}{epoch_text}")
         msg = None
         if not (math.isfinite(s["lr"]) and s["lr"] >= 0):
             msg = f"lr must be a finite number ≥ 0 (0 measures without training), got {s['lr']}"
-        elif s["num_it"] is not None and s["num_it"] < 0:
-            msg = f"num_it must be ≥ n_batch, or 0 for one epoch; got {s['num_it']}"
-        elif s["num_it"] is not None and s["num_it"] < s["n_batch"]:
-            msg = f"num_it ({s['num_it']}) must be ≥ n_batch ({s['n_batch']}) to make one estimate, or 0 for one epoch"
-        self.error_label.value = f'<span style="color:#c62828">{html.escape(msg)}</span>' if msg else ""
+        else:
+            msg = self._check_num_it(self.num_it_text.value, n_batch)
+        self.error_label.value = f'<span style="color:{_COLORS["error"]}">{html.escape(msg)}</span>' if msg else ""
         if not self.running:
             self.start_button.disabled = msg is not None
         return msg
@@ -202,47 +338,70 @@ class GNSWidget(ipw.VBox):
 
     # ---------------------------------------------------------------- actions
     def start(self) -> bool:
-        "Start a run in the background; False (and the reason in the status line) if it cannot start."
+        """Start a run in the background; False if it cannot start.
+
+        A Start while this panel runs is ignored (a double click); any other reason (bad settings,
+        another run on the same model) is shown in the status line.
+        """
         if self.running:
-            self._set_status("running (already running: Stop it before starting again)", "running")
             return False
         msg = self._validate()
         if msg is not None:
             self._set_status(f"error: {msg}", "error")
             return False
-        self._run_settings = self.settings()
+        try:
+            self._runner.check_free()
+        except FinderBusyError as e:  # another run holds the model: say so before touching the panel
+            self._set_status(f"error: {type(e).__name__}: {e}", "error")
+            return False
+        settings = self.settings()
+        listener = ThrottledListener(self._draw)
+        train_dl = None if self._uses_learner_dls() else self.train_dl
+        # everything the run's end will overwrite is written before its thread starts
+        self._run_settings, self._listener = settings, listener
         self.note_label.value = ""
         self.result_box.value = ""
-        self.start_button.disabled, self.stop_button.disabled, self.apply_button.disabled = True, False, True
         with self.progress.hold_sync():
             self.progress.value, self.progress.max = 0, 1
         self.progress_label.value = "iteration 0"
         self.charts.show([])
-        self._set_status("running", "running")
-        listener = ThrottledListener(self._draw)
-        self._listener = listener
-        train_dl = None if _is_learner(self.target) and self.train_dl is None else self.train_dl
-        self._runner.start((self.target, train_dl, self.loss_func), {**self._run_settings, **self._extra},
-                           listener, self._finish)
+        self.start_button.disabled, self.stop_button.disabled, self.apply_button.disabled = True, False, True
+        with self._status_lock:
+            self._live = True
+        self._set_status("running", "running", only_while_running=True)
+        try:
+            self._runner.start((self.target, train_dl, self.loss_func), {**settings, **self._extra}, listener,
+                               self._finish)
+        except Exception as e:  # a run that claimed the model in between
+            with self._status_lock:
+                self._live = False
+            self.stop_button.disabled, self.start_button.disabled = True, False
+            self._set_status(f"error: {type(e).__name__}: {e}", "error")
+            return False
         return True
 
     def stop(self) -> None:
         "Ask the run to end at its next step; its partial result stays available."
         if self.running:
             self._runner.stop()
-            self._set_status("stopping…", "running")
+            self._set_status("stopping…", "running", only_while_running=True)
 
     def wait(self, timeout: float | None = None) -> GNSResult | None:
-        "Block until the run ends (or `timeout` s pass); the result, None if it failed or is still running."
+        """Block until the run ends (or `timeout` s pass); the result, None if it failed or is still running.
+
+        A kernel interrupt (■) while waiting stops the run at its next step, restores the model,
+        leaves the panel ready for the next run and raises KeyboardInterrupt.
+        """
         return self.result if self._runner.wait(timeout) else None
 
     def apply(self) -> Any:
         """Use the suggested batch size for training; returns the changed loader (or DataLoaders).
 
-        A torch DataLoader cannot change its batch size, so `train_dl` becomes a new loader,
-        passed to `on_apply`; fastai DataLoaders change in place. When the run found that the
-        suggestion does not fit in device memory, the per-step batch size of its plan is
-        applied instead and the status says how many steps to accumulate.
+        fastai DataLoaders change in place. A torch DataLoader cannot change its batch size, so
+        `train_dl` becomes a new loader (passed to `on_apply`), and the panel shows the line that
+        puts it in the user's variable. When the run found that the suggestion does not fit in
+        device memory, the per-step batch size of its plan is applied instead and the status says
+        how many steps to accumulate.
         """
         if self.running:
             self._set_status("cannot apply while running: Stop or wait for the run to finish", "error")
@@ -255,19 +414,24 @@ class GNSWidget(ipw.VBox):
         loader = self._loader()
         old = current_batch_size(loader)
         plan = res.memory_plan
-        new_loader = apply_batch_size(loader, plan.batch_size if plan is not None else res.suggested_bs)
-        if _is_learner(self.target) and self.train_dl is None:
-            changed = new_loader
-        else:
-            self.train_dl = changed = new_loader
+        new_bs = plan.batch_size if plan is not None else res.suggested_bs
+        names = _names_of(loader)  # before the panel drops its reference to the old loader
+        new_loader = apply_batch_size(loader, new_bs)
+        in_place = new_loader is loader
+        if not self._uses_learner_dls():
+            self.train_dl = new_loader
             if self.on_apply is not None:
                 self.on_apply(new_loader)
+        panel_names = _names_of(self)
+        self._applied = (old, new_bs, in_place, panel_names[0] if panel_names else "w")
         self._show_bs()
+        self._validate()  # one epoch is shorter at a bigger batch size
         self.apply_button.disabled = True  # done; the next run's suggestion enables it again
         steps = plan.accumulation_steps if plan is not None else 1
         accumulate = f", with gradient accumulation {steps}" if steps > 1 else ""
-        self._set_status(f"train batch size {old} → {current_batch_size(changed)}{accumulate}", "finished")
-        return changed
+        self._set_status(f"train batch size {old} → {current_batch_size(new_loader)}{accumulate}", "finished")
+        self.note_label.value = "" if in_place else _new_loader_note(old, new_bs, names, self._applied[3])
+        return new_loader
 
     @_guarded
     def _click_start(self, _button: ipw.Button) -> None:
@@ -284,65 +448,117 @@ class GNSWidget(ipw.VBox):
     def close(self) -> None:
         "Stop a run in progress so its thread does not outlive the panel, then close the widgets."
         if hasattr(self, "_runner"):  # not there when __init__ refused its arguments
-            self._runner.stop()
+            self._runner.stop("the panel was closed")
             self.charts.close()
         super().close()
 
     # ---------------------------------------------------------------- worker thread only
-    def _draw(self, records: list[GNSRecord], result: GNSResult | None = None, finished: bool = False) -> None:
+    def _draw(self, records: list[GNSRecord], result: GNSResult | None = None) -> None:
         "Refresh charts and progress from the history so far (called on the worker thread)."
         if not records:
             return
         last = records[-1]
-        done = last.total if finished else last.iteration
-        rate = last.elapsed / last.iteration if last.iteration else math.nan
-        eta = 0.0 if finished else rate * (last.total - last.iteration)
         with self.progress.hold_sync():
-            self.progress.max, self.progress.value = last.total, done
-        self.progress_label.value = (f"iteration {done}/{last.total} · {_duration(last.elapsed)} elapsed"
-                                     f" · ETA {_duration(eta)}")
+            self.progress.max, self.progress.value = last.total, last.iteration
+        eta = eta_seconds(records)
+        eta_text = f"about {_duration(eta)} left" if math.isfinite(eta) else "estimating time left…"
+        self.progress_label.value = (f"iteration {last.iteration}/{last.total} · {_duration(last.elapsed)} elapsed"
+                                     f" · {eta_text}")
         self.charts.show(records, result.suggested_bs if result is not None else None)
 
     def _finish(self, result: GNSResult | None, error: BaseException | None) -> None:
         "Final refresh, result box and status at the end of a run (worker thread)."
         try:
-            finished = result is not None and not result.stopped
-            self._draw(self._listener.records, result, finished)
+            records = self._listener.records
+            self._draw(records, result)
+            last = records[-1] if records else None
+            done = last.iteration if last else 0
+            total = last.total if last else self.progress.max
+            if result is not None and not result.stopped:
+                with self.progress.hold_sync():
+                    self.progress.max, self.progress.value = total, total
+                done = total
+            elapsed = f" · {_duration(last.elapsed)}" if last else ""
+            how = "finished" if result is not None and not result.stopped else "stopped"
+            self.progress_label.value = (f"{how} at iteration {done}/{total}{elapsed}" if last else
+                                         f"{how} before the first estimate")
             if error is not None:
-                self._set_status(f"error: {type(error).__name__}: {error}", "error")
+                status, kind = f"error: {type(error).__name__}: {error}", "error"
             elif result.stopped:
-                self._set_status(f"stopped after {result.history.iteration.iloc[-1] if len(result.history) else 0}"
-                                 " iterations (partial result)", "idle")
+                why = self._runner.stop_reason or "stopped"
+                status, kind = f"{why} after {done} iterations; model restored (partial result)", "idle"
+            elif result.reliable:
+                status, kind = "finished", "finished"
             else:
-                self._set_status("finished", "finished")
+                status, kind = "finished without a suggestion (why: below)", "warn"
             if result is not None:
-                self.result_box.value = self._result_html(result)
+                self.result_box.value = self._result_html(result, done, total)
             self.apply_button.disabled = result is None or not result.reliable
         except Exception as e:  # the worker thread has nobody else to report to
-            self._set_status(f"error: {type(e).__name__}: {e}", "error")
+            status, kind = f"error: {type(e).__name__}: {e}", "error"
         finally:
             self.stop_button.disabled = True
             self.start_button.disabled = bool(self.error_label.value)
+        self._set_status(status, kind, final=True)
 
-    def _result_html(self, res: GNSResult) -> str:
-        rows = [f"<b>noise scale</b>: {res.noise_scale:.4g}"]
+    def _result_html(self, res: GNSResult, done: int, total: int) -> str:
+        ns = f"{res.noise_scale:.4g} examples" if math.isfinite(res.noise_scale) else "no estimate yet"
+        rows = [f"<b>noise scale</b>: {ns} (the batch size beyond which bigger batches stop saving steps)"]
         if res.reliable:
-            rows.append(f"<b>suggested batch size</b>: {res.suggested_bs} (now {res.batch_size}) "
-                        f"— {html.escape(res.reason)}")
+            partial = f", from a stopped run ({done} of {total} iterations)" if res.stopped else ""
+            rows.append(f"<b>suggested batch size</b>: {res.suggested_bs} (measured at batch size {res.batch_size}"
+                        f"{partial}) — {html.escape(res.reason)}")
             if res.memory_plan is not None:
                 rows.append(f"<b>memory</b>: {html.escape(res.memory_plan.text)}")
             advice = res.lr_advice(rule=self.rule)
-            rule = f"{self.rule} rule, for optimizer {html.escape(self.opt_name)}"
+            rule = ("scaled in proportion to the batch size (SGD-like optimizer" if self.rule == "sgd" else
+                    "scaled by the square root of the batch-size ratio (Adam-like optimizer")
+            rule += f" {html.escape(self.opt_name)})"
             if res.lr > 0:
-                rows.append(f"<b>learning rate</b> ({rule}): {html.escape(advice.text)}")
+                rows.append(f"<b>learning rate</b>, {rule}: {html.escape(advice.text)}")
             else:
-                rows.append(f"<b>learning rate</b> ({rule}): multiply your training lr by ×{advice.factor:.3g} "
+                rows.append(f"<b>learning rate</b>, {rule}: multiply your training lr by ×{advice.factor:.3g} "
                             f"when moving to batch size {res.suggested_bs}")
+        elif res.stopped:
+            rows.append(f"<b>no suggestion</b>: the run was stopped after {done} of {total} iterations, before "
+                        "the estimate settled; run it to the end for a suggestion")
         else:
-            rows.append(f"<b>no reliable suggestion</b>: {html.escape(res.reason)}")
+            rows.append(f"<b>no suggestion</b>: {html.escape(res.reason)}")
         if res.noise_scale > 0:
             rows.append(_tradeoff_html(res))
         return '<div class="gns-result-text">' + "<br>".join(rows) + "</div>"
+
+
+def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any) -> None:
+    "The control values given to the constructor: a ValueError naming the argument, never a silent clamp."
+    lo, hi = N_BATCH_RANGE
+    if isinstance(n_batch, bool) or not isinstance(n_batch, int) or not lo <= n_batch <= hi:
+        raise ValueError(f"n_batch must be an integer from {lo} to {hi} (the slider's range), got {n_batch!r}")
+    NoiseScaleEstimator.check_args(n_batch, beta)
+    if beta <= 0:
+        raise ValueError(f"beta must be in (0, 1) (smoothing; 0.99 is typical), got {beta!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number ≥ 0 (0 measures without training), got {lr!r}")
+
+
+def _help_text(text: str) -> str:
+    return ('<span style="display:block;line-height:1.35;font-size:var(--jp-ui-font-size0, 11px);'
+            f'color:var(--jp-ui-font-color2, #616161)">{html.escape(text)}</span>')
+
+
+def _help_html(text: str) -> ipw.HTML:
+    w = ipw.HTML(_help_text(text))
+    w.add_class("gns-help")
+    return w
+
+
+def _new_loader_note(old: int | None, new: int, loader_names: list[str], panel: str) -> str:
+    "The copyable line that makes the user's own variable the new loader (a torch loader cannot be resized)."
+    loader = loader_names[0] if loader_names else "train_dl"
+    line = f"{loader} = {panel}.train_dl"
+    return (f"A PyTorch DataLoader cannot change its batch size, so Apply built a new one with batch size {new} "
+            f"in <code>{html.escape(panel)}.train_dl</code>. Loaders made before Apply still give batches of {old}. "
+            f"Train with the new one: <code class='gns-copy' style='user-select:all'>{html.escape(line)}</code>")
 
 
 def _tradeoff_html(res: GNSResult) -> str:
@@ -354,5 +570,5 @@ def _tradeoff_html(res: GNSResult) -> str:
     steps = "".join(f"<td style='padding:0 6px'>×{v:.2f}</td>" for v in t.steps)
     examples = "".join(f"<td style='padding:0 6px'>×{v:.2f}</td>" for v in t.examples)
     return ("<b>trade-off</b> (predicted steps and examples to reach the same loss, relative to their minimum):"
-            f"<table class='gns-tradeoff'><tr><th>batch size</th>{head}</tr>"
-            f"<tr><td>steps</td>{steps}</tr><tr><td>examples</td>{examples}</tr></table>")
+            f"<div style='overflow-x:auto;max-width:100%'><table class='gns-tradeoff'><tr><th>batch size</th>{head}"
+            f"</tr><tr><td>steps</td>{steps}</tr><tr><td>examples</td>{examples}</tr></table></div>")
