@@ -41,7 +41,7 @@ class BatchAdvice:
     epochs: int | None
     text: str
     old_batch_size: int | None = None
-    noise_scale: Interval | float | None = None
+    noise_scale: str = ""  # the noise scale as shown, with its interval: "91 (80–104)"
     rule: str = "sgd"
     lr_factor: float = 1.0
     paper_lr_factor: float = 1.0
@@ -69,7 +69,7 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
         raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0 or None, got {lr!r}")
-    shown = interval if interval is not None else noise_scale
+    shown = str(interval) if interval is not None else f"{noise_scale:.4g}"
     if suggested_bs is None or not batch_size:
         why = reason or "no batch size known for the run"
         return BatchAdvice(None, lr, epochs, f"keep batch size {batch_size}: {why}", batch_size, shown, rule)
