@@ -101,7 +101,7 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
         time_factor = (step_ratio, ratio)
         parts.append(f"epochs {epochs} → {new_epochs} (the paper's trade-off: ×{ratio:.2g} the examples, "
                      f"×{step_ratio:.2g} the steps to reach the same loss); wall time ×{step_ratio:.2g} if a step "
-                     f"costs the same at both sizes, up to ×{ratio:.2g} if time is per example")
+                     f"costs the same at both sizes, ×{ratio:.2g} if time is per example")
     else:
         parts.append(f"train ×{_examples_ratio(batch_size, bs, noise_scale):.2g} the epochs (the paper's trade-off: "
                      "the examples needed to reach the same loss; pass epochs= for a number)")
