@@ -117,7 +117,10 @@ class AutoStop:
 
     Pass `num_it="auto"` for the defaults or `num_it=AutoStop(0.05, max_it=50_000)` to choose.
     At least `min_windows` records are needed first: with fewer blocks the interval's own width
-    is too noisy, and stopping at the first lucky narrow one would bias the result. The engine
+    is too noisy, and stopping at the first lucky narrow one would bias the result. It also stops,
+    with `saturated` set, once the EMA has forgotten its first windows (4/(1 − decay) records,
+    weights below e⁻⁴): more windows then no longer narrow the interval, only a higher beta or a
+    bigger n_batch would, and the result's verdict says so. The engine
     calls `start(decay)` (the EMA decay per record), then `update(record)` after each record and
     stops when it returns True, or after `max_it` small batches. Pure bookkeeping, no engine.
     """
@@ -146,6 +149,7 @@ class AutoStop:
         self.noise: list[float] = []
         self.scale: list[float] = []
         self.interval: Interval | None = None
+        self.saturated = False  # stopped because the EMA cannot average more windows, not because it is narrow
         self._next_check = self.min_windows
 
     def update(self, record) -> bool:
@@ -156,7 +160,10 @@ class AutoStop:
             return False
         self._next_check = max(len(self.noise) + 1, math.ceil(1.02 * len(self.noise)))
         self.interval = noise_scale_interval(self.noise, self.scale, self.decay, self.level)
-        return self.interval is not None and self.interval.rel_halfwidth <= self.rel_halfwidth
+        if self.interval is not None and self.interval.rel_halfwidth <= self.rel_halfwidth:
+            return True
+        self.saturated = self.decay < 1 and len(self.noise) >= 4 / (1 - self.decay)
+        return self.saturated
 
     def __repr__(self) -> str:
         return f"AutoStop(rel_halfwidth={self.rel_halfwidth:g}, max_it={self.max_it}, min_windows={self.min_windows})"

@@ -65,7 +65,7 @@ def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None,
         why = ("|G|² is not distinguishable from its noise" if math.isinf(interval.hi)
                else f"±{interval.rel_halfwidth:.0%}, ≤±{MAX_HALFWIDTH:.0%} needed")
         return Suggestion(None, f"uncertain: noise scale {interval} (90% interval; {why}); increase num_it "
-                                "(or use num_it='auto'), or n_batch", interval)
+                                "(or use num_it='auto'), n_batch, or beta (a longer average)", interval)
     drift = _late_drift(history.noise_scale)
     if drift > MAX_DRIFT:
         return Suggestion(None, f"still moving: the noise scale changed {drift:.0%} over the last quarter of the "

@@ -161,3 +161,14 @@ def test_stable_rounding_agrees_across_runs_on_a_rounding_line():
     assert stable_power_of_two(100.0, Interval(100.0, 95.0, 105.0)) == 128  # clear of the line: nearest power
     assert stable_power_of_two(100.0, Interval(100.0, 85.0, 115.0)) == 64  # reaches below 90.5
     assert stable_power_of_two(0.7, Interval(0.7, 0.1, 2.0)) == 1
+
+
+def test_auto_stops_when_the_ema_cannot_average_more_windows():
+    "beta=0.9 keeps about 19 windows: past 40 windows the interval cannot narrow, so waiting for the cap is pointless."
+    stop = AutoStop(0.01)
+    stop.start(0.9)
+    rng = np.random.default_rng(4)
+    noise, scale = _windows(rng, 1000, rel_sd=0.5)
+    n = next(i for i, (a, b) in enumerate(zip(noise, scale), 1)
+             if stop.update(pd.Series({"noise_raw": a, "scale_raw": b})))
+    assert stop.saturated and 40 <= n <= 42 and stop.interval.rel_halfwidth > 0.01
