@@ -30,6 +30,7 @@ import torch
 from .ddp import allreduce_measured, is_distributed
 from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
 from .guard import claim
+from .interval import AutoStop
 from .loaders import population_size
 from .memory import fitting_batch_size, plan_batch
 from .per_example import PerExampleNorms
@@ -45,7 +46,7 @@ METHODS = ("fixed", "sequential", "per_example")
 
 
 def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None, *, lr: float = 1e-3,
-            num_it: int | None = None, n_batch: int = 20, beta: float = 0.99, opt: Any = None,
+            num_it: int | str | AutoStop | None = None, n_batch: int = 20, beta: float = 0.99, opt: Any = None,
             device: Any = None, method: str = "fixed", batch_fn: Callable | None = None,
             on_update: Callable[[GNSRecord], None] | None = None,
             stop_event: threading.Event | None = None, probe_memory: bool | None = None,
@@ -56,7 +57,9 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     `nn.Module` with `train_dl` and `loss_func`. `opt` is an optimizer, a factory
     `params -> optimizer`, or None (SGD; a Learner's own `opt_func`). `num_it` small batches
     are used (None: one epoch; more than an epoch cycles the loader). `lr=0` measures at
-    the current weights. `on_update(record)` receives every new estimate; setting
+    the current weights. `num_it="auto"` runs until the noise scale's 90% interval is within ±10%,
+    at most 20,000 small batches; `num_it=AutoStop(rel_halfwidth, max_it)` chooses both
+    (`interval.AutoStop`). `on_update(record)` receives every new estimate; setting
     `stop_event` ends the run at the next step with a partial result. Whatever happens,
     the model, optimizer, loader and RNG states are restored exactly.
 
@@ -93,14 +96,17 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
                          "(each rank's batch is a small batch, the all-reduced batch the big one)")
     _check_dataset_size(tgt)
     per_step = distributed or method == "per_example"  # one estimate per step instead of per window
-    total = _total_iterations(tgt.train_dl, num_it, 1 if per_step else n_batch)
+    auto = AutoStop.of(num_it)
+    total = auto.max_it if auto is not None else _total_iterations(tgt.train_dl, num_it, 1 if per_step else n_batch)
     # beta is the decay per n_batch small batches for every method, so all average over as many batches
     step_beta = beta ** (1 / n_batch) if per_step else beta
+    if auto is not None:
+        auto.start(step_beta)
     estimator = NoiseScaleEstimator(n_batch, step_beta, n_train=population_size(tgt.train_dl))
     with claim(tgt.model, "bs_find", stop_event) as held, tgt.during_run():
         stop_event = held.stop_event  # one the user passed, or the guard's: a new panel can stop this run
         state = UserState(tgt.model, tgt.user_opt, tgt.train_dl, tgt.loss_func)
-        run = _Run(lr, method, amp, LossScale(amp == torch.float16), on_update, stop_event, n_batch)
+        run = _Run(lr, method, amp, LossScale(amp == torch.float16), on_update, stop_event, n_batch, auto)
         try:
             with torch.inference_mode(False), torch.enable_grad():  # called under no_grad, it still trains
                 recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
@@ -125,6 +131,7 @@ class _Run:
     on_update: Callable[[GNSRecord], None] | None
     stop_event: threading.Event
     n_batch: int
+    auto: AutoStop | None = None  # num_it="auto": ends the run once the interval is narrow enough
     bad_streak: int = 0  # consecutive small batches skipped as not finite
 
     def skipped(self, skipped: bool, iteration: int) -> None:
@@ -168,6 +175,8 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
             watch.step(opt)
         if run.on_update is not None:
             run.on_update(record)
+        if run.auto is not None and run.auto.update(record):
+            break
     return recorder
 
 
@@ -200,6 +209,8 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
                 watch.step(opt)
             if run.on_update is not None:
                 run.on_update(record)
+            if run.auto is not None and run.auto.update(record):
+                break
     return recorder
 
 
@@ -309,8 +320,8 @@ def _total_iterations(dl: Any, num_it: int | None, n_batch: int) -> int:
     return num_it
 
 
-def _check_args(*, lr: float, num_it: int | None, n_batch: int, method: str) -> int | None:
-    "Check the run's arguments; return num_it as a plain int (numpy integers are accepted)."
+def _check_args(*, lr: float, num_it: Any, n_batch: int, method: str) -> Any:
+    "Check the run's arguments; return num_it as a plain int (numpy integers are accepted), None or its auto rule."
     if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0 (0 measures without training), got {lr!r}")
     if method not in METHODS:
@@ -318,7 +329,9 @@ def _check_args(*, lr: float, num_it: int | None, n_batch: int, method: str) -> 
     least, what = (1, "1") if method == "per_example" else (n_batch, f"n_batch ({n_batch})")
     if num_it is None:
         return None
+    if AutoStop.of(num_it) is not None:
+        return num_it
     if isinstance(num_it, bool) or not isinstance(num_it, numbers.Integral) or num_it < least:
         raise ValueError(f"num_it must be an integer >= {what} so at least one estimate is made, "
-                         f"or None for one epoch; got {num_it!r}")
+                         f"None for one epoch, or 'auto'; got {num_it!r}")
     return int(num_it)

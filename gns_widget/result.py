@@ -10,8 +10,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .advice import BatchAdvice, advise
 from .estimator import NoiseScaleEstimator, WindowEstimate
-from .suggest import LRAdvice, Suggestion, scale_lr, suggest_batch_size, tradeoff
+from .interval import Interval, noise_scale_interval
+from .suggest import LRAdvice, Suggestion, suggest_batch_size, tradeoff
 
 if TYPE_CHECKING:
     from .memory_plan import MemoryPlan
@@ -41,22 +43,43 @@ class GNSResult:
     """The outcome of `bs_find`: the noise scale, a suggested batch size (or why not) and the history.
 
     `suggested_bs` is None whenever the estimate cannot be trusted; `reason` then says
-    what to change. Like fastai's `lr_find` result, it plots itself.
+    what to change. `noise_scale_interval` is its 90% interval and `advice()` the batch size,
+    learning rate and epochs to train with. Like fastai's `lr_find` result, it plots itself.
+
+    `decay` is the EMA decay per record (default `beta`; methods with an estimate per step decay
+    by beta**(1/n_batch) per record).
     """
 
     def __init__(self, records: list[GNSRecord], *, batch_size: int, n_train: int | None, lr: float,
-                 n_batch: int, beta: float, method: str, stopped: bool = False, n_skipped: int = 0):
+                 n_batch: int, beta: float, method: str, stopped: bool = False, n_skipped: int = 0,
+                 decay: float | None = None):
         self.history = pd.DataFrame([asdict(r) for r in records], columns=COLUMNS)
         self.batch_size, self.n_train, self.lr = batch_size, n_train, lr
         self.n_batch, self.beta, self.method, self.stopped = n_batch, beta, method, stopped
+        self.decay = beta if decay is None else decay
         self.n_skipped = n_skipped  # batches (accumulation cycles) left out because their gradients overflowed
-        self.suggestion: Suggestion = suggest_batch_size(self.history, n_train)
+        self._interval = noise_scale_interval(self.history.noise_raw, self.history.scale_raw, self.decay)
+        self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval)
         self.memory_plan: MemoryPlan | None = None  # set when the suggestion was checked against device memory
 
     @property
     def noise_scale(self) -> float:
         "The final smoothed noise scale B_simple (NaN when no window completed)."
         return float(self.history.noise_scale.iloc[-1]) if len(self.history) else math.nan
+
+    @property
+    def noise_scale_interval(self) -> tuple[float, float] | None:
+        """(lo, hi), a 90% interval for `noise_scale` (hi is inf when |G|² may be zero; None before 10 windows).
+
+        From the windows' raw estimates by Fieller's method for a ratio and batch means for their
+        autocorrelation (`interval.py`); it covers the exact B_simple at fixed weights (see the tests).
+        """
+        return None if self._interval is None else (self._interval.lo, self._interval.hi)
+
+    @property
+    def interval(self) -> Interval | None:
+        "The noise scale with its 90% interval, printed as '91 (80–104)'."
+        return self._interval
 
     @property
     def suggested_bs(self) -> int | None:
@@ -70,11 +93,24 @@ class GNSResult:
     def reliable(self) -> bool:
         return self.suggestion.bs is not None
 
+    def advice(self, lr: float | None = None, epochs: int | None = None, rule: str | None = None) -> BatchAdvice:
+        """The batch size, learning rate and epochs to train with next; `.text` says why.
+
+        `lr` and `epochs` are what you train with at the current batch size (lr defaults to the
+        run's when it trained); `rule` is "sgd" (linear lr scaling, the default) or "adam" (square
+        root). `.batch_size` is None when the measurement is not reliable. See `advice.py`.
+        """
+        if lr is None and self.lr > 0:
+            lr = self.lr
+        return advise(self.noise_scale, self.suggested_bs, self.batch_size, n_train=self.n_train, lr=lr,
+                      epochs=epochs, rule=rule or "sgd", interval=self._interval, reason=self.reason)
+
     def lr_advice(self, lr: float | None = None, rule: str = "sgd") -> LRAdvice | None:
-        "How to scale the learning rate `lr` (default: the run's) when moving to `suggested_bs`."
-        if not self.reliable:
+        "The learning-rate part of `advice()`: `lr` (default: the run's) at the advised batch size."
+        a = self.advice(lr, rule=rule)
+        if a.batch_size is None:
             return None
-        return scale_lr(self.lr if lr is None else lr, self.batch_size, self.suggested_bs, self.noise_scale, rule)
+        return LRAdvice(a.lr if a.lr is not None else math.nan, a.lr_factor, a.rule, a.lr_text)
 
     def tradeoff(self, batch_sizes) -> pd.DataFrame:
         "Predicted steps and examples (relative to their minimum) for each batch size."
@@ -91,14 +127,18 @@ class GNSResult:
             ax.plot(h[x], h[col])
             ax.set_title(title)
             ax.set_xlabel(x)
+        if self._interval is not None and math.isfinite(self._interval.hi):
+            axs[2].axhspan(self._interval.lo, self._interval.hi, color="C0", alpha=0.15, label="90% interval")
         if self.reliable:
             axs[2].axhline(self.suggested_bs, ls="--", c="C1", label=f"suggested bs {self.suggested_bs}")
+        if self._interval is not None or self.reliable:
             axs[2].legend()
         fig.tight_layout()
         return fig
 
     def __repr__(self) -> str:
-        head = f"GNSResult(noise_scale={self.noise_scale:.4g}, "
+        shown = str(self._interval) if self._interval is not None else f"{self.noise_scale:.4g}"
+        head = f"GNSResult(noise_scale={shown}, "
         if self.reliable:
             head += f"suggested_bs={self.suggested_bs}"
         else:
@@ -173,4 +213,4 @@ class RunRecorder:
         "The run's result; `beta` is the decay the user asked for (default: the estimator's)."
         return GNSResult(self.records, batch_size=batch_size, n_train=n_train, lr=lr, n_batch=self.estimator.n_batch,
                          beta=self.estimator.beta if beta is None else beta, method=method, stopped=stopped,
-                         n_skipped=self.estimator.n_skipped)
+                         n_skipped=self.estimator.n_skipped, decay=self.estimator.beta)

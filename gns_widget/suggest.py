@@ -1,8 +1,12 @@
-"""From measured noise scales to advice: a batch size, whether to trust it, and the learning rate.
+"""From measured noise scales to a suggestion: a batch size and whether to trust it; the lr rule.
 
 The noise scale B_noise is where, per McCandlish et al., a bigger batch stops buying fewer
 steps: for batch B, steps ∝ 1 + B_noise/B and examples ∝ 1 + B/B_noise. We round it to a
-power of two and refuse to suggest anything when the measurement does not support it.
+power of two and refuse to suggest anything when the measurement does not support it: too few
+windows, a 90% interval wider than ±MAX_HALFWIDTH, or a value still moving. When the interval
+straddles a rounding line the lower power of two is chosen, so runs that differ only by noise
+agree (both neighbours of the line cost the same by the paper's trade-off; the lower one is the
+safer step for the learning rate). The advice built on the suggestion is in `advice.py`.
 """
 from __future__ import annotations
 
@@ -11,16 +15,21 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-__all__ = ["Suggestion", "LRAdvice", "suggest_batch_size", "scale_lr", "tradeoff", "MIN_ESTIMATES", "MAX_DRIFT"]
+from .interval import MIN_WINDOWS, Interval
 
-MIN_ESTIMATES = 5  # windows needed before the smoothed estimate means anything
+__all__ = ["Suggestion", "LRAdvice", "suggest_batch_size", "stable_power_of_two", "lr_factor", "scale_lr",
+           "tradeoff", "MIN_ESTIMATES", "MAX_DRIFT", "MAX_HALFWIDTH"]
+
+MIN_ESTIMATES = MIN_WINDOWS  # windows needed before the estimate and its interval mean anything
 MAX_DRIFT = 0.25  # relative change over the run's last quarter above which it is "still moving"
+MAX_HALFWIDTH = 0.25  # the 90% interval's half-width, relative to the value, above which it is "uncertain"
 
 
 @dataclass(frozen=True)
 class Suggestion:
     bs: int | None  # None when the estimate is not reliable
     reason: str  # why `bs` is None, or what it rests on
+    interval: Interval | None = None  # the noise scale's 90% interval, when one was computed
 
 
 @dataclass(frozen=True)
@@ -31,8 +40,13 @@ class LRAdvice:
     text: str
 
 
-def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None) -> Suggestion:
-    "A power of two near the late-run noise scale, capped by `n_train`, or None with the reason."
+def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None,
+                       interval: Interval | None = None) -> Suggestion:
+    """A power of two near the late-run noise scale, capped by `n_train`, or None with the reason.
+
+    `interval` (from `interval.noise_scale_interval`) makes the verdict and the rounding use the
+    measurement's uncertainty; without it only the drift rule judges reliability.
+    """
     n = len(history)
     if n == 0:
         return Suggestion(None, "no estimate yet: the run ended before one window of n_batch small batches; "
@@ -47,17 +61,39 @@ def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None) -> Sug
         need = MIN_ESTIMATES * int(history.iteration.iloc[0])
         return Suggestion(None, f"only {n} estimate(s), {MIN_ESTIMATES} needed: increase num_it to at least "
                                 f"{need} or lower n_batch")
+    if interval is not None and not interval.rel_halfwidth <= MAX_HALFWIDTH:
+        why = ("|G|² is not distinguishable from its noise" if math.isinf(interval.hi)
+               else f"±{interval.rel_halfwidth:.0%}, ≤±{MAX_HALFWIDTH:.0%} needed")
+        return Suggestion(None, f"uncertain: noise scale {interval} (90% interval; {why}); increase num_it "
+                                "(or use num_it='auto'), n_batch, or beta (a longer average)", interval)
     drift = _late_drift(history.noise_scale)
     if drift > MAX_DRIFT:
         return Suggestion(None, f"still moving: the noise scale changed {drift:.0%} over the last quarter of the "
-                                f"run (≤{MAX_DRIFT:.0%} needed); increase num_it, or raise beta to smooth more")
+                                f"run (≤{MAX_DRIFT:.0%} needed); increase num_it, or raise beta to smooth more",
+                          interval)
     ns = float(last.noise_scale)
-    bs = 2 ** max(0, round(math.log2(ns)))
-    reason = f"noise scale {ns:.4g}, stable within {drift:.0%} over the last quarter of the run"
+    bs = stable_power_of_two(ns, interval)
+    shown = str(interval) if interval is not None else f"{ns:.4g}"
+    reason = f"noise scale {shown}, stable within {drift:.0%} over the last quarter of the run"
+    if interval is not None and bs < 2 ** max(0, round(math.log2(ns))):
+        reason += f"; {bs} as the interval reaches below the rounding line {bs * math.sqrt(2):.1f}"
     if n_train and bs > n_train:
         bs = 2 ** int(math.log2(n_train))
         reason += f"; capped by the training set size ({n_train})"
-    return Suggestion(bs, reason)
+    return Suggestion(bs, reason, interval)
+
+
+def stable_power_of_two(value: float, interval: Interval | None = None) -> int:
+    """`value` rounded to a power of two on the log scale, the lower one when `interval` straddles the line.
+
+    Plain rounding flips between neighbours from run to run when the value sits near a line
+    2^(j+1/2); choosing the lower power whenever the interval reaches below the line makes every
+    run whose interval covers the line agree (90% of them when the true value is on it).
+    """
+    j = max(0, round(math.log2(value)))
+    if interval is not None and j > 0 and interval.lo < 2 ** (j - 0.5):
+        j -= 1
+    return 2**j
 
 
 def _late_drift(noise_scale: pd.Series) -> float:
@@ -67,6 +103,16 @@ def _late_drift(noise_scale: pd.Series) -> float:
     return abs(end - ref) / abs(end) if end else math.inf
 
 
+def lr_factor(old_bs: int, new_bs: int, noise_scale: float, rule: str = "sgd") -> float:
+    "The paper's ε(new_bs)/ε(old_bs), ε(B) ∝ 1/(1 + B_noise/B): as is for SGD, its square root for Adam."
+    if rule not in ("sgd", "adam"):
+        raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
+    if not (noise_scale > 0):
+        raise ValueError(f"noise_scale must be positive to scale the learning rate, got {noise_scale!r}")
+    ratio = (1 + noise_scale / old_bs) / (1 + noise_scale / new_bs)
+    return ratio if rule == "sgd" else math.sqrt(ratio)
+
+
 def scale_lr(lr: float, old_bs: int, new_bs: int, noise_scale: float, rule: str = "sgd") -> LRAdvice:
     """The learning rate to use when the batch size goes from `old_bs` to `new_bs`.
 
@@ -74,12 +120,7 @@ def scale_lr(lr: float, old_bs: int, new_bs: int, noise_scale: float, rule: str 
     below the noise scale and saturates above it. For SGD-like optimizers we scale by
     that ratio (linear while B ≪ B_noise); for Adam-like ones by its square root.
     """
-    if rule not in ("sgd", "adam"):
-        raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
-    if not (noise_scale > 0):
-        raise ValueError(f"noise_scale must be positive to scale the learning rate, got {noise_scale!r}")
-    ratio = (1 + noise_scale / old_bs) / (1 + noise_scale / new_bs)
-    factor = ratio if rule == "sgd" else math.sqrt(ratio)
+    factor = lr_factor(old_bs, new_bs, noise_scale, rule)
     how = "linear (SGD-like)" if rule == "sgd" else "square-root (Adam-like)"
     text = (f"batch size {old_bs} → {new_bs}: lr {lr:.3g} → {lr * factor:.3g} (×{factor:.3g}, {how} scaling, "
             f"saturating at the noise scale {noise_scale:.4g})")

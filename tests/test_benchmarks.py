@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["overhead", "accuracy", "speedup", "critical_batch", "ddp"]
+SCRIPTS = ["overhead", "accuracy", "speedup", "critical_batch", "ddp", "advice"]
 
 
 def _check_accuracy(df: pd.DataFrame) -> None:
@@ -33,6 +33,14 @@ def _check_overhead(df: pd.DataFrame) -> None:
     assert (df.accum_buffer_x_params.round(3) == 1).all()  # one parameter-sized buffer, whatever k is
 
 
+def _check_advice(df: pd.DataFrame, out: Path) -> None:
+    "Three arms per problem, compared with the baseline; the interval part's coverage and auto-stop columns."
+    assert (df.groupby("problem").arm.apply(set) == {"baseline", "advice", "2019"}).all()
+    assert df.metric.notna().all() and (df[df.arm == "baseline"].time_ratio == 1).all()
+    intervals = pd.read_csv(out / "advice_interval_summary_quick.csv")
+    assert intervals.coverage.between(0, 1).all() and intervals["auto median steps"].notna().all()
+
+
 CHECKS = {"accuracy": _check_accuracy, "overhead": _check_overhead}
 
 
@@ -47,5 +55,7 @@ def test_benchmark_quick(name: str, tmp_path: Path) -> None:
     assert len(df) > 0
     assert (tmp_path / f"{name}_quick.png").exists()
     assert "|---|" in proc.stdout  # the markdown table
-    if name in CHECKS:
+    if name == "advice":
+        _check_advice(df, tmp_path)
+    elif name in CHECKS:
         CHECKS[name](df)

@@ -28,7 +28,7 @@ def test_capped_by_training_set():
     (_history([]), "no estimate"),
     (_history([100.0] * 20, scale=-0.1), "|G|² estimate is not positive"),
     (_history([100.0] * 20, noise=-1.0, scale=0.1), "tr(Σ) estimate is not positive"),
-    (_history([100.0] * 3), "increase num_it to at least 50"),
+    (_history([100.0] * 3), "increase num_it to at least 100"),
     (_history([100.0] * 15 + [100.0 * (1 + 2 * MAX_DRIFT)] * 5), "still moving"),
 ])
 def test_unreliable_estimates_say_why_and_what_to_change(hist, words):

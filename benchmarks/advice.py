@@ -1,0 +1,319 @@
+"""Advice that is safe to follow (issue 11): error bars against the exact noise scale, num_it="auto", and training.
+
+Part 1, **interval** (fixed weights, exact B_simple from every per-example gradient, the four
+problems of accuracy.py): for each seed, `bs_find(lr=0, num_it=1000)` and its 90% interval
+(does it cover the exact value? its half-width), and `bs_find(lr=0, num_it="auto")` (its error
+and the steps it took).
+
+Part 2, **training**: each problem is trained three ways, per seed, and judged on a held-out set:
+- baseline: the user's batch size, lr and epochs;
+- advice: `res.advice(lr, epochs, rule)` followed exactly (batch size, lr with its linear warm-up,
+  epochs), from a finder run on the same seed;
+- 2019: the write-up's rule, batch size = the noise scale rounded to a power of two, lr and
+  epochs unchanged.
+Training time excludes the finder (reported on its own).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from common import (
+    bikeshare_df,
+    bikeshare_dls,
+    cli,
+    conv_problem,
+    exact_noise_scale,
+    logreg_problem,
+    markdown,
+    mlp_problem,
+    out_path,
+    save_fig,
+    tabular_problem,
+)
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gns_widget import bs_find, datasets
+from gns_widget.interval import AutoStop
+
+BS, N_BATCH, BETA = 32, 20, 0.99
+
+
+# ---------------------------------------------------------------- part 1: interval and auto
+def interval_part(quick: bool) -> pd.DataFrame:
+    makers = {"logreg_synthetic": logreg_problem, "mlp_fashion": lambda: mlp_problem(10_000),
+              "tabular_bikeshare": tabular_problem, "conv_fashion": conv_problem}
+    seeds, auto_seeds, steps, cap = (range(3), range(2), 300, 2000) if quick else (range(20), range(5), 1000, 20_000)
+    if quick:
+        makers = {"logreg_synthetic": lambda: logreg_problem(4000)}
+    rows = []
+    for name, make in makers.items():
+        try:
+            p = make()
+        except FileNotFoundError as e:
+            print(f"skipped {name}: {e}")
+            continue
+        p.warm_up(200)
+        exact = exact_noise_scale(p.model, p.loss_fn, p.inputs, p.target).b_simple
+        for seed in seeds:
+            t0 = time.perf_counter()
+            res = bs_find(p.model, p.loader(BS, seed), p.loss_fn, lr=0, num_it=steps, n_batch=N_BATCH, beta=BETA,
+                          batch_fn=p.split)
+            lo, hi = res.noise_scale_interval
+            row = dict(problem=name, seed=seed, exact=exact, steps=steps, value=res.noise_scale, lo=lo, hi=hi,
+                       covered=lo <= exact <= hi, rel_halfwidth=res.interval.rel_halfwidth,
+                       rel_error=abs(res.noise_scale / exact - 1), seconds=time.perf_counter() - t0)
+            if seed in auto_seeds:
+                t0 = time.perf_counter()
+                auto = bs_find(p.model, p.loader(BS, seed), p.loss_fn, lr=0, num_it=AutoStop(max_it=cap),
+                               n_batch=N_BATCH, beta=BETA, batch_fn=p.split)
+                row.update(auto_steps=int(auto.history.iteration.iloc[-1]), auto_value=auto.noise_scale,
+                           auto_rel_error=abs(auto.noise_scale / exact - 1),
+                           auto_rel_halfwidth=auto.interval.rel_halfwidth, auto_seconds=time.perf_counter() - t0)
+            rows.append(row)
+        print(f"interval: {name} done (exact {exact:.4g})", flush=True)
+    return pd.DataFrame(rows)
+
+
+def interval_summary(df: pd.DataFrame) -> pd.DataFrame:
+    g = df.groupby("problem", sort=False)
+    return pd.DataFrame({
+        "exact B_simple": g.exact.first(), "runs": g.size(), "coverage": g.covered.mean(),
+        "median half-width": g.rel_halfwidth.median(), "median error (1,000 steps)": g.rel_error.median(),
+        "auto runs": g.auto_steps.count(), "auto median steps": g.auto_steps.median(),
+        "auto median error": g.auto_rel_error.median(), "auto max error": g.auto_rel_error.max(),
+    }).reset_index()
+
+
+# ---------------------------------------------------------------- part 2: training
+@dataclass
+class Task:
+    "A training problem: data, a model factory, the user's settings, and how the finder is called."
+    name: str
+    train: tuple[torch.Tensor, ...]
+    valid: tuple[torch.Tensor, ...]
+    make_model: Callable[[], nn.Module]
+    opt: str  # "sgd" or "adam"
+    bs: int
+    lr: float
+    epochs: int
+    finder: dict  # bs_find keyword arguments
+    metric: str = "accuracy"
+
+
+def _opt(task: Task, model: nn.Module, lr: float):
+    if task.opt == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9 if task.name.startswith("fashion") else 0)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def train_torch(task: Task, bs: int, lr: float, epochs: int, seed: int, warmup: int = 0,
+                lr0: float | None = None) -> dict:
+    "Plain loop at constant lr (linear warm-up from lr0 over `warmup` steps); the validation metric at the end."
+    torch.manual_seed(seed)
+    model = task.make_model()
+    opt = _opt(task, model, lr)
+    dl = DataLoader(TensorDataset(*task.train), batch_size=bs, shuffle=True,
+                    generator=torch.Generator().manual_seed(seed))
+    step, t0 = 0, time.perf_counter()
+    for _ in range(epochs):
+        for x, y in dl:
+            if step < warmup:
+                for g in opt.param_groups:
+                    g["lr"] = lr0 + (lr - lr0) * (step + 1) / warmup
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            step += 1
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        x, y = task.valid
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    return dict(metric=100 * acc, seconds=seconds, steps=step)
+
+
+def train_fastai(df: pd.DataFrame, bs: int, lr: float, epochs: int, seed: int) -> dict:
+    "fastai tabular_learner, fit_one_cycle (its own warm-up); the validation MSE of log1p(bikers)."
+    from fastai.tabular.all import MSELossFlat, set_seed, tabular_learner
+
+    set_seed(seed, reproducible=True)
+    learn = tabular_learner(bikeshare_dls(bs, 0, df), layers=[200, 100], loss_func=MSELossFlat())
+    t0 = time.perf_counter()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(epochs, lr)
+        seconds = time.perf_counter() - t0
+        loss = float(learn.validate()[0])
+    return dict(metric=loss, seconds=seconds, steps=epochs * len(learn.dls.train))
+
+
+def finder_fastai(df: pd.DataFrame, seed: int, lr: float, finder: dict):
+    "bs_find after one warm-up epoch on a throwaway Learner, where a user calls it (as speedup.py does)."
+    from fastai.tabular.all import MSELossFlat, set_seed, tabular_learner
+
+    set_seed(seed, reproducible=True)
+    learn = tabular_learner(bikeshare_dls(64, 0, df), layers=[200, 100], loss_func=MSELossFlat())
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, lr)
+        return learn.bs_find(show_plot=False, **finder)
+
+
+def rule_2019(noise_scale: float, n_train: int) -> int:
+    "The 2019 write-up: the noise scale rounded to a power of two (at most the training set), lr unchanged."
+    bs = 2 ** max(0, round(math.log2(noise_scale))) if noise_scale > 0 else 1
+    return min(bs, 2 ** int(math.log2(n_train)))
+
+
+def digits_task(num_it: int, quick: bool) -> Task:
+    xt, yt, xv, yv = datasets.digits()
+    return Task(f"digits_mlp_{'long' if num_it > 5000 else 'short'}_finder", (xt, yt), (xv, yv),
+                lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)), "sgd", 32, 0.1,
+                2 if quick else 8, dict(lr=0.1, num_it=num_it, n_batch=10, beta=0.99))
+
+
+def fashion_tasks(quick: bool) -> list[Task]:
+    x, y = datasets.fashion_mnist(train=True)
+    n, nv = (2000, 500) if quick else (10_000, 2000)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, va = idx[:n], idx[n:n + nv]
+
+    def conv():
+        return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(16 * 6 * 6, 10))
+
+    def mlp():
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    auto = dict(num_it=AutoStop(max_it=500 if quick else 3000), n_batch=N_BATCH, beta=BETA)
+    epochs = 1 if quick else 4
+    return [Task("fashion_conv", (x[tr], y[tr]), (x[va], y[va]), conv, "sgd", 32, 0.05, epochs,
+                 dict(lr=0.05, opt=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), **auto)),
+            Task("fashion_mlp_adam", (x[tr], y[tr]), (x[va], y[va]), mlp, "adam", 32, 1e-3, epochs,
+                 dict(lr=1e-3, opt=lambda p: torch.optim.Adam(p, lr=1e-3), **auto))]
+
+
+def training_part(quick: bool) -> pd.DataFrame:
+    seeds = [0] if quick else [0, 1, 2]
+    tasks = [digits_task(300 if quick else 1000, quick)]
+    if not quick:
+        tasks.append(digits_task(30_000, quick))
+    try:
+        tasks += fashion_tasks(quick)[:1 if quick else 2]
+    except FileNotFoundError as e:
+        print(f"skipped the Fashion-MNIST problems: {e}")
+    rows = []
+    for task in tasks:
+        for seed in seeds:
+            torch.manual_seed(seed)
+            model = task.make_model()
+            dl = DataLoader(TensorDataset(*task.train), batch_size=task.bs, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed + 100))
+            t0 = time.perf_counter()
+            res = bs_find(model, dl, nn.CrossEntropyLoss(), **task.finder)
+            find_s = time.perf_counter() - t0
+            a = res.advice(lr=task.lr, epochs=task.epochs, rule=task.opt)
+            old = rule_2019(res.noise_scale, len(task.train[0]))
+            common = dict(problem=task.name, seed=seed, noise_scale=str(res.interval), finder_seconds=find_s,
+                          finder_steps=int(res.history.iteration.iloc[-1]), reliable=res.reliable)
+            arms = [("baseline", task.bs, task.lr, task.epochs, 0)]
+            if a.batch_size is not None:
+                arms.append(("advice", a.batch_size, a.lr, a.epochs, a.warmup_steps))
+            else:
+                arms.append(("advice", task.bs, task.lr, task.epochs, 0))  # advice: keep the batch size
+            arms.append(("2019", old, task.lr, task.epochs, 0))
+            for arm, bs, lr, epochs, warm in arms:
+                out = train_torch(task, bs, lr, epochs, seed, warm, task.lr)
+                rows.append(dict(common, arm=arm, bs=bs, lr=lr, epochs=epochs, warmup=warm, **out,
+                                 text=a.text if arm == "advice" else ""))
+        print(f"training: {task.name} done", flush=True)
+    rows += bikeshare_rows(seeds, quick)
+    return pd.DataFrame(rows)
+
+
+def bikeshare_rows(seeds: list[int], quick: bool) -> list[dict]:
+    try:
+        df = bikeshare_df()
+    except FileNotFoundError as e:
+        print(f"skipped Bikeshare: {e}")
+        return []
+    if quick:
+        df = df.sample(1500, random_state=0).reset_index(drop=True)
+    bs, lr, epochs = 64, 1e-2, 2 if quick else 8
+    finder = dict(lr=1e-3, num_it=AutoStop(max_it=300 if quick else 3000), n_batch=N_BATCH, beta=BETA)
+    n_train = int(0.8 * len(df))
+    rows = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        res = finder_fastai(df, seed, lr, finder)
+        find_s = time.perf_counter() - t0
+        a = res.advice(lr=lr, epochs=epochs, rule="adam")
+        common = dict(problem="bikeshare_tabular_fastai", seed=seed, noise_scale=str(res.interval),
+                      finder_seconds=find_s, finder_steps=int(res.history.iteration.iloc[-1]), reliable=res.reliable)
+        arms = [("baseline", bs, lr, epochs), ("advice", a.batch_size or bs, a.lr or lr, a.epochs or epochs),
+                ("2019", rule_2019(res.noise_scale, n_train), lr, epochs)]
+        for arm, b, r, e in arms:
+            out = train_fastai(df, b, r, e, seed)
+            rows.append(dict(common, arm=arm, bs=b, lr=r, epochs=e, warmup=0, **out,
+                             text=a.text if arm == "advice" else ""))
+    print("training: bikeshare done", flush=True)
+    return rows
+
+
+def training_summary(df: pd.DataFrame) -> pd.DataFrame:
+    "Per problem and arm: medians over seeds; the metric change and time ratio against the baseline."
+    g = df.groupby(["problem", "arm"], sort=False).agg(
+        bs=("bs", lambda s: "/".join(str(v) for v in sorted(set(s)))), lr=("lr", "median"),
+        epochs=("epochs", "median"), metric=("metric", "median"), metric_min=("metric", "min"),
+        seconds=("seconds", "median")).reset_index()
+    base = g[g.arm == "baseline"].set_index("problem")
+    g["vs_baseline"] = [m - base.metric[p] for p, m in zip(g.problem, g.metric)]
+    g["time_ratio"] = [s / base.seconds[p] for p, s in zip(g.problem, g.seconds)]
+    return g
+
+
+def plot(summary: pd.DataFrame, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs = list(dict.fromkeys(summary.problem))
+    fig, axs = plt.subplots(1, 2, figsize=(11, 3.4))
+    for i, arm in enumerate(["baseline", "advice", "2019"]):
+        d = summary[summary.arm == arm].set_index("problem").reindex(probs)
+        x = np.arange(len(probs)) + (i - 1) * 0.27
+        axs[0].bar(x, d.vs_baseline, width=0.27, label=arm)
+        axs[1].bar(x, d.time_ratio, width=0.27, label=arm)
+    for ax, t in zip(axs, ["validation metric − baseline (accuracy points; loss for bikeshare)",
+                           "training time / baseline"]):
+        ax.set_xticks(range(len(probs)), [p.replace("_", "\n", 2) for p in probs], fontsize=7)
+        ax.set_title(t, fontsize=9)
+        ax.legend(fontsize=7)
+    save_fig(fig, path)
+
+
+def main() -> None:
+    args = cli(__doc__.splitlines()[0])
+    t0 = time.perf_counter()
+    intervals = interval_part(args.quick)
+    intervals.to_csv(out_path(args, "advice_interval", "csv"), index=False)
+    isum = interval_summary(intervals)
+    isum.to_csv(out_path(args, "advice_interval_summary", "csv"), index=False)
+    print(markdown(isum))
+    runs = training_part(args.quick)
+    runs.to_csv(out_path(args, "advice_runs", "csv"), index=False)
+    summary = training_summary(runs)
+    summary.to_csv(out_path(args, "advice", "csv"), index=False)
+    plot(summary, out_path(args, "advice", "png"))
+    print(markdown(summary))
+    for text in runs[runs.arm == "advice"].drop_duplicates("problem").text:
+        print("advice:", text)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

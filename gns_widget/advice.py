@@ -1,0 +1,125 @@
+"""Advice that is safe to follow: batch size, learning rate and epochs together, from one noise scale.
+
+The paper's formulas (McCandlish et al. 2018) assume each batch size trains with its own tuned
+learning rate and that the noise scale holds for the whole run. Followed blindly on a small
+dataset they ruin training (digits: bs 1024 for 1,438 images and lr ×20 ended at 35% accuracy),
+so three guards sit between the formulas and the numbers a user applies:
+
+- **batch size**: the suggestion, capped so an epoch keeps at least `MIN_STEPS_PER_EPOCH`
+  optimizer steps (a schedule, a warm-up and the noise that helps generalisation need steps);
+- **learning rate**: ε(B) ∝ 1/(1 + B_noise/B), linear for SGD, square root for Adam, with the
+  factor capped at `MAX_LR_FACTOR` and a warm-up from the old lr when it grows much;
+- **epochs**: E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise), the paper's examples-to-reach-
+  the-same-loss ratio, so a bigger batch gets the extra epochs it needs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .interval import Interval
+from .suggest import lr_factor
+
+__all__ = ["BatchAdvice", "advise", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR", "WARMUP_ABOVE", "WARMUP_FRACTION"]
+
+MIN_STEPS_PER_EPOCH = 10  # optimizer steps an epoch keeps at the advised batch size
+MAX_LR_FACTOR = 4.0  # the largest lr multiplier advised; beyond it, a warm-up and lr_find decide
+WARMUP_ABOVE = 2.0  # lr factors above this get a linear warm-up from the old lr
+WARMUP_FRACTION = 0.1  # of the advised training's steps (at least one epoch's worth when epochs are unknown)
+
+
+@dataclass(frozen=True)
+class BatchAdvice:
+    """What to train with next, and why. `batch_size` is None when the measurement is not reliable.
+
+    `lr_factor` is the applied multiplier, `paper_lr_factor` the uncapped ε(B) ratio;
+    `time_factor` is the (low, high) expected wall-time ratio: low if a step costs the same at
+    both batch sizes (an unsaturated GPU), high if time is per example (a saturated device).
+    """
+    batch_size: int | None
+    lr: float | None
+    epochs: int | None
+    text: str
+    old_batch_size: int | None = None
+    noise_scale: str = ""  # the noise scale as shown, with its interval: "91 (80–104)"
+    rule: str = "sgd"
+    lr_factor: float = 1.0
+    paper_lr_factor: float = 1.0
+    lr_capped: bool = False
+    warmup_steps: int = 0
+    steps_per_epoch: int | None = None
+    suggested_bs: int | None = None  # the noise scale's power of two before the steps-per-epoch cap
+    time_factor: tuple[float, float] | None = None
+    lr_text: str = ""
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_train: int | None = None,
+           lr: float | None = None, epochs: int | None = None, rule: str = "sgd",
+           interval: Interval | None = None, reason: str = "") -> BatchAdvice:
+    """The advice for moving from `batch_size` to the suggestion `suggested_bs` (None: not reliable, `reason` why).
+
+    `lr` and `epochs` are the user's at `batch_size`; without them the advice gives factors only.
+    """
+    if rule not in ("sgd", "adam"):
+        raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0 or None, got {lr!r}")
+    shown = str(interval) if interval is not None else f"{noise_scale:.4g}"
+    if suggested_bs is None or not batch_size:
+        why = reason or "no batch size known for the run"
+        return BatchAdvice(None, lr, epochs, f"keep batch size {batch_size}: {why}", batch_size, shown, rule)
+    bs, parts = suggested_bs, []
+    if n_train and n_train // bs < MIN_STEPS_PER_EPOCH:
+        cap = 2 ** max(0, int(math.log2(max(1, n_train // MIN_STEPS_PER_EPOCH))))
+        parts.append(f"the noise scale suggests {suggested_bs}, but {n_train:,} training examples would give "
+                     f"{n_train / suggested_bs:.2g} optimizer steps per epoch: capped at {cap} "
+                     f"(≥ {MIN_STEPS_PER_EPOCH} steps per epoch)")
+        bs = cap
+    steps_per_epoch = math.ceil(n_train / bs) if n_train else None
+    paper = lr_factor(batch_size, bs, noise_scale, rule)
+    factor = min(paper, MAX_LR_FACTOR)
+    capped = paper > MAX_LR_FACTOR
+    how = "linear (SGD)" if rule == "sgd" else "square-root (Adam)"
+    new_epochs = math.ceil(epochs * _examples_ratio(batch_size, bs, noise_scale) - 1e-9) if epochs else None
+    total_steps = new_epochs * steps_per_epoch if new_epochs and steps_per_epoch else None
+    warmup = 0
+    if factor > WARMUP_ABOVE:
+        warmup = (max(1, round(WARMUP_FRACTION * total_steps)) if total_steps
+                  else steps_per_epoch or 0)
+    lr_text = _lr_text(lr, factor, paper, capped, how, bs, warmup)
+    head = f"batch size {batch_size} → {bs} (noise scale {shown})"
+    parts = [head, *parts, lr_text]
+    time_factor = None
+    if epochs:
+        ratio = new_epochs / epochs
+        step_ratio = ratio * batch_size / bs
+        time_factor = (step_ratio, ratio)
+        parts.append(f"epochs {epochs} → {new_epochs} (the paper's trade-off: ×{ratio:.2g} the examples, "
+                     f"×{step_ratio:.2g} the steps to reach the same loss); wall time ×{step_ratio:.2g} if a step "
+                     f"costs the same at both sizes, ×{ratio:.2g} if time is per example")
+    else:
+        parts.append(f"train ×{_examples_ratio(batch_size, bs, noise_scale):.2g} the epochs (the paper's trade-off: "
+                     "the examples needed to reach the same loss; pass epochs= for a number)")
+    return BatchAdvice(bs, lr * factor if lr else None, new_epochs, "; ".join(parts), batch_size, shown, rule,
+                       factor, paper, capped, warmup, steps_per_epoch, suggested_bs, time_factor, lr_text)
+
+
+def _examples_ratio(old_bs: int, new_bs: int, noise_scale: float) -> float:
+    "E(new)/E(old): examples to reach the same loss, E ∝ 1 + B/B_noise."
+    return (1 + new_bs / noise_scale) / (1 + old_bs / noise_scale)
+
+
+def _lr_text(lr: float | None, factor: float, paper: float, capped: bool, how: str, bs: int, warmup: int) -> str:
+    now = f"lr {lr:.3g} → {lr * factor:.3g} (×{factor:.3g}" if lr else f"lr ×{factor:.3g} ("
+    text = f"{now}{', ' if lr else ''}{how} scaling, ε(B) ∝ 1/(1 + B_noise/B))"
+    if capped:
+        text += (f": the rule gives ×{paper:.3g}, capped at ×{MAX_LR_FACTOR:g}; with fastai, run "
+                 f"learn.lr_find() at batch size {bs} instead")
+    if warmup:
+        text += f"; warm up linearly from the old lr over the first {warmup} steps"
+    return text

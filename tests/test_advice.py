@@ -1,0 +1,83 @@
+"`advice()`: batch size capped by steps per epoch, lr by ε(B) with a cap and warm-up, epochs by the paper's trade-off."
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gns_widget import bs_find
+from gns_widget.advice import MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH, advise
+from gns_widget.datasets import digits_loaders
+from gns_widget.interval import Interval
+
+
+def test_issue_11_digits_case_is_capped_in_batch_size_and_lr():
+    "The 30,000-iteration quickstart run: noise scale ~1,000 suggested bs 1024 for 1,438 images and lr ×20."
+    a = advise(1000.0, 1024, 32, n_train=1438, lr=0.1, epochs=8, rule="sgd")
+    assert a.batch_size == 128 and 1438 // a.batch_size >= MIN_STEPS_PER_EPOCH  # not 1024: 1.4 steps per epoch
+    assert "capped at 128" in a.text and "1,438 training examples" in a.text
+    assert a.paper_lr_factor == pytest.approx((1 + 1000 / 32) / (1 + 1000 / 128))
+    assert a.lr == pytest.approx(0.1 * a.paper_lr_factor) and not a.lr_capped  # ×3.7 at 128, not ×20 at 1024
+    assert a.warmup_steps == round(0.1 * a.epochs * a.steps_per_epoch) > 0
+    # epochs: E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise), rounded up
+    assert a.epochs == math.ceil(8 * (1 + 128 / 1000) / (1 + 32 / 1000))
+    assert a.steps_per_epoch == math.ceil(1438 / 128)
+    lo, hi = a.time_factor
+    assert lo == pytest.approx(a.epochs / 8 * 32 / 128) and hi == pytest.approx(a.epochs / 8)
+
+
+def test_large_lr_factor_is_capped_with_warm_up_and_lr_find():
+    a = advise(1000.0, 1024, 32, n_train=100_000, lr=0.1, epochs=8, rule="sgd")
+    assert a.batch_size == 1024 and a.paper_lr_factor > 10
+    assert a.lr_capped and a.lr_factor == MAX_LR_FACTOR and a.lr == pytest.approx(0.1 * MAX_LR_FACTOR)
+    assert f"capped at ×{MAX_LR_FACTOR:g}" in a.text and "lr_find() at batch size 1024" in a.text
+    assert a.warmup_steps == round(0.1 * a.epochs * a.steps_per_epoch)
+
+
+def test_moderate_move_follows_the_paper_exactly():
+    a = advise(90.0, 64, 32, n_train=1438, lr=0.1, epochs=8, rule="sgd")
+    factor = (1 + 90 / 32) / (1 + 90 / 64)
+    assert a.batch_size == 64 and a.lr == pytest.approx(0.1 * factor) and not a.lr_capped
+    assert a.warmup_steps == 0  # ×1.6 needs no warm-up
+    assert a.epochs == math.ceil(8 * (1 + 64 / 90) / (1 + 32 / 90))
+    adam = advise(90.0, 64, 32, n_train=1438, lr=1e-3, rule="adam")
+    assert adam.lr_factor == pytest.approx(math.sqrt(factor)) and "square-root" in adam.text
+    assert adam.epochs is None and "pass epochs=" in adam.text
+
+
+def test_smaller_suggestion_lowers_lr_and_epochs():
+    a = advise(20.0, 16, 64, n_train=10_000, lr=0.1, epochs=10)
+    assert a.batch_size == 16 and a.lr < 0.1 and a.epochs < 10
+
+
+def test_unreliable_keeps_the_batch_size_and_says_why():
+    a = advise(math.nan, None, 32, n_train=1000, lr=0.1, epochs=5, reason="still moving: ...")
+    assert a.batch_size is None and a.lr == 0.1 and "keep batch size 32: still moving" in a.text
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"rule": "rmsprop"}, "rule must be"), ({"epochs": 0}, "epochs must be"), ({"epochs": 2.5}, "epochs must be"),
+    ({"lr": -1.0}, "lr must be"), ({"lr": math.inf}, "lr must be"),
+])
+def test_bad_arguments(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        advise(100.0, 128, 32, **kwargs)
+
+
+def test_text_shows_the_interval():
+    a = advise(91.2, 64, 32, n_train=5000, interval=Interval(91.2, 80.4, 104.3))
+    assert "noise scale 91 (80–104)" in a.text
+
+
+def test_result_advice_and_lr_advice_agree():
+    "GNSResult.advice is the one place: lr_advice is its learning-rate part."
+    torch.manual_seed(0)
+    train_dl, _ = digits_loaders(bs=32, seed=0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    res = bs_find(model, train_dl, nn.CrossEntropyLoss(), lr=0, num_it=600, n_batch=10, beta=0.99)
+    assert res.reliable, res.reason
+    a = res.advice(lr=0.1, epochs=8)
+    assert a.batch_size is not None and a.batch_size <= res.suggested_bs
+    lr_adv = res.lr_advice(0.1)
+    assert lr_adv.lr == pytest.approx(a.lr) and lr_adv.factor == a.lr_factor and lr_adv.text == a.lr_text
+    assert str(res.interval) in a.text
