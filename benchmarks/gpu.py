@@ -643,7 +643,7 @@ def speedup(rep: Report) -> None:
     (xt, yt), test = fashion_on(dev, rep.args.data, s.fm_train, s.fm_test)
     torch.manual_seed(0)
     model = conv_net(*s.channels).to(dev)
-    warm = seconds(lambda: train(model, GPUBatches(xt, yt, BASE_BS, 0), test, BASE_LR, 1, dev), dev)
+    warm = train(model, GPUBatches(xt, yt, BASE_BS, 0), test, BASE_LR, 1, dev)[-1][1]
     t = time.perf_counter()
     find = partial(bs_find, model, GPUBatches(xt, yt, BASE_BS, 0), F.cross_entropy, lr=0, num_it=s.finder_it,
                    n_batch=s.finder_n_batch, beta=BETA, device=dev)
@@ -658,8 +658,8 @@ def speedup(rep: Report) -> None:
     rep.note("speedup", f"finder after one warm-up epoch at bs {BASE_BS} ({warm:.1f} s): {res!r} in {finder_s:.1f} s")
     advice = follow_finder(res, BASE_LR, s.base_epochs)
     if rep.args.quick and (advice is None or advice[0] == BASE_BS):  # tiny runs: still compare two batch sizes
-        advice = (4 * BASE_BS, BASE_LR * 2, s.base_epochs, "quick run: no reliable suggestion, 4× the batch, "
-                  "lr × √4")
+        advice = (4 * BASE_BS, BASE_LR * 2, s.base_epochs, "quick run, the finder advised no bigger batch: 4× the "
+                  "batch and lr × √4, to run the comparison")
     if advice is None:
         raise RuntimeError(f"the finder gave no reliable suggestion ({res.reason}): nothing to compare")
     big, big_lr, big_epochs, why = advice
