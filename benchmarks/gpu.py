@@ -9,7 +9,8 @@ recorded (`gpu_status.csv`) and the next one runs, and every table is written as
   the same batches, so `vs_fp32_pct` is the effect of the precision alone, free of sampling noise.
 - overhead: median time per step and peak memory of a plain training step against the same step
   plus `NoiseScaleEstimator.update` (fixed), per-example norms as `bs_find(method="per_example")`
-  takes them, the 2019 write-up's method (`original_method.py`), and, per micro-batch, a gradient
+  takes them (`per_example_ln`: of the normalisation layers' parameters only, the opt-in subset of Gray et
+  al. 2024), the 2019 write-up's method (`original_method.py`), and, per micro-batch, a gradient
   accumulation cycle with `accumulated=True` updates against the plain cycle. Two models: a
   nanoGPT-style GPT-2 small (124M parameters, 16×512 tokens, bf16 autocast, fused AdamW) and an MLP
   of about 8M parameters at batch 64 (fp32, Adam), whose 2 ms steps are launch-bound. Blocks of
@@ -52,12 +53,12 @@ from torch.utils.data import TensorDataset
 
 from gns_widget import NoiseScaleEstimator, bs_find, datasets
 from gns_widget.estimator import gradients_of, squared_norm
-from gns_widget.per_example import PerExampleNorms
+from gns_widget.per_example import PerExampleNorms, norm_layer_params
 
 SECTIONS = ("exactness", "overhead", "loop", "speedup")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METHODS = ("fixed", "per_example", "sequential")
-KINDS = ("plain", "fixed", "per_example", "original", "accum_plain", "accumulated")
+KINDS = ("plain", "fixed", "per_example", "per_example_ln", "original", "accum_plain", "accumulated")
 BETA = 0.99
 MAX_KIND_SECONDS = 30  # overhead: stop timing a kind once its blocks took this long (the run must fit in 5 minutes)
 
@@ -420,20 +421,22 @@ class Stepper:
 
     def __init__(self, w: Workload, n_batch: int):
         self.w, self.n_batch = w, n_batch
-        self._norms: PerExampleNorms | None = None
+        self._norms: dict[str, PerExampleNorms] = {}
 
-    @property
-    def norms(self) -> PerExampleNorms:
-        "Built on first use: a model per_example refuses fails that kind alone."
-        if self._norms is None:
-            self._norms = PerExampleNorms(self.w.model)
-        return self._norms
+    def norms(self, kind: str) -> PerExampleNorms:
+        """Per-example norms of every parameter, or of the normalisation layers' only (`per_example_ln`,
+        Gray et al. 2024). Built on first use: a model per_example refuses fails that kind alone."""
+        if kind not in self._norms:
+            params = norm_layer_params(self.w.model) if kind == "per_example_ln" else None
+            self._norms[kind] = PerExampleNorms(self.w.model, params)
+        return self._norms[kind]
 
     def fresh(self, kind: str):
         "A new estimator for `kind` (None for the plain kinds)."
         nb = self.n_batch
         return {"fixed": lambda: NoiseScaleEstimator(nb, BETA),
                 "per_example": lambda: NoiseScaleEstimator(nb, BETA ** (1 / nb)),
+                "per_example_ln": lambda: NoiseScaleEstimator(nb, BETA ** (1 / nb)),
                 "accumulated": lambda: NoiseScaleEstimator(nb, BETA, accumulated=True),
                 "original": lambda: OriginalGNS(nb, BETA)}.get(kind, lambda: None)()
 
@@ -444,8 +447,9 @@ class Stepper:
         loss.backward()
         if kind in ("fixed", "original"):
             est.update(w.model, w.bs)
-        elif kind == "per_example":  # as bs_find(method="per_example") does it
-            est.update_norms(self.norms.pop().mean(), squared_norm(gradients_of(w.model)), 1, w.bs)
+        elif kind.startswith("per_example"):  # as bs_find(method="per_example") does it
+            norms = self.norms(kind)
+            est.update_norms(norms.pop().mean(), squared_norm(gradients_of(norms.params)), 1, w.bs)
         w.opt.step()
         return loss
 
@@ -460,7 +464,7 @@ class Stepper:
                     est.update(w.model, w.bs)
             w.opt.step()
             return
-        with self.norms if kind == "per_example" else nullcontext():
+        with self.norms(kind) if kind.startswith("per_example") else nullcontext():
             loss = None
             for _ in range(steps):
                 loss = self.step(kind, est)  # kept until the next step returns, as a training loop keeps it
@@ -476,6 +480,9 @@ def measure_overhead(w: Workload, n_batch: int, rounds: int, log: Callable[[str]
     if dev.type == "cuda" and (2 * n_batch + 1) * param_bytes > 0.8 * torch.cuda.mem_get_info(dev)[0]:
         kinds.remove("original")
         notes["original"] = f"skipped: its {2 * n_batch + 1}× parameter copies would not fit"
+    if not norm_layer_params(w.model):
+        kinds.remove("per_example_ln")
+        notes["per_example_ln"] = "n/a: no normalisation layers"
     st.block("plain", None, 2)  # the optimizer's state, before anything is measured
     peaks: dict[str, int] = {}
     for kind in list(kinds):  # warm-up and memory, each kind with a fresh estimator
