@@ -34,11 +34,16 @@ CONT_NAMES = ["temp", "atemp", "hum", "windspeed"]
 
 
 # ---------------------------------------------------------------- command line and output
-def cli(description: str) -> argparse.Namespace:
-    "`--quick` (tiny sizes, for tests) and `--out DIR`; quick results get a `_quick` suffix so they never overwrite."
+def cli(description: str, add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """`--quick` (tiny sizes, for tests) and `--out DIR`, plus whatever `add_args` adds to the parser.
+
+    Quick results get a `_quick` suffix so they never overwrite the committed ones.
+    """
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny sizes (< 20 s), to check the script runs")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV and PNG (default benchmarks/results)")
+    if add_args is not None:
+        add_args(p)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # 2 shared cores: one thread gives stable timings

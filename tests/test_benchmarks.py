@@ -44,11 +44,16 @@ def _check_advice(df: pd.DataFrame, out: Path) -> None:
 CHECKS = {"accuracy": _check_accuracy, "overhead": _check_overhead}
 
 
+def _run_quick(name: str, out: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=180, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_quick(name: str, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=180, cwd=BENCH.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_quick(name, tmp_path)
     csv = tmp_path / f"{name}_quick.csv"
     assert csv.exists(), sorted(p.name for p in tmp_path.iterdir())
     df = pd.read_csv(csv)
@@ -59,3 +64,41 @@ def test_benchmark_quick(name: str, tmp_path: Path) -> None:
         _check_advice(df, tmp_path)
     elif name in CHECKS:
         CHECKS[name](df)
+
+
+def test_gpu_benchmark_quick(tmp_path: Path) -> None:
+    """gpu.py on the CPU: every section runs (the speedup one is skipped only without Fashion-MNIST) and its
+    numbers hold what they must whatever the device: at lr=0 sequential measures exactly what fixed does, a
+    lower precision moves the estimate far less than sampling does, and fixed's extra memory is one
+    parameter-sized buffer."""
+    from gns_widget.datasets import FASHION_MNIST_DIR
+
+    proc = _run_quick("gpu", tmp_path)
+    assert "|---|" in proc.stdout
+    assert (tmp_path / "gpu_quick.png").exists() and (tmp_path / "gpu_quick.md").exists()
+    status = pd.read_csv(tmp_path / "gpu_status_quick.csv").set_index("section").status
+    has_data = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
+    assert dict(status) == {"exactness": "ok", "overhead": "ok", "loop": "ok",
+                            "speedup": "ok" if has_data else "skipped"}
+
+    ex = pd.read_csv(tmp_path / "gpu_exactness_quick.csv")
+    assert len(ex) == 2 * 3 * 3 and ex.estimate.notna().all(), ex[ex.estimate.isna()]
+    est = ex.set_index(["problem", "precision", "method"]).estimate.unstack()
+    assert (est.sequential - est.fixed).abs().max() <= 1e-9 * est.fixed.abs().max()
+    assert ex[ex.precision != "fp32"].vs_fp32_pct.abs().max() < 1.0
+
+    ov = pd.read_csv(tmp_path / "gpu_overhead_quick.csv")
+    assert set(ov.model) == {"gpt", "mlp"}
+    ran = ov[ov.note.isna()]
+    assert ran.ms_per_step.notna().all() and ran.extra_peak_MB.notna().all()
+    kinds = {"plain", "fixed", "per_example", "original", "accum_plain", "accumulated"}
+    assert set(ran[ran.model == "mlp"].kind) == kinds  # no normalisation layers: per_example_ln is n/a
+    assert set(ran[ran.model == "gpt"].kind) == kinds | {"per_example_ln"}
+    fixed = ran[ran.kind.isin(["fixed", "accumulated"])]
+    assert (fixed.extra_peak_MB / (4 * fixed.params_M)).between(0.99, 1.05).all(), fixed  # one float32 buffer
+
+    loop = pd.read_csv(tmp_path / "gpu_loop_quick.csv")
+    assert len(loop) == 3 and loop.x_plain.notna().all()
+    if has_data:
+        sp = pd.read_csv(tmp_path / "gpu_speedup_quick.csv")
+        assert list(sp.config) == ["bs64", "advice", "advice_same_lr"] and sp.bs.iloc[1] > 64
