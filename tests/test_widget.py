@@ -82,13 +82,13 @@ def test_construct_shows_controls_and_idle(train_dl):
 
 
 def test_default_num_it_is_one_epoch_only_when_that_can_suggest(train_dl):
-    "digits at bs 32: one epoch is 45 batches; a suggestion needs 5 estimates of n_batch batches."
-    assert GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=5).num_it_text.value == 0  # 45 ≥ 25
+    "digits at bs 32: one epoch is 45 batches; a suggestion needs 10 estimates of n_batch batches."
+    assert GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=4).num_it_text.value == 0  # 45 ≥ 40
     w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=15)
-    assert w.num_it_text.value == 75 and w.settings()["num_it"] == 75 and w.error_label.value == ""
-    assert "num_it ≥ 5 × n_batch 15 = 75" in w.num_it_help.value and "one epoch = 45 batches" in w.num_it_help.value
+    assert w.num_it_text.value == 150 and w.settings()["num_it"] == 150 and w.error_label.value == ""
+    assert "num_it ≥ 10 × n_batch 15 = 150" in w.num_it_help.value and "one epoch = 45 batches" in w.num_it_help.value
     per_example = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=15, method="per_example")
-    assert per_example.num_it_text.value == 0  # every step is an estimate: 45 ≥ 5
+    assert per_example.num_it_text.value == 0  # every step is an estimate: 45 ≥ 10
 
 
 def test_reserved_and_bad_target_are_refused(train_dl):
@@ -107,7 +107,7 @@ def test_reserved_and_bad_target_are_refused(train_dl):
     (dict(beta=0.0), ValueError, "beta"),
     (dict(lr=-1.0), ValueError, "lr must be a finite number"),
     (dict(lr=math.inf), ValueError, "lr must be a finite number"),
-    (dict(num_it=30, n_batch=10), ValueError, r"num_it must be ≥ 50 \(a suggestion needs 5 estimates"),
+    (dict(num_it=30, n_batch=10), ValueError, r"num_it must be ≥ 100 \(a suggestion needs 10 estimates"),
     (dict(num_it=0, n_batch=10), ValueError, "one epoch is only 45 batches at batch size 32"),
     (dict(num_it=-1), ValueError, "num_it must be an integer"),
     (dict(method="exact"), ValueError, "method must be one of"),
@@ -236,7 +236,7 @@ def test_apply_rebuilds_torch_loader_and_says_which_object_to_use(finished):
     assert "train_dl = w.train_dl" in finished.note_label.value  # not under IPython: the usual names
     assert "measured at batch size 32" in finished.result_box.value  # still true after Apply
     assert finished.apply_button.disabled
-    # one epoch at 64 is 23 batches, too few for 5 estimates of 10: the control says so before Start
+    # one epoch at 64 is 23 batches, too few for 10 estimates of 10: the control says so before Start
     finished.num_it_text.value = 0
     assert "one epoch is only 23 batches at batch size 64" in finished.error_label.value
     assert finished.start_button.disabled
@@ -315,9 +315,9 @@ def test_finished_without_suggestion_is_not_shown_as_success(train_dl, monkeypat
 
 
 @pytest.mark.parametrize("setting, value, message", [
-    ("num_it_text", 5, "num_it must be ≥ 50 (a suggestion needs 5 estimates of n_batch=10"),
-    ("num_it_text", 30, "num_it must be ≥ 50"),
-    ("num_it_text", -3, "num_it must be an integer ≥ 50"),
+    ("num_it_text", 5, "num_it must be ≥ 100 (a suggestion needs 10 estimates of n_batch=10"),
+    ("num_it_text", 30, "num_it must be ≥ 100"),
+    ("num_it_text", -3, "num_it must be an integer ≥ 100"),
     ("num_it_text", 0, "one epoch is only 45 batches"),
     ("lr_text", -0.1, "lr must be a finite number"),
 ])
@@ -332,10 +332,10 @@ def test_bad_settings_give_inline_error_and_refuse_start(train_dl, setting, valu
 
 def test_num_it_help_follows_n_batch(train_dl):
     w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
-    w.n_batch_slider.value = 40
+    w.n_batch_slider.value = 20
     assert "= 200" in w.num_it_help.value and w.error_label.value == ""
-    w.n_batch_slider.value = 41
-    assert "num_it must be ≥ 205" in w.error_label.value and w.start_button.disabled
+    w.n_batch_slider.value = 21
+    assert "num_it must be ≥ 210" in w.error_label.value and w.start_button.disabled
 
 
 # ---------------------------------------------------------------- one run per model (item 1)
