@@ -186,13 +186,9 @@ def _exact(pop: torch.Tensor) -> tuple[float, float]:
     return (pop - G).square().sum(1).mean().item(), G.square().sum().item()
 
 
-@pytest.mark.parametrize("n, sizes", [(60, [8] * 5), (30, [8, 8, 8, 8, 8, 8, 8]), (45, [10, 7, 10, 3, 10, 10])],
-                         ids=["straddles", "window-larger-than-epoch", "unequal-sizes"])
-def test_finite_population_is_unbiased_for_any_mix_of_epochs(n, sizes):
-    """Shuffled epochs over n examples, windows that straddle them: with each batch's epoch, the raw estimates
-    average to the exact tr(Σ) (over n, not n−1) and |G|² of the population."""
-    pop = _population(n)
-    tr_sigma, g_sq = _exact(pop)
+def _shuffled_epoch_windows(pop: torch.Tensor, sizes: list[int], label_epochs: bool) -> tuple[list, list]:
+    "Raw (noise, scale) of 4,000 windows of batches drawn from shuffled epochs (drop_last), epochs labelled or not."
+    n = len(pop)
     est = NoiseScaleEstimator(n_batch=len(sizes), beta=0.0, n_train=n)
     gen = torch.Generator().manual_seed(1)
     perm, pos, epoch = torch.randperm(n, generator=gen), 0, 0
@@ -201,29 +197,31 @@ def test_finite_population_is_unbiased_for_any_mix_of_epochs(n, sizes):
         for b in sizes:
             if pos + b > n:  # drop_last, then a new epoch
                 perm, pos, epoch = torch.randperm(n, generator=gen), 0, epoch + 1
-            out = est.update(grads=[pop[perm[pos:pos + b]].mean(0)], batch_size=b, epoch=epoch)
+            out = est.update(grads=[pop[perm[pos:pos + b]].mean(0)], batch_size=b,
+                             epoch=epoch if label_epochs else None)
             pos += b
         noises.append(out.noise)
         scales.append(out.scale)
+    return noises, scales
+
+
+@pytest.mark.parametrize("n, sizes", [(60, [8] * 5), (30, [8, 8, 8, 8, 8, 8, 8]), (45, [10, 7, 10, 3, 10, 10])],
+                         ids=["straddles", "window-larger-than-epoch", "unequal-sizes"])
+def test_finite_population_is_unbiased_for_any_mix_of_epochs(n, sizes):
+    """Shuffled epochs over n examples, windows that straddle them: with each batch's epoch, the raw estimates
+    average to the exact tr(Σ) (over n, not n−1) and |G|² of the population."""
+    pop = _population(n)
+    tr_sigma, g_sq = _exact(pop)
+    noises, scales = _shuffled_epoch_windows(pop, sizes, label_epochs=True)
     assert sum(noises) / len(noises) == pytest.approx(tr_sigma, rel=0.03)
     assert sum(scales) / len(scales) == pytest.approx(g_sq, rel=0.05)
 
 
 def test_without_epochs_a_straddling_window_is_biased():
     "The test above can fail: ignoring the epoch labels (the old assumption) biases |G|² on the same draws."
-    n, sizes = 30, [8] * 7
-    pop = _population(n)
+    pop = _population(30)
     _, g_sq = _exact(pop)
-    est = NoiseScaleEstimator(n_batch=len(sizes), beta=0.0, n_train=n)
-    gen = torch.Generator().manual_seed(1)
-    perm, pos, scales = torch.randperm(n, generator=gen), 0, []
-    for _ in range(4000):
-        for b in sizes:
-            if pos + b > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            out = est.update(grads=[pop[perm[pos:pos + b]].mean(0)], batch_size=b)
-            pos += b
-        scales.append(out.scale)
+    _, scales = _shuffled_epoch_windows(pop, [8] * 7, label_epochs=False)
     assert sum(scales) / len(scales) / g_sq - 1 > 0.1  # 16% high here
 
 
