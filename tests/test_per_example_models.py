@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gns_widget import bs_find
 from gns_widget.per_example import PerExampleNorms, norm_layer_params
+from tests.test_per_example import _Conv
 from tests.tiny_gpt import TinyGPT, markov_tokens, next_token_loss
 
 B = 6
@@ -103,15 +104,6 @@ class _Twice(nn.Module):
 
     def forward(self, x):
         return self.lin(torch.tanh(self.lin(x)))
-
-
-class _Conv(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.norm, self.fc = nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Linear(4 * 6 * 6, 3)
-
-    def forward(self, x):
-        return self.fc(self.norm(self.conv(x)).relu().flatten(1))
 
 
 def _partly_frozen_mlp():
