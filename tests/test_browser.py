@@ -235,6 +235,17 @@ def test_quickstart_panel_apply_and_the_batch_size_the_code_gets(lab, browser):
     _small_copy(ARTIFACTS / "panel.png", readme_copy or ARTIFACTS / "panel_small.png")
 
 
+def _stop_and_check_restored(page, panel, check_cell: int, out) -> None:
+    "Stop the run, run the cell that prints whether the weights are the original ones and no run is alive, close."
+    from playwright.sync_api import expect
+
+    panel.locator("button.gns-stop").click()
+    expect(panel.locator(".gns-status")).to_contain_text("model restored", timeout=30_000)
+    _run_cell(page, check_cell)
+    expect(out).to_contain_text("same weights: True | runs alive: 0", timeout=30_000)
+    _shutdown(page)
+
+
 def test_rerunning_the_panel_cell_during_a_run(lab, browser):
     "The old run stops and restores the model; the new panel runs; at most one run is ever alive."
     from playwright.sync_api import expect
@@ -256,11 +267,7 @@ def test_rerunning_the_panel_cell_during_a_run(lab, browser):
     expect(panel.locator(".gns-progress-label")).to_contain_text("left", timeout=30_000)
     _run_cell(page, 2)
     expect(out).to_contain_text("runs alive: 1", timeout=30_000)
-    panel.locator("button.gns-stop").click()
-    expect(panel.locator(".gns-status")).to_contain_text("model restored", timeout=30_000)
-    _run_cell(page, 2)
-    expect(out).to_contain_text("same weights: True | runs alive: 0", timeout=30_000)
-    _shutdown(page)
+    _stop_and_check_restored(page, panel, 2, out)
 
 
 def test_kernel_interrupt_during_a_run(lab, browser):
@@ -285,11 +292,7 @@ def test_kernel_interrupt_during_a_run(lab, browser):
     panel.locator("button.gns-start").click()  # usable: a new run starts and reports
     expect(panel.locator(".gns-progress-label")).not_to_have_text(stopped_at, timeout=30_000)
     expect(panel.locator(".gns-progress-label")).to_contain_text("left", timeout=30_000)
-    panel.locator("button.gns-stop").click()
-    expect(panel.locator(".gns-status")).to_contain_text("model restored", timeout=30_000)
-    _run_cell(page, 3)
-    expect(out).to_contain_text("same weights: True | runs alive: 0", timeout=30_000)
-    _shutdown(page)
+    _stop_and_check_restored(page, panel, 3, out)
 
 
 def test_narrow_window_and_dark_theme(lab, browser):
