@@ -1,6 +1,7 @@
 """The panel without a browser: controls, the background run, charts, result, Apply and every error path."""
 from __future__ import annotations
 
+import html
 import math
 import os
 import signal
@@ -84,7 +85,7 @@ def test_construct_shows_controls_and_idle(train_dl):
 def test_default_num_it_is_one_epoch_only_when_that_can_suggest(train_dl):
     "digits at bs 32: one epoch is 45 batches; a suggestion needs 10 estimates of n_batch batches."
     assert GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=4).num_it_text.value == 0  # 45 ≥ 40
-    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=15)
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=15, num_it=None)
     assert w.num_it_text.value == 150 and w.settings()["num_it"] == 150 and w.error_label.value == ""
     assert "num_it ≥ 10 × n_batch 15 = 150" in w.num_it_help.value and "one epoch = 45 batches" in w.num_it_help.value
     per_example = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=15, method="per_example")
@@ -137,12 +138,19 @@ def test_finished_run_fills_charts_progress_status_and_result(finished):
         np.testing.assert_allclose(line.x, h.iteration[keep])
         np.testing.assert_allclose(line.y, h[name][keep])
     assert list(w.charts.suggestion_line.y) == [64, 64]
-    assert "(suggested bs 64)" in w.charts.figures[2].title and f"{res.noise_scale:.4g}" in w.charts.figures[2].title
+    assert f"noise scale: {res.interval} (suggested bs 64)" == w.charts.figures[2].title  # '78 (72–85)'
+    lo, hi = res.noise_scale_interval
+    assert 0 < lo < res.noise_scale < hi < math.inf
+    np.testing.assert_allclose(w.charts.band.y, [[lo, lo], [hi, hi]])
+    assert list(w.charts.band.x) == [0, QUICK["num_it"]] and w.charts.band.fill == "between"
     assert w.progress.value == w.progress.max == QUICK["num_it"]
     assert w.progress_label.value.startswith(f"finished at iteration {QUICK['num_it']}/{QUICK['num_it']}")
     assert "left" not in w.progress_label.value  # no ETA once the run is over
     assert "status: finished" in w.status.value and "success-color" in w.status.value
-    assert "noise scale" in w.result_box.value and "suggested batch size</b>: 64" in w.result_box.value
+    assert f"noise scale</b>: {res.interval} examples (90% interval" in w.result_box.value
+    assert "suggested batch size</b>: 64" in w.result_box.value
+    advice = res.advice(rule="sgd")  # lr=0: no lr to scale, a factor only
+    assert advice.batch_size == 64 and html.escape(advice.text) in w.result_box.value
     assert "measured at batch size 32" in w.result_box.value  # not "(now 32)", which Apply would make stale
     assert "SGD-like optimizer" in w.result_box.value  # plain module, no opt: bs_find trains with SGD
     # the trade-off row for the suggested size: steps 1 + B_noise/B, examples 1 + B/B_noise
@@ -517,8 +525,135 @@ def test_fastai_learner_widget_applies_in_place():
     assert res is not None and res.reliable, w.status.value
     assert "square root of the batch-size ratio (Adam-like optimizer Adam)" in w.result_box.value
     assert same_weights(learn.model, before)
+    advice = w.advice()
+    assert advice.batch_size == res.suggested_bs and advice.lr == pytest.approx(1e-3 * advice.lr_factor)
+    assert advice.lr != pytest.approx(learn.lr)  # else the lr checks below could not fail
+    assert html.escape(res.advice(lr=learn.lr, rule="adam").text) in w.result_box.value  # the learner's lr, scaled
+    assert w.apply_lr_box in w.children[2].children and not w.apply_lr_box.value  # off by default
     assert w.apply() is dls
-    assert dls.train.bs == res.suggested_bs
-    assert f"train batch size 64 → {res.suggested_bs}" in w.status.value
+    assert dls.train.bs == res.suggested_bs and learn.lr == 1e-3
+    assert f"train batch size 64 → {res.suggested_bs}" in w.status.value and "learn.lr" not in w.status.value
     assert f"<b>{res.suggested_bs}</b> (dls.train, changed in place by Apply)" in w.bs_label.value
     assert w.note_label.value == ""  # nothing to copy: the user's dls is the object that changed
+    w.apply_lr_box.value = True
+    w.apply()
+    assert learn.lr == pytest.approx(advice.lr)
+    assert f"learn.lr 0.001 → {advice.lr:.3g} (fit and fit_one_cycle use it" in w.status.value
+
+
+def test_also_set_lr_is_offered_for_a_learner_only(finished):
+    assert finished.apply_lr_box not in finished.children[2].children
+
+
+# ---------------------------------------------------------------- advice, interval band, num_it="auto" (issue 11)
+def _patched_run(monkeypatch, change):
+    "Make the panel's runs return bs_find's result after `change(result)`."
+    def run(*args, **kwargs):
+        res = gns_widget.bs_find(*args, **kwargs)
+        change(res)
+        return res
+
+    monkeypatch.setattr(runner, "bs_find", run)
+
+
+def test_apply_uses_the_advice_capped_by_the_dataset_size(train_dl, monkeypatch):
+    "300 training examples at the suggested 64 is 4 steps an epoch: the advice caps at 16, and Apply applies 16."
+    _patched_run(monkeypatch, lambda res: setattr(res, "n_train", 300))
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
+    w.start()
+    res = w.wait(60)
+    advice = res.advice(rule=w.rule)
+    assert res.suggested_bs == 64 and advice.batch_size == 16
+    assert "capped at 16" in w.result_box.value and not w.apply_button.disabled
+    assert current_batch_size(w.apply()) == 16
+    assert "train batch size 32 → 16" in w.status.value and "accumulation" not in w.status.value
+
+
+def test_apply_replans_accumulation_for_a_capped_advice(train_dl, monkeypatch):
+    "The memory plan was made for 64 with 10 fitting; the advice caps at 32: 4 steps of 8, not 7 of 10."
+    from gns_widget.memory_plan import plan_batch
+
+    def change(res):
+        res.n_train = 320  # 5 steps an epoch at 64: capped at 32
+        res.memory_plan = plan_batch(res.suggested_bs, 10)
+
+    _patched_run(monkeypatch, change)
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
+    w.start()
+    res = w.wait(60)
+    assert (res.memory_plan.batch_size, res.memory_plan.accumulation_steps) == (10, 7)
+    assert w.advice().batch_size == 32
+    assert current_batch_size(w.apply()) == 8
+    assert "train batch size 32 → 8, with gradient accumulation 4" in w.status.value
+
+
+def test_apply_is_disabled_with_the_reason_when_the_advice_keeps_the_batch_size(train_dl, monkeypatch):
+    from gns_widget.advice import BatchAdvice
+
+    keep = BatchAdvice(None, None, None, "keep batch size 32: the test says so", 32)
+    _patched_run(monkeypatch, lambda res: setattr(res, "advice", lambda *a, **k: keep))
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
+    w.start()
+    assert w.wait(60).reliable
+    assert w.apply_button.disabled and "the test says so" in w.apply_button.tooltip
+    assert w.apply() is None and "no batch size to apply: keep batch size 32: the test says so" in w.status.value
+    assert current_batch_size(w.train_dl) == 32
+
+
+def test_interval_band_is_clipped_to_the_axis():
+    from gns_widget.interval import Interval
+
+    charts = panel.GNSCharts()
+    records = [_record(10 * k, 80.0 + k, 0.1 * k) for k in range(1, 6)]
+    charts.show(records, 64, Interval(85.0, 70.0, 95.0))
+    assert list(charts.band.x) == [0, 100]
+    np.testing.assert_allclose(charts.band.y, [[70, 70], [95, 95]])
+    assert charts.figures[2].title == "noise scale: 85 (70–95) (suggested bs 64)"
+    y = charts.figures[2].axes[1].scale
+    assert y.min <= 64 and y.max >= 95
+    charts.show(records, None, Interval(85.0, 0.0, math.inf))  # |G|² may be zero: open above, log axis has no 0
+    np.testing.assert_allclose(charts.band.y, [[y.min, y.min], [y.max, y.max]])
+    assert "85 (0–∞)" in charts.figures[2].title
+    charts.show(records)  # during a run: no band yet
+    assert len(charts.band.x) == 0
+
+
+def test_auto_num_it_is_the_default_and_a_number_turns_it_off(train_dl):
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=10)
+    assert w.auto_box.value and w.settings()["num_it"] == "auto" and w.num_it_text.disabled
+    assert w.auto_box.description == "auto (until ±10%)" and "at most 20,000 small batches" in w.num_it_help.value
+    w.num_it_text.value = 3  # ignored while auto is on
+    assert w.error_label.value == "" and not w.start_button.disabled
+    w.auto_box.value = False
+    assert not w.num_it_text.disabled and "num_it must be ≥ 100" in w.error_label.value and w.start_button.disabled
+    assert not GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), num_it=200).auto_box.value
+    custom = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), num_it=gns_widget.interval.AutoStop(0.05, 5000))
+    assert custom.auto_box.value and custom.auto_box.description == "auto (until ±5%)"
+    assert "at most 5,000 small batches" in custom.num_it_help.value
+
+
+def test_auto_run_stops_early_and_the_progress_says_so(train_dl, monkeypatch):
+    "The bar's cap is AutoStop's max_it while it runs; it ends full at the iteration where the interval is narrow."
+    seen = {}
+
+    def run(*args, num_it, on_update, **kwargs):
+        seen["num_it"] = num_it
+        labels = seen.setdefault("labels", [])
+
+        def update(record):
+            on_update(record)
+            labels.append(w.progress_label.value)
+
+        return gns_widget.bs_find(*args, num_it=num_it, on_update=update, **kwargs)
+
+    monkeypatch.setattr(runner, "bs_find", run)
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), lr=0.0, n_batch=10)
+    assert w.start()
+    res = w.wait(120)
+    assert isinstance(seen["num_it"], gns_widget.interval.AutoStop) and seen["num_it"].max_it == 20_000
+    assert any("of at most 20000" in label and "stops early once the noise scale is within ±10%" in label
+               for label in seen["labels"])
+    done = int(res.history.iteration.iloc[-1])
+    assert res.reliable and done < 20_000 and res.interval.rel_halfwidth <= 0.1
+    assert w.progress.value == w.progress.max == done
+    assert w.progress_label.value.startswith(f"finished at iteration {done}/{done} (auto: the noise scale is within")

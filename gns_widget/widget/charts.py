@@ -10,6 +10,9 @@ the x axis into negative iterations, ticks at odd values (1005), bunches log lab
 before any data, labels an empty axis "0 0 1 1". The toolbar bqplot shows on hover would hide
 the title, which carries the live value, so it is off. The figures wrap onto new rows when
 the notebook is narrow instead of scrolling sideways.
+
+The noise-scale chart shades the result's 90% interval as a band; an interval unbounded above
+(|G|² not distinguishable from zero) is clipped to the top of the axis, where it stays visibly open.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import bqplot as bq
 import ipywidgets as ipw
 import numpy as np
 
+from ..interval import Interval
 from ..result import GNSRecord
 
 __all__ = ["GNSCharts", "CHARTS", "nice_ticks", "log_ticks"]
@@ -30,7 +34,8 @@ CHARTS = (
     ("scale", "gradient signal |G|²", "squared gradient", False,
      "How strong the true gradient is: the squared length of the average gradient."),
     ("noise_scale", "noise scale", "batch size (examples)", True,
-     "Noise ÷ signal: bigger batches than this barely cut the steps needed. Dashed: the suggested batch size."),
+     "Noise ÷ signal: bigger batches than this barely cut the steps needed. Dashed: the suggested batch "
+     "size; shaded: the 90% interval of the final value."),
 )
 _LINE, _SUGGESTION = "#1f77b4", "#ff7f0e"  # readable on light and dark backgrounds
 
@@ -73,10 +78,12 @@ def _figure(name: str, title: str, ylabel: str, log: bool, help_text: str):
     y = bq.LogScale(min=1.0, max=1000.0) if log else bq.LinearScale(min=0.0, max=1.0, allow_padding=False)
     line = bq.Lines(x=[], y=[], scales={"x": x, "y": y}, colors=[_LINE])
     marks = [line]
-    suggestion = None
-    if log:  # the suggested batch size, drawn where the user compares it with the noise scale
+    suggestion = band = None
+    if log:  # the suggested batch size and the interval, drawn where the user compares them with the noise scale
+        band = bq.Lines(x=[], y=[], scales={"x": x, "y": y}, colors=[_LINE, _LINE], fill="between",
+                        fill_colors=[_LINE], fill_opacities=[0.15], opacities=[0.3, 0.3], stroke_width=1)
         suggestion = bq.Lines(x=[], y=[], scales={"x": x, "y": y}, colors=[_SUGGESTION], line_style="dashed")
-        marks.append(suggestion)
+        marks = [band, line, suggestion]  # the band behind the curve
     hidden = {"display": "none"}  # no tick labels until there is data (see GNSCharts._axes)
     axes = [bq.Axis(scale=x, label="iteration (small batches)", side="bottom", tick_values=[], tick_format="~s",
                     tick_style=hidden),
@@ -93,7 +100,7 @@ def _figure(name: str, title: str, ylabel: str, log: bool, help_text: str):
     box = ipw.VBox([fig, caption], layout=ipw.Layout(flex="1 1 260px", min_width="240px", max_width="440px",
                                                      overflow="hidden"))
     box.add_class("gns-chart-box")
-    return box, fig, line, suggestion
+    return box, fig, line, suggestion, band
 
 
 def _fmt(v: float) -> str:
@@ -105,14 +112,18 @@ class GNSCharts(ipw.HBox):
 
     def __init__(self):
         built = [_figure(*spec) for spec in CHARTS]
-        self.figures = [fig for _, fig, _, _ in built]
-        self.lines = {spec[0]: line for spec, (_, _, line, _) in zip(CHARTS, built)}
-        self.suggestion_line = built[-1][3]
-        super().__init__([box for box, _, _, _ in built], layout=ipw.Layout(flex_flow="row wrap", width="100%"))
+        self.figures = [fig for _, fig, _, _, _ in built]
+        self.lines = {spec[0]: line for spec, (_, _, line, _, _) in zip(CHARTS, built)}
+        self.suggestion_line, self.band = built[-1][3], built[-1][4]
+        super().__init__([box for box, *_ in built], layout=ipw.Layout(flex_flow="row wrap", width="100%"))
         self.add_class("gns-charts")
 
-    def show(self, records: list[GNSRecord], suggested_bs: int | None = None) -> None:
-        "Draw `records` (the whole history so far) and the suggestion line, if any; [] resets the charts."
+    def show(self, records: list[GNSRecord], suggested_bs: int | None = None,
+             interval: Interval | None = None) -> None:
+        """Draw `records` (the whole history so far), the suggestion line and the interval band, if any.
+
+        [] resets the charts. With an `interval`, the noise-scale title shows it as '91 (80–104)'.
+        """
         it = np.array([r.iteration for r in records], dtype=float)
         total = records[-1].total if records else 0
         for (name, title, _label, log, _help), fig in zip(CHARTS, self.figures):
@@ -123,8 +134,12 @@ class GNSCharts(ipw.HBox):
                 line.x, line.y = it[keep], y[keep]
                 line.marker = "circle" if keep.sum() == 1 else None  # one estimate is no line: draw a dot
             extra = [suggested_bs] if log and suggested_bs is not None else []
+            if log and interval is not None:
+                extra += [v for v in (interval.lo, interval.hi) if 0 < v < math.inf]
             self._axes(fig, total, list(y[keep]) + extra, log)
             value = f": {_fmt(y[-1])}" if len(y) else ""
+            if log and interval is not None:
+                value = f": {interval}"
             bs = f" (suggested bs {suggested_bs})" if log and suggested_bs is not None else ""
             fig.title = f"{title}{value}{bs}"
         with self.suggestion_line.hold_sync():
@@ -132,6 +147,17 @@ class GNSCharts(ipw.HBox):
                 self.suggestion_line.x, self.suggestion_line.y = [0, total], [suggested_bs, suggested_bs]
             else:
                 self.suggestion_line.x, self.suggestion_line.y = [], []
+        self._band(interval, total)
+
+    def _band(self, interval: Interval | None, total: int) -> None:
+        "Shade [lo, hi] across the run, clipped to the y axis (a log axis has no 0, and hi may be inf)."
+        y = self.figures[-1].axes[1].scale
+        with self.band.hold_sync():
+            if interval is None or not total or len(self.lines["noise_scale"].y) == 0:
+                self.band.x, self.band.y = [], []
+                return
+            lo, hi = max(interval.lo, y.min), min(interval.hi, y.max)
+            self.band.x, self.band.y = [0, total], [[lo, lo], [hi, hi]]
 
     @staticmethod
     def _axes(fig: bq.Figure, total: int, values: list[float], log: bool) -> None:

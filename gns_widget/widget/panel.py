@@ -8,6 +8,9 @@ dispatcher would swallow the exception, so every error is shown in the status li
 One run per model: a panel built for a model whose run belongs to another panel (the panel
 cell re-run during a run) stops that run and waits until its model is restored; any other
 run on the model (`bs_find` in a thread) makes Start refuse with the guard's error.
+
+The result shows `GNSResult.advice()` (batch size, lr, epochs, with the noise scale's interval),
+and Apply applies the advice's batch size, not the raw suggestion, which ignores the dataset size.
 """
 from __future__ import annotations
 
@@ -22,11 +25,14 @@ import ipywidgets as ipw
 import torch
 from torch import nn
 
+from ..advice import BatchAdvice
 from ..ddp import is_distributed
 from ..engine import METHODS
 from ..estimator import NoiseScaleEstimator
 from ..guard import FinderBusyError
+from ..interval import AutoStop
 from ..loaders import apply_batch_size, current_batch_size
+from ..memory_plan import plan_batch
 from ..precision import resolve_amp
 from ..result import GNSRecord, GNSResult
 from ..suggest import MIN_ESTIMATES
@@ -44,10 +50,13 @@ _ADAM_LIKE = ("adam", "lamb", "ranger", "lion", "adafactor", "rmsprop")
 _COLORS = {"error": "var(--jp-error-color1, #c62828)", "finished": "var(--jp-success-color1, #2e7d32)",
            "running": "var(--jp-brand-color1, #1565c0)", "warn": "var(--jp-warn-color1, #e65100)",
            "idle": "var(--jp-ui-font-color1, inherit)"}
+_APPLY_TIP = "train with the advised batch size from now on (the advice's text says why it may differ)"
 _HELP = {  # one plain line per control: shown under it and as its tooltip
     "n_batch": "small batches averaged into one noise estimate: more is steadier but gives fewer estimates",
     "beta": "smoothing of the curves: 0.99 averages about the last 100 estimates; higher is smoother, slower",
     "num_it": "small batches the trial run trains on (0 = one epoch); your model is restored afterwards",
+    "auto": "run until the noise scale's 90% interval is narrow enough, up to a cap, instead of a fixed num_it",
+    "apply_lr": "Apply also sets learn.lr, which fit and fit_one_cycle use when called without an lr",
     "lr": "learning rate of the trial run; 0 measures at the current weights without training",
 }
 
@@ -125,14 +134,17 @@ class GNSWidget(ipw.VBox):
 
     `target`, `train_dl`, `loss_func` and the keyword arguments are those of `bs_find`, checked
     when the panel is built; `lr`, `num_it`, `n_batch` and `beta` set the controls, the rest go to
-    every run. `num_it=None` picks one epoch when that gives the `MIN_ESTIMATES` estimates a
+    every run. `num_it="auto"` (the default, or an `AutoStop`) ticks the auto box: runs stop once
+    the noise scale's 90% interval is within ±10%; the num_it box, used when auto is off, then
+    holds one epoch. `num_it=None` picks one epoch when that gives the `MIN_ESTIMATES` estimates a
     suggestion needs, else the smallest num_it that does. `on_apply(new_loader)` is called when
     Apply gives a plain torch loader a new batch size (torch loaders are rebuilt, so code
     holding the old one needs the new one: `w.train_dl`).
     """
 
     def __init__(self, target: Any, train_dl: Any = None, loss_func: Callable | None = None,
-                 on_apply: Callable[[Any], Any] | None = None, *, lr: float = 1e-3, num_it: int | None = None,
+                 on_apply: Callable[[Any], Any] | None = None, *, lr: float = 1e-3,
+                 num_it: int | str | AutoStop | None = "auto",
                  n_batch: int = 20, beta: float = 0.99, opt: Any = None, method: str = "fixed",
                  amp: torch.dtype | None = None, device: Any = None, batch_fn: Callable | None = None,
                  probe_memory: bool | None = None):
@@ -150,6 +162,11 @@ class GNSWidget(ipw.VBox):
         self.model = tgt.model
         self._per_step = method == "per_example" or is_distributed(tgt.model)
         _check_build_args(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta)
+        auto = AutoStop.of(num_it)
+        self._auto_rule = auto or AutoStop()  # the rule each auto run copies (a run changes its state)
+        self._auto_run: AutoStop | None = None  # the latest run's rule, when it ran with auto
+        if auto is not None:
+            num_it = None
         if num_it is None:
             num_it = 0 if self._check_num_it(0, n_batch) is None else self.least_num_it(n_batch)
         elif (msg := self._check_num_it(num_it, n_batch)) is not None:
@@ -164,11 +181,11 @@ class GNSWidget(ipw.VBox):
         if old is not None:  # the panel cell was re-run during a run: no run may outlive its panel
             old.stop_and_wait("a new panel for this model took over")
         self._runner = Runner(self.model)
-        self._build(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta)
+        self._build(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, auto=auto is not None)
         self._validate()
 
     # ---------------------------------------------------------------- layout
-    def _build(self, *, lr: float, num_it: int, n_batch: int, beta: float) -> None:
+    def _build(self, *, lr: float, num_it: int, n_batch: int, beta: float, auto: bool) -> None:
         betas = tuple(sorted(set(BETAS) | {beta}))
         style = {"description_width": "60px"}
         lo, hi = N_BATCH_RANGE
@@ -178,7 +195,11 @@ class GNSWidget(ipw.VBox):
         self.beta_slider = ipw.SelectionSlider(options=betas, value=beta, description="beta", style=style,
                                                continuous_update=False, tooltip=_HELP["beta"], layout=fit)
         self.num_it_text = ipw.IntText(value=num_it, description="num_it", style=style, tooltip=_HELP["num_it"],
-                                       layout={"width": "200px"})
+                                       layout={"width": "200px"}, disabled=auto)
+        self.auto_box = ipw.Checkbox(value=auto, description=f"auto (until ±{self._auto_rule.rel_halfwidth:.0%})",
+                                     indent=False, tooltip=_HELP["auto"], layout={"width": "200px"})
+        self.apply_lr_box = ipw.Checkbox(value=False, description="also set lr", indent=False,
+                                         tooltip=_HELP["apply_lr"], layout={"width": "110px"})
         self.lr_text = ipw.FloatText(value=lr, description="lr", style=style, tooltip=_HELP["lr"],
                                      layout={"width": "200px"})
         self.num_it_help = ipw.HTML()
@@ -189,9 +210,8 @@ class GNSWidget(ipw.VBox):
                                        tooltip="train a short trial run and measure the noise scale")
         self.stop_button = ipw.Button(description="Stop", icon="stop", disabled=True,
                                       tooltip="end the run at the next step; the model is restored")
-        self.apply_button = ipw.Button(description="Apply suggested bs", button_style="success", icon="check",
-                                       disabled=True, layout={"width": "170px"},
-                                       tooltip="train with the suggested batch size from now on")
+        self.apply_button = ipw.Button(description="Apply advice", button_style="success", icon="check",
+                                       disabled=True, layout={"width": "170px"}, tooltip=_APPLY_TIP)
         self.progress = ipw.IntProgress(value=0, min=0, max=1, layout={"width": "260px"})
         self.progress_label = ipw.HTML("iteration 0")
         self.status = ipw.HTML()
@@ -202,9 +222,9 @@ class GNSWidget(ipw.VBox):
                        (self.error_label, "error"), (self.note_label, "note"), (self.start_button, "start"),
                        (self.stop_button, "stop"), (self.apply_button, "apply"), (self.progress, "progress"),
                        (self.progress_label, "progress-label"), (self.status, "status"),
-                       (self.result_box, "result")):
+                       (self.result_box, "result"), (self.auto_box, "auto"), (self.apply_lr_box, "apply-lr")):
             w.add_class(f"gns-{cls}")
-        for w in (self.n_batch_slider, self.beta_slider, self.num_it_text, self.lr_text):
+        for w in (self.n_batch_slider, self.beta_slider, self.num_it_text, self.lr_text, self.auto_box):
             w.observe(self._on_setting, names="value")
         self.start_button.on_click(self._click_start)
         self.stop_button.on_click(self._click_stop)
@@ -213,13 +233,14 @@ class GNSWidget(ipw.VBox):
         self._set_status("idle", "idle")
         controls = ipw.GridBox(
             [self._with_help(self.n_batch_slider, _HELP["n_batch"]), self._with_help(self.beta_slider, _HELP["beta"]),
-             ipw.VBox([self.num_it_text, self.num_it_help]),
+             ipw.VBox([self.auto_box, self.num_it_text, self.num_it_help]),
              self._with_help(self.lr_text, _HELP["lr"])],
             layout={"grid_template_columns": "repeat(auto-fill, minmax(260px, 1fr))", "grid_gap": "0 12px"})
         row = {"flex_flow": "row wrap", "align_items": "center"}
         super().__init__([
             controls, self.error_label,
-            ipw.HBox([self.start_button, self.stop_button, self.apply_button, self.bs_label], layout=row),
+            ipw.HBox([self.start_button, self.stop_button, self.apply_button,
+                      *([self.apply_lr_box] if _is_learner(self.target) else []), self.bs_label], layout=row),
             ipw.HBox([self.progress, self.progress_label], layout=row),
             self.status, self.note_label, self.charts, self.result_box,
         ])
@@ -266,7 +287,7 @@ class GNSWidget(ipw.VBox):
         need = (f"a suggestion needs {MIN_ESTIMATES} estimates"
                 + ("" if self._per_step else f" of n_batch={n_batch} small batches each"))
         if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 0:
-            return f"num_it must be an integer ≥ {least} ({need}), or 0 for one epoch; got {num_it!r}"
+            return f"num_it must be an integer ≥ {least} ({need}), 0 for one epoch, or 'auto'; got {num_it!r}"
         if num_it == 0:
             epoch = loader_len(self._train_loader())
             if epoch is None:
@@ -306,9 +327,10 @@ class GNSWidget(ipw.VBox):
             self.status.value = f'<span style="color:{color}">status: {html.escape(text)}</span>'
 
     def settings(self) -> dict[str, Any]:
-        "The run settings from the controls (num_it 0 means one epoch: None for bs_find)."
-        return {"n_batch": self.n_batch_slider.value, "beta": self.beta_slider.value,
-                "num_it": self.num_it_text.value or None, "lr": self.lr_text.value}
+        "The run settings from the controls (num_it 0 means one epoch: None for bs_find; 'auto' when ticked)."
+        num_it = "auto" if self.auto_box.value else self.num_it_text.value or None
+        return {"n_batch": self.n_batch_slider.value, "beta": self.beta_slider.value, "num_it": num_it,
+                "lr": self.lr_text.value}
 
     def _validate(self) -> str | None:
         "Check the controls; show the problem inline and refuse Start while there is one."
@@ -317,12 +339,20 @@ class GNSWidget(ipw.VBox):
         epoch = loader_len(self._train_loader())
         epoch_text = f"; one epoch = {epoch} batches" if epoch is not None else ""
         per = "" if self._per_step else f" × n_batch {n_batch}"
-        self.num_it_help.value = _help_text(f"{_HELP['num_it']}. A suggestion needs num_it ≥ {MIN_ESTIMATES}{per} = "
-                                            f"{self.least_num_it(n_batch)}{epoch_text}")
+        auto = self.auto_box.value
+        self.num_it_text.disabled = auto
+        if auto:
+            rule = self._auto_rule
+            self.num_it_help.value = _help_text(
+                f"auto: the run stops once the noise scale's 90% interval is within ±{rule.rel_halfwidth:.0%}, "
+                f"at most {rule.max_it:,} small batches{epoch_text}; untick to set num_it")
+        else:
+            self.num_it_help.value = _help_text(f"{_HELP['num_it']}. A suggestion needs num_it ≥ {MIN_ESTIMATES}"
+                                                f"{per} = {self.least_num_it(n_batch)}{epoch_text}")
         msg = None
         if not (math.isfinite(s["lr"]) and s["lr"] >= 0):
             msg = f"lr must be a finite number ≥ 0 (0 measures without training), got {s['lr']}"
-        else:
+        elif not auto:
             msg = self._check_num_it(self.num_it_text.value, n_batch)
         self.error_label.value = f'<span style="color:{_COLORS["error"]}">{html.escape(msg)}</span>' if msg else ""
         if not self.running:
@@ -357,20 +387,25 @@ class GNSWidget(ipw.VBox):
         settings = self.settings()
         listener = ThrottledListener(self._draw)
         train_dl = None if self._uses_learner_dls() else self.train_dl
+        rule = self._auto_rule
+        auto = (AutoStop(rule.rel_halfwidth, rule.max_it, rule.min_windows, rule.level)
+                if settings["num_it"] == "auto" else None)
         # everything the run's end will overwrite is written before its thread starts
-        self._run_settings, self._listener = settings, listener
+        self._run_settings, self._listener, self._auto_run = settings, listener, auto
         self.note_label.value = ""
         self.result_box.value = ""
         with self.progress.hold_sync():
             self.progress.value, self.progress.max = 0, 1
         self.progress_label.value = "iteration 0"
         self.charts.show([])
+        self.apply_button.tooltip = _APPLY_TIP
         self.start_button.disabled, self.stop_button.disabled, self.apply_button.disabled = True, False, True
         with self._status_lock:
             self._live = True
         self._set_status("running", "running", only_while_running=True)
         try:
-            self._runner.start((self.target, train_dl, self.loss_func), {**settings, **self._extra}, listener,
+            self._runner.start((self.target, train_dl, self.loss_func),
+                               {**settings, "num_it": auto or settings["num_it"], **self._extra}, listener,
                                self._finish)
         except Exception as e:  # a run that claimed the model in between
             with self._status_lock:
@@ -394,14 +429,28 @@ class GNSWidget(ipw.VBox):
         """
         return self.result if self._runner.wait(timeout) else None
 
-    def apply(self) -> Any:
-        """Use the suggested batch size for training; returns the changed loader (or DataLoaders).
+    def training_lr(self) -> float | None:
+        "The lr the advice scales: a Learner's `lr` (what fit uses by default), else the run's when it trained."
+        if _is_learner(self.target):
+            lr = self.target.lr
+            return float(lr) if isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 else None
+        return None  # GNSResult.advice falls back to the run's lr
 
-        fastai DataLoaders change in place. A torch DataLoader cannot change its batch size, so
+    def advice(self) -> BatchAdvice | None:
+        "The latest result's advice at the training lr and the optimizer's scaling rule (None without a result)."
+        res = self.result
+        return None if res is None else res.advice(lr=self.training_lr(), rule=self.rule)
+
+    def apply(self) -> Any:
+        """Use the advised batch size for training; returns the changed loader (or DataLoaders).
+
+        The advice's batch size, not the raw suggestion: it may be capped so that an epoch keeps
+        enough steps (`advice.py`). With "also set lr" ticked, a Learner's `lr` becomes the advised
+        one. fastai DataLoaders change in place. A torch DataLoader cannot change its batch size, so
         `train_dl` becomes a new loader (passed to `on_apply`), and the panel shows the line that
         puts it in the user's variable. When the run found that the suggestion does not fit in
         device memory, the per-step batch size of its plan is applied instead and the status says
-        how many steps to accumulate.
+        how many steps to accumulate (re-planned for the advice's size when the advice caps it).
         """
         if self.running:
             self._set_status("cannot apply while running: Stop or wait for the run to finish", "error")
@@ -411,10 +460,16 @@ class GNSWidget(ipw.VBox):
             why = res.reason if res is not None else "no finished run yet: press Start"
             self._set_status(f"no reliable suggestion to apply ({why})", "error")
             return None
+        advice = self.advice()
+        if advice.batch_size is None:
+            self._set_status(f"no batch size to apply: {advice.text}", "error")
+            return None
         loader = self._loader()
         old = current_batch_size(loader)
         plan = res.memory_plan
-        new_bs = plan.batch_size if plan is not None else res.suggested_bs
+        if plan is not None and advice.batch_size != res.suggested_bs:  # capped: what fits still fits
+            plan = plan_batch(advice.batch_size, plan.batch_size)
+        new_bs = plan.batch_size if plan is not None else advice.batch_size
         names = _names_of(loader)  # before the panel drops its reference to the old loader
         new_loader = apply_batch_size(loader, new_bs)
         in_place = new_loader is loader
@@ -429,9 +484,24 @@ class GNSWidget(ipw.VBox):
         self.apply_button.disabled = True  # done; the next run's suggestion enables it again
         steps = plan.accumulation_steps if plan is not None else 1
         accumulate = f", with gradient accumulation {steps}" if steps > 1 else ""
-        self._set_status(f"train batch size {old} → {current_batch_size(new_loader)}{accumulate}", "finished")
+        self._set_status(f"train batch size {old} → {current_batch_size(new_loader)}{accumulate}"
+                         f"{self._apply_lr(advice)}", "finished")
         self.note_label.value = "" if in_place else _new_loader_note(old, new_bs, names, self._applied[3])
         return new_loader
+
+    def _apply_lr(self, advice: BatchAdvice) -> str:
+        "Set a Learner's lr to the advised one when the box is ticked; the status text that says so."
+        if not (self.apply_lr_box.value and _is_learner(self.target)):
+            return ""
+        if advice.lr is None:
+            return "; learn.lr unchanged: it is not a single positive number, so there is nothing to scale"
+        old, self.target.lr = self.target.lr, advice.lr
+        text = f"; learn.lr {old:.3g} → {advice.lr:.3g} (fit and fit_one_cycle use it when called without an lr)"
+        if advice.warmup_steps:
+            text += f"; warm up from {old:.3g} over the first {advice.warmup_steps} steps"
+        if advice.lr_capped:
+            text += f"; capped at ×{advice.lr_factor:.3g}: learn.lr_find() at the new batch size can confirm it"
+        return text
 
     @_guarded
     def _click_start(self, _button: ipw.Button) -> None:
@@ -461,10 +531,16 @@ class GNSWidget(ipw.VBox):
         with self.progress.hold_sync():
             self.progress.max, self.progress.value = last.total, last.iteration
         eta = eta_seconds(records)
-        eta_text = f"about {_duration(eta)} left" if math.isfinite(eta) else "estimating time left…"
-        self.progress_label.value = (f"iteration {last.iteration}/{last.total} · {_duration(last.elapsed)} elapsed"
-                                     f" · {eta_text}")
-        self.charts.show(records, result.suggested_bs if result is not None else None)
+        auto = self._auto_run
+        at_most = "at most " if auto is not None else ""
+        eta_text = f"{at_most}about {_duration(eta)} left" if math.isfinite(eta) else "estimating time left…"
+        of = (f"iteration {last.iteration} of at most {last.total}" if auto is not None
+              else f"iteration {last.iteration}/{last.total}")
+        early = (f" · stops early once the noise scale is within ±{auto.rel_halfwidth:.0%}" if auto is not None
+                 else "")
+        self.progress_label.value = f"{of} · {_duration(last.elapsed)} elapsed · {eta_text}{early}"
+        self.charts.show(records, result.suggested_bs if result is not None else None,
+                         result.interval if result is not None else None)
 
     def _finish(self, result: GNSResult | None, error: BaseException | None) -> None:
         "Final refresh, result box and status at the end of a run (worker thread)."
@@ -474,13 +550,17 @@ class GNSWidget(ipw.VBox):
             last = records[-1] if records else None
             done = last.iteration if last else 0
             total = last.total if last else self.progress.max
+            auto = self._auto_run
+            why = ""
             if result is not None and not result.stopped:
+                if auto is not None:  # it ends when precise enough: the bar ends there too
+                    total, why = done, f" ({_auto_end(auto)})"
                 with self.progress.hold_sync():
                     self.progress.max, self.progress.value = total, total
                 done = total
             elapsed = f" · {_duration(last.elapsed)}" if last else ""
             how = "finished" if result is not None and not result.stopped else "stopped"
-            self.progress_label.value = (f"{how} at iteration {done}/{total}{elapsed}" if last else
+            self.progress_label.value = (f"{how} at iteration {done}/{total}{why}{elapsed}" if last else
                                          f"{how} before the first estimate")
             if error is not None:
                 status, kind = f"error: {type(error).__name__}: {error}", "error"
@@ -491,9 +571,13 @@ class GNSWidget(ipw.VBox):
                 status, kind = "finished", "finished"
             else:
                 status, kind = "finished without a suggestion (why: below)", "warn"
+            advice = None
             if result is not None:
-                self.result_box.value = self._result_html(result, done, total)
-            self.apply_button.disabled = result is None or not result.reliable
+                advice = result.advice(lr=self.training_lr(), rule=self.rule)
+                self.result_box.value = self._result_html(result, done, total, advice)
+            self.apply_button.disabled = advice is None or advice.batch_size is None
+            self.apply_button.tooltip = (_APPLY_TIP if not self.apply_button.disabled else
+                                         "nothing to apply: " + (advice.text if advice is not None else "no result"))
         except Exception as e:  # the worker thread has nobody else to report to
             status, kind = f"error: {type(e).__name__}: {e}", "error"
         finally:
@@ -501,24 +585,23 @@ class GNSWidget(ipw.VBox):
             self.start_button.disabled = bool(self.error_label.value)
         self._set_status(status, kind, final=True)
 
-    def _result_html(self, res: GNSResult, done: int, total: int) -> str:
-        ns = f"{res.noise_scale:.4g} examples" if math.isfinite(res.noise_scale) else "no estimate yet"
-        rows = [f"<b>noise scale</b>: {ns} (the batch size beyond which bigger batches stop saving steps)"]
+    def _result_html(self, res: GNSResult, done: int, total: int, advice: BatchAdvice) -> str:
+        if res.interval is not None:
+            ns = f"{res.interval} examples (90% interval in brackets)"
+        else:
+            ns = f"{res.noise_scale:.4g} examples" if math.isfinite(res.noise_scale) else "no estimate yet"
+        rows = [f"<b>noise scale</b>: {html.escape(ns)} (the batch size beyond which bigger batches stop saving "
+                "steps)"]
         if res.reliable:
             partial = f", from a stopped run ({done} of {total} iterations)" if res.stopped else ""
             rows.append(f"<b>suggested batch size</b>: {res.suggested_bs} (measured at batch size {res.batch_size}"
                         f"{partial}) — {html.escape(res.reason)}")
             if res.memory_plan is not None:
                 rows.append(f"<b>memory</b>: {html.escape(res.memory_plan.text)}")
-            advice = res.lr_advice(rule=self.rule)
             rule = ("scaled in proportion to the batch size (SGD-like optimizer" if self.rule == "sgd" else
                     "scaled by the square root of the batch-size ratio (Adam-like optimizer")
             rule += f" {html.escape(self.opt_name)})"
-            if res.lr > 0:
-                rows.append(f"<b>learning rate</b>, {rule}: {html.escape(advice.text)}")
-            else:
-                rows.append(f"<b>learning rate</b>, {rule}: multiply your training lr by ×{advice.factor:.3g} "
-                            f"when moving to batch size {res.suggested_bs}")
+            rows.append(f"<b>advice</b> (learning rate {rule}): {html.escape(advice.text)}")
         elif res.stopped:
             rows.append(f"<b>no suggestion</b>: the run was stopped after {done} of {total} iterations, before "
                         "the estimate settled; run it to the end for a suggestion")
@@ -527,6 +610,15 @@ class GNSWidget(ipw.VBox):
         if res.noise_scale > 0:
             rows.append(_tradeoff_html(res))
         return '<div class="gns-result-text">' + "<br>".join(rows) + "</div>"
+
+
+def _auto_end(auto: AutoStop) -> str:
+    "Why a num_it='auto' run that was not stopped ended."
+    if auto.interval is not None and auto.interval.rel_halfwidth <= auto.rel_halfwidth:
+        return f"auto: the noise scale is within ±{auto.rel_halfwidth:.0%}"
+    if auto.saturated:
+        return "auto: the interval stopped narrowing, as beta forgets older estimates"
+    return f"auto: reached the cap of {auto.max_it:,} small batches"
 
 
 def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any) -> None:
