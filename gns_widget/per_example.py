@@ -513,16 +513,11 @@ def _evaluate(obj: Any, theta: dict[int, Tensor], xs: list[Tensor], cache: dict)
 
 
 def _params_in(obj: Any) -> Iterator[int]:
-    if isinstance(obj, _Param):
-        yield obj.pid
-    elif isinstance(obj, _Ref):
-        yield from _params_in((obj.call.args, obj.call.kwargs))
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _params_in(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _params_in(o)
+    for leaf in _leaves(obj):
+        if isinstance(leaf, _Param):
+            yield leaf.pid
+        elif isinstance(leaf, _Ref):
+            yield from _params_in((leaf.call.args, leaf.call.kwargs))
 
 
 # --- small helpers ------------------------------------------------------------------------------------------------
@@ -540,16 +535,21 @@ _FACTORIES = {"zeros", "ones", "full", "empty", "randn", "rand", "randint", "nor
 _EXPANDS = {torch.Tensor.expand, torch.Tensor.repeat, torch.broadcast_to, torch.Tensor.broadcast_to}
 
 
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    "The tensors in a call's arguments or outputs (nested tuples, lists and dicts)."
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
+def _leaves(obj: Any) -> Iterator[Any]:
+    "What nested tuples, lists and dicts hold (a call's arguments or outputs)."
+    if isinstance(obj, (tuple, list)):
         for o in obj:
-            yield from _tensors(o)
+            yield from _leaves(o)
     elif isinstance(obj, dict):
         for o in obj.values():
-            yield from _tensors(o)
+            yield from _leaves(o)
+    else:
+        yield obj
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    "The tensors in a call's arguments or outputs."
+    return (t for t in _leaves(obj) if isinstance(t, Tensor))
 
 
 def _flat_out(out: Any) -> Iterator[Any]:
