@@ -12,7 +12,6 @@ E|g_r|² = |G|² + tr(Σ)/b_r gives B_small = R/Σ(1/b_r) (harmonic mean) for th
 - `DDPNoiseScale`: for your own training loop; reads the local gradients in a DDP comm hook.
 - `allreduce_measured`: for the finder engine, after a backward pass run under `no_sync()`.
 """
-import numbers
 
 import torch
 import torch.distributed as dist
@@ -21,7 +20,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from .estimator import NoiseScaleEstimator, WindowEstimate, loss_scale_of, piece_norms
+from .estimator import NoiseScaleEstimator, WindowEstimate, check_batch_size, loss_scale_of, piece_norms
 
 __all__ = ["DDPNoiseScale", "allreduce_measured", "is_distributed"]
 
@@ -51,7 +50,7 @@ def allreduce_measured(model: nn.Module, batch_size: int,
     DDP wrapper or its `.module`; `group` defaults to the wrapper's process group (else WORLD).
     Costs the gradient all-reduce DDP would have done plus one of two scalars, and one host sync.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size, "this rank's examples")
     _check_initialized("model")
     if isinstance(model, DistributedDataParallel):
         group = model.process_group if group is None else group
@@ -148,7 +147,7 @@ class DDPNoiseScale:
         gradients overflowed is skipped, as the scaler skips it. Returns the raw estimate, or None
         after a `no_sync()` backward (see the class docstring) or an overflow.
         """
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size, "this rank's examples")
         loss_scale_of(grad_scale)  # a bad scale is refused before any collective starts
         if not self._fresh:
             self._pending.append(batch_size)
@@ -232,11 +231,6 @@ def _sq(tensors: list[Tensor]) -> Tensor:
 
 def _add(a: Tensor | None, b: Tensor) -> Tensor:
     return b if a is None else a + b
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer (this rank's examples), got {batch_size!r}")
 
 
 def _check_initialized(arg: str) -> None:

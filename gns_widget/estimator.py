@@ -159,7 +159,7 @@ class NoiseScaleEstimator:
         whose gradients overflowed (the scaler skips that step) is skipped here too; with
         accumulation the whole cycle is dropped, as its step is.
         """
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         if weight is not None and not self.accumulated:
             raise ValueError("weight only applies with accumulated=True (gradient accumulation)")
         if weight is not None and not weight > 0:
@@ -408,10 +408,10 @@ def _is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _check_batch_size(batch_size: object) -> None:
+def check_batch_size(batch_size: object, meaning: str = "examples the gradient averages over") -> None:
+    "A ValueError unless `batch_size` is a positive integer (numpy's included, bools not)."
     if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer (examples the gradient averages over), "
-                         f"got {batch_size!r}")
+        raise ValueError(f"batch_size must be a positive integer ({meaning}), got {batch_size!r}")
 
 
 def _acc_dtype(g: Tensor) -> torch.dtype:
