@@ -161,7 +161,6 @@ class RunRecorder:
         self.records: list[GNSRecord] = []
         self.iteration = self.samples = 0
         self._window_losses: list[Tensor] = []
-        self.last_window_losses: Tensor | None = None  # the completed window's losses, to find a divergence
         self._start = time.perf_counter()
 
     def step(self, loss: Tensor, batch_size: int, model, weight: float | None = None,
@@ -205,7 +204,6 @@ class RunRecorder:
                            noise_raw=estimate.noise, scale_raw=estimate.scale,
                            elapsed=time.perf_counter() - self._start, total=self.total)
         self.records.append(record)
-        self.last_window_losses = losses
         return record
 
     def result(self, *, batch_size: int | None, n_train: int | None, lr: float, method: str,
