@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from gns_widget import bs_find, datasets
 from gns_widget.interval import AutoStop
 
-BS, N_BATCH, BETA = 32, 20, 0.99
+BS, N_BATCH = 32, 20  # beta is bs_find's default: 1 (a plain average) at lr=0, 0.99 while training
 
 
 # ---------------------------------------------------------------- part 1: interval and auto
@@ -64,7 +64,7 @@ def interval_part(quick: bool) -> pd.DataFrame:
         exact = exact_noise_scale(p.model, p.loss_fn, p.inputs, p.target).b_simple
         for seed in seeds:
             t0 = time.perf_counter()
-            res = bs_find(p.model, p.loader(BS, seed), p.loss_fn, lr=0, num_it=steps, n_batch=N_BATCH, beta=BETA,
+            res = bs_find(p.model, p.loader(BS, seed), p.loss_fn, lr=0, num_it=steps, n_batch=N_BATCH,
                           batch_fn=p.split)
             lo, hi = res.noise_scale_interval
             row = dict(problem=name, seed=seed, exact=exact, steps=steps, value=res.noise_scale, lo=lo, hi=hi,
@@ -73,7 +73,7 @@ def interval_part(quick: bool) -> pd.DataFrame:
             if seed in auto_seeds:
                 t0 = time.perf_counter()
                 auto = bs_find(p.model, p.loader(BS, seed), p.loss_fn, lr=0, num_it=AutoStop(max_it=cap),
-                               n_batch=N_BATCH, beta=BETA, batch_fn=p.split)
+                               n_batch=N_BATCH, batch_fn=p.split)
                 row.update(auto_steps=int(auto.history.iteration.iloc[-1]), auto_value=auto.noise_scale,
                            auto_rel_error=abs(auto.noise_scale / exact - 1),
                            auto_rel_halfwidth=auto.interval.rel_halfwidth, auto_seconds=time.perf_counter() - t0)
@@ -106,6 +106,7 @@ class Task:
     epochs: int
     finder: dict  # bs_find keyword arguments
     metric: str = "accuracy"
+    finder_after: int = 0  # epochs the user trained (their bs, lr) before calling the finder
 
 
 def _opt(task: Task, model: nn.Module, lr: float):
@@ -114,9 +115,9 @@ def _opt(task: Task, model: nn.Module, lr: float):
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
-def train_torch(task: Task, bs: int, lr: float, epochs: int, seed: int, warmup: int = 0,
-                lr0: float | None = None) -> dict:
-    "Plain loop at constant lr (linear warm-up from lr0 over `warmup` steps); the validation metric at the end."
+def fit_torch(task: Task, bs: int, lr: float, epochs: int, seed: int, warmup: int = 0,
+              lr0: float | None = None) -> tuple[nn.Module, float, int]:
+    "Plain loop at constant lr (linear warm-up from lr0 over `warmup` steps): the model, seconds and steps."
     torch.manual_seed(seed)
     model = task.make_model()
     opt = _opt(task, model, lr)
@@ -132,11 +133,17 @@ def train_torch(task: Task, bs: int, lr: float, epochs: int, seed: int, warmup: 
             F.cross_entropy(model(x), y).backward()
             opt.step()
             step += 1
-    seconds = time.perf_counter() - t0
+    return model, time.perf_counter() - t0, step
+
+
+def train_torch(task: Task, bs: int, lr: float, epochs: int, seed: int, warmup: int = 0,
+                lr0: float | None = None) -> dict:
+    "`fit_torch`, then the validation accuracy at the end."
+    model, seconds, steps = fit_torch(task, bs, lr, epochs, seed, warmup, lr0)
     with torch.no_grad():
         x, y = task.valid
         acc = (model(x).argmax(1) == y).float().mean().item()
-    return dict(metric=100 * acc, seconds=seconds, steps=step)
+    return dict(metric=100 * acc, seconds=seconds, steps=steps)
 
 
 def train_fastai(df: pd.DataFrame, bs: int, lr: float, epochs: int, seed: int) -> dict:
@@ -161,7 +168,7 @@ def finder_fastai(df: pd.DataFrame, seed: int, lr: float, finder: dict):
     learn = tabular_learner(bikeshare_dls(64, 0, df), layers=[200, 100], loss_func=MSELossFlat())
     with learn.no_bar(), learn.no_logging():
         learn.fit_one_cycle(1, lr)
-        return learn.bs_find(show_plot=False, **finder)
+        return learn.bs_find(show_plot=False, **finder)  # at lr=0: measured at the weights the user has
 
 
 def rule_2019(noise_scale: float, n_train: int) -> int:
@@ -189,16 +196,17 @@ def fashion_tasks(quick: bool) -> list[Task]:
 
     def mlp():
         return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
-    auto = dict(num_it=AutoStop(max_it=500 if quick else 3000), n_batch=N_BATCH, beta=BETA)
+    # measured where a user would: after one epoch of their own training, at those weights (lr=0)
+    auto = dict(lr=0, num_it=AutoStop(max_it=500 if quick else 3000), n_batch=N_BATCH)
     epochs = 1 if quick else 4
-    return [Task("fashion_conv", (x[tr], y[tr]), (x[va], y[va]), conv, "sgd", 32, 0.05, epochs,
-                 dict(lr=0.05, opt=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), **auto)),
-            Task("fashion_mlp_adam", (x[tr], y[tr]), (x[va], y[va]), mlp, "adam", 32, 1e-3, epochs,
-                 dict(lr=1e-3, opt=lambda p: torch.optim.Adam(p, lr=1e-3), **auto))]
+    return [Task("fashion_conv", (x[tr], y[tr]), (x[va], y[va]), conv, "sgd", 32, 0.05, epochs, auto,
+                 finder_after=1),
+            Task("fashion_mlp_adam", (x[tr], y[tr]), (x[va], y[va]), mlp, "adam", 32, 1e-3, epochs, auto,
+                 finder_after=1)]
 
 
-def training_part(quick: bool) -> pd.DataFrame:
-    seeds = [0] if quick else [0, 1, 2]
+def training_part(quick: bool, seeds: list[int] | None = None, only: list[str] | None = None) -> pd.DataFrame:
+    seeds = seeds or ([0] if quick else [0, 1, 2])
     tasks = [digits_task(300 if quick else 1000, quick)]
     if not quick:
         tasks.append(digits_task(30_000, quick))
@@ -206,11 +214,16 @@ def training_part(quick: bool) -> pd.DataFrame:
         tasks += fashion_tasks(quick)[:1 if quick else 2]
     except FileNotFoundError as e:
         print(f"skipped the Fashion-MNIST problems: {e}")
+    if only:
+        tasks = [t for t in tasks if any(o in t.name for o in only)]
     rows = []
     for task in tasks:
         for seed in seeds:
-            torch.manual_seed(seed)
-            model = task.make_model()
+            if task.finder_after:  # the user's own first epochs, then the finder at those weights
+                model = fit_torch(task, task.bs, task.lr, task.finder_after, seed)[0]
+            else:
+                torch.manual_seed(seed)
+                model = task.make_model()
             dl = DataLoader(TensorDataset(*task.train), batch_size=task.bs, shuffle=True,
                             generator=torch.Generator().manual_seed(seed + 100))
             t0 = time.perf_counter()
@@ -231,7 +244,8 @@ def training_part(quick: bool) -> pd.DataFrame:
                 rows.append(dict(common, arm=arm, bs=bs, lr=lr, epochs=epochs, warmup=warm, **out,
                                  text=a.text if arm == "advice" else ""))
         print(f"training: {task.name} done", flush=True)
-    rows += bikeshare_rows(seeds, quick)
+    if not only or any(o in "bikeshare_tabular_fastai" for o in only):
+        rows += bikeshare_rows(seeds, quick)
     return pd.DataFrame(rows)
 
 
@@ -244,7 +258,7 @@ def bikeshare_rows(seeds: list[int], quick: bool) -> list[dict]:
     if quick:
         df = df.sample(1500, random_state=0).reset_index(drop=True)
     bs, lr, epochs = 64, 1e-2, 2 if quick else 8
-    finder = dict(lr=1e-3, num_it=AutoStop(max_it=300 if quick else 3000), n_batch=N_BATCH, beta=BETA)
+    finder = dict(lr=0, num_it=AutoStop(max_it=300 if quick else 3000), n_batch=N_BATCH)
     n_train = int(0.8 * len(df))
     rows = []
     for seed in seeds:
@@ -296,22 +310,30 @@ def plot(summary: pd.DataFrame, path) -> None:
     save_fig(fig, path)
 
 
+def _add_args(p) -> None:
+    p.add_argument("--part", choices=["all", "interval", "training"], default="all")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
+    p.add_argument("--problems", nargs="+", help="training problems whose name contains one of these")
+
+
 def main() -> None:
-    args = cli(__doc__.splitlines()[0])
+    args = cli(__doc__.splitlines()[0], _add_args)
     t0 = time.perf_counter()
-    intervals = interval_part(args.quick)
-    intervals.to_csv(out_path(args, "advice_interval", "csv"), index=False)
-    isum = interval_summary(intervals)
-    isum.to_csv(out_path(args, "advice_interval_summary", "csv"), index=False)
-    print(markdown(isum))
-    runs = training_part(args.quick)
-    runs.to_csv(out_path(args, "advice_runs", "csv"), index=False)
-    summary = training_summary(runs)
-    summary.to_csv(out_path(args, "advice", "csv"), index=False)
-    plot(summary, out_path(args, "advice", "png"))
-    print(markdown(summary))
-    for text in runs[runs.arm == "advice"].drop_duplicates("problem").text:
-        print("advice:", text)
+    if args.part in ("all", "interval"):
+        intervals = interval_part(args.quick)
+        intervals.to_csv(out_path(args, "advice_interval", "csv"), index=False)
+        isum = interval_summary(intervals)
+        isum.to_csv(out_path(args, "advice_interval_summary", "csv"), index=False)
+        print(markdown(isum))
+    if args.part in ("all", "training"):
+        runs = training_part(args.quick, args.seeds, args.problems)
+        runs.to_csv(out_path(args, "advice_runs", "csv"), index=False)
+        summary = training_summary(runs)
+        summary.to_csv(out_path(args, "advice", "csv"), index=False)
+        plot(summary, out_path(args, "advice", "png"))
+        print(markdown(summary))
+        for text in runs[runs.arm == "advice"].drop_duplicates("problem").text:
+            print("advice:", text)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 
