@@ -40,13 +40,13 @@ from .state import UserState
 from .targets import Target, as_target
 from .targets.base import batch_size_of, loader_len, to_device
 
-__all__ = ["bs_find", "METHODS"]
+__all__ = ["bs_find", "METHODS", "resolve_beta", "TRAINING_BETA"]
 
 METHODS = ("fixed", "sequential", "per_example")
 
 
 def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None, *, lr: float = 1e-3,
-            num_it: int | str | AutoStop | None = None, n_batch: int = 20, beta: float = 0.99, opt: Any = None,
+            num_it: int | str | AutoStop | None = None, n_batch: int = 20, beta: float | None = None, opt: Any = None,
             device: Any = None, method: str = "fixed", batch_fn: Callable | None = None,
             on_update: Callable[[GNSRecord], None] | None = None,
             stop_event: threading.Event | None = None, probe_memory: bool | None = None,
@@ -69,6 +69,10 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     `n_batch` small batches make one estimate and `beta` is the EMA decay per estimate. Methods
     that estimate every step ("per_example", DDP) decay by beta**(1/n_batch) per step instead, so
     every method averages over the same number of small batches, about n_batch / (1 - beta).
+    `beta=None` picks `resolve_beta(lr)`: 0.99 while training, where the noise scale drifts with the
+    weights, and 1 at lr=0, where nothing drifts and every estimate is averaged equally (forgetting
+    would only throw measurements away: on a noisy problem that is the difference between ±60%
+    and ±20% after the same run).
 
     `method` is "fixed", "sequential" or "per_example" (see the module docstring). Under
     torch.distributed (a `DistributedDataParallel` model in an initialized process group)
@@ -86,6 +90,7 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
 
     Only one finder run may use a model at a time: a second one raises `FinderBusyError`.
     """
+    beta = resolve_beta(lr, beta)
     n_batch = NoiseScaleEstimator.check_args(n_batch, beta)
     num_it = _check_args(lr=lr, num_it=num_it, n_batch=n_batch, method=method)
     tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
@@ -100,8 +105,8 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     total = auto.max_it if auto is not None else _total_iterations(tgt.train_dl, num_it, 1 if per_step else n_batch)
     # beta is the decay per n_batch small batches for every method, so all average over as many batches
     step_beta = beta ** (1 / n_batch) if per_step else beta
-    if auto is not None:
-        auto.start(step_beta)
+    if auto is not None:  # at fixed weights windows may widen (never for one estimate per step)
+        auto.start(step_beta, widen=lr == 0 and not per_step)
     estimator = NoiseScaleEstimator(n_batch, step_beta, n_train=population_size(tgt.train_dl))
     with claim(tgt.model, "bs_find", stop_event) as held, tgt.during_run():
         stop_event = held.stop_event  # one the user passed, or the guard's: a new panel can stop this run
@@ -119,6 +124,16 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
             fits = fitting_batch_size(tgt, limit=result.suggested_bs, amp=amp)
             result.memory_plan = plan_batch(result.suggested_bs, fits)
     return result
+
+
+TRAINING_BETA = 0.99  # the EMA decay beta=None picks while training (about the last 100 estimates)
+
+
+def resolve_beta(lr: Any, beta: float | None = None) -> float | Any:
+    "`beta`, or for None: 1 (a plain average) at lr=0, where the weights do not move, else TRAINING_BETA."
+    if beta is not None:
+        return beta
+    return 1.0 if isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr == 0 else TRAINING_BETA
 
 
 @dataclass
@@ -175,8 +190,10 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
             watch.step(opt)
         if run.on_update is not None:
             run.on_update(record)
-        if run.auto is not None and run.auto.update(record):
-            break
+        if run.auto is not None:
+            if run.auto.update(record):
+                break
+            estimator.n_batch = run.auto.n_batch_for(record, estimator.n_batch)
     return recorder
 
 

@@ -39,6 +39,7 @@ class WindowEstimate:
     scale: float  # |G|² estimate
     b_small: float  # harmonic mean of the small batch sizes
     b_big: float  # examples in the window (its effective size when micro-batches are weighted unequally)
+    n_small: int = 1  # small batches in the window: its weight in the averages
 
 
 def trainable_grads(params: nn.Module | Iterable[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -76,6 +77,8 @@ class NoiseScaleEstimator:
     and `reset` to start over. Every `n_batch` updates one raw estimate is made and
     folded into bias-corrected EMAs with decay `beta`; `noise_scale` is the ratio of the
     two EMAs (a ratio of averages: single raw estimates are noisy and can be negative).
+    `beta=1` weights every estimate equally: right when the weights do not move (a measurement
+    at lr=0), where forgetting would only throw measurements away.
 
     What is measured: `update(model)` (or its parameters) measures the trainable parameters,
     keyed by identity, so frozen layers are left out and a parameter that gets no gradient in
@@ -108,8 +111,9 @@ class NoiseScaleEstimator:
         "Raise a ValueError naming the bad argument and its accepted range; return n_batch as an int."
         if not _is_int(n_batch) or n_batch < 2:
             raise ValueError(f"n_batch must be an integer >= 2 (small batches per estimate), got {n_batch!r}")
-        if isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and 0 <= beta < 1):
-            raise ValueError(f"beta must be in [0, 1) (EMA decay; 0.99 is typical), got {beta!r}")
+        if isinstance(beta, bool) or not (isinstance(beta, numbers.Real) and 0 <= beta <= 1):
+            raise ValueError(f"beta must be in [0, 1] (EMA decay; 0.99 while training, 1 averages every estimate "
+                             f"equally), got {beta!r}")
         if n_train is not None and (not _is_int(n_train) or n_train < 1):
             raise ValueError(f"n_train must be a positive integer or None, got {n_train!r}")
         return int(n_batch)
@@ -126,7 +130,7 @@ class NoiseScaleEstimator:
         self._zero_window_counts()
         self._window_done = self._overflowed = False
         self._loss_scale = 1.0  # the scale the accumulated running sum carries (mixed precision)
-        self._ema_noise = self._ema_scale = 0.0
+        self._ema_noise = self._ema_scale = self._ema_weight = 0.0  # Σ beta^(k-i)·w_i·x_i and Σ beta^(k-i)·w_i
         self.n_estimates = 0
         self.n_skipped = 0  # small batches (or accumulation cycles, or estimates) left out as not finite
         self.last: WindowEstimate | None = None
@@ -281,7 +285,7 @@ class NoiseScaleEstimator:
         if not (math.isfinite(small) and math.isfinite(big)):  # this step alone is left out
             self.n_skipped += 1
             return None
-        return self._estimate(small, big, float(b_small), float(b_big), 1.0)
+        return self._estimate(small, big, float(b_small), float(b_big), 1.0, 1)
 
     def _count_overflowed_micro_batch(self) -> None:
         self._count += 1
@@ -303,23 +307,28 @@ class NoiseScaleEstimator:
         big_sq = piece_norms(self._acc).double().square().sum()
         big_sq = big_sq / (self._w_sum * (self._loss_scale if self.accumulated else 1.0)) ** 2
         self._window_done = True
-        return self._estimate((self._sq.double() / self._count).item(), big_sq.item(), b_small, b_big, epoch_share)
+        return self._estimate((self._sq.double() / self._count).item(), big_sq.item(), b_small, b_big, epoch_share,
+                              self._count)
 
     def _estimate(self, g_small_sq: float, g_big_sq: float, b_small: float, b_big: float,
-                  epoch_share: float) -> WindowEstimate:
-        "The two unbiased estimators (with the finite-population terms when n_train is set), folded into the EMAs."
+                  epoch_share: float, weight: int) -> WindowEstimate:
+        """The two unbiased estimators (with the finite-population terms when n_train is set), folded into the EMAs.
+
+        `weight` is the window's small batches: a window `n_batch` was widened for counts for more.
+        """
         c_small, c_big = self._variance_factor(b_small, 1.0), self._variance_factor(b_big, epoch_share)
         if c_small - c_big > 1e-12 * c_small:
             noise = (g_small_sq - g_big_sq) / (c_small - c_big)
             scale = (c_small * g_big_sq - c_big * g_small_sq) / (c_small - c_big)
         else:  # every small batch is the whole dataset: no sampling noise to measure
             noise = scale = math.nan
-        self.last = WindowEstimate(noise=noise, scale=scale, b_small=b_small, b_big=b_big)
+        self.last = WindowEstimate(noise=noise, scale=scale, b_small=b_small, b_big=b_big, n_small=weight)
         if not (math.isfinite(noise) and math.isfinite(scale)):
             self.n_skipped += 1  # an overflow must not poison the EMAs
             return self.last
-        self._ema_noise = self.beta * self._ema_noise + (1 - self.beta) * noise
-        self._ema_scale = self.beta * self._ema_scale + (1 - self.beta) * scale
+        self._ema_noise = self.beta * self._ema_noise + weight * noise
+        self._ema_scale = self.beta * self._ema_scale + weight * scale
+        self._ema_weight = self.beta * self._ema_weight + weight
         self.n_estimates += 1
         return self.last
 
@@ -342,9 +351,7 @@ class NoiseScaleEstimator:
         return dict(zip(self._owners, big))
 
     def _debias(self, ema: float) -> float:
-        if self.n_estimates == 0:
-            return math.nan
-        return ema / (1 - self.beta**self.n_estimates)
+        return ema / self._ema_weight if self.n_estimates else math.nan
 
     @property
     def noise(self) -> float:

@@ -28,6 +28,7 @@ REL_HALFWIDTH = 0.10  # num_it="auto" stops once the half-width is at most this 
 MAX_AUTO_IT = 20_000  # num_it="auto" stops here (small batches) whatever the interval says
 MIN_WINDOWS = 10  # fewer windows than this give no interval: too few blocks to estimate a spread
 MIN_AUTO_WINDOWS = 30  # num_it="auto" never stops before this many windows (see AutoStop)
+WIDEN_TO = 2.0  # at lr=0, num_it="auto" widens windows until the big batch is at least this × the noise scale
 
 
 @dataclass(frozen=True)
@@ -73,21 +74,23 @@ def block_length(n: int, resid: np.ndarray) -> int:
 
 
 def noise_scale_interval(noise: Sequence[float], scale: Sequence[float], decay: float,
-                         level: float = LEVEL) -> Interval | None:
+                         level: float = LEVEL, weights: Sequence[float] | None = None) -> Interval | None:
     """A `level` confidence interval for Σ w n / Σ w s from raw window estimates, by Fieller and batch means.
 
-    `decay` is the EMA decay per window (the estimator's `beta`). None with fewer than
+    `decay` is the EMA decay per window (the estimator's `beta`); `weights` multiply the EMA's
+    (the windows' small batches, when windows were widened: the estimator's weighting). None with fewer than
     `MIN_WINDOWS` finite windows. The test statistic at a candidate R is the self-normalised
     sum (Σ_b d_b)² / Σ_b d_b² of the block sums d_b = Σ_{i∈b} w_i (n_i − R s_i), which for m
     independent normal blocks is m·T²/(m−1+T²) with T Student-t on m−1 degrees of freedom.
     """
     n_raw, s_raw = np.asarray(noise, dtype=float), np.asarray(scale, dtype=float)
+    sizes = np.ones_like(n_raw) if weights is None else np.asarray(weights, dtype=float)
     keep = np.isfinite(n_raw) & np.isfinite(s_raw)
-    n_raw, s_raw = n_raw[keep], s_raw[keep]
+    n_raw, s_raw, sizes = n_raw[keep], s_raw[keep], sizes[keep]
     k = len(n_raw)
     if k < MIN_WINDOWS:
         return None
-    w = decay ** np.arange(k - 1, -1, -1, dtype=float)
+    w = decay ** np.arange(k - 1, -1, -1, dtype=float) * sizes
     N, S = float(w @ n_raw), float(w @ s_raw)
     if not S > 0:  # the smoothed |G|² itself is not positive: no upper bound
         return Interval(N / S if S else math.nan, 0.0, math.inf, level)
@@ -123,6 +126,12 @@ class AutoStop:
     bigger n_batch would, and the result's verdict says so. The engine
     calls `start(decay)` (the EMA decay per record), then `update(record)` after each record and
     stops when it returns True, or after `max_it` small batches. Pure bookkeeping, no engine.
+
+    At fixed weights (`start(decay, widen=True)`, the engine's lr=0) it also widens the windows
+    (`n_batch_for`): a window of B_big = n_batch·b examples estimates |G|² with a spread that grows
+    like B_simple/B_big once B_simple > B_big, so a noise scale above the big batch (Bikeshare's
+    1,087 against 20 × 32 = 640) leaves every window mostly noise and ±10% out of reach. Wider
+    windows cost nothing at fixed weights: each small batch is still measured once.
     """
 
     def __init__(self, rel_halfwidth: float = REL_HALFWIDTH, max_it: int = MAX_AUTO_IT,
@@ -143,11 +152,14 @@ class AutoStop:
             return num_it
         return cls() if isinstance(num_it, str) and num_it == "auto" else None
 
-    def start(self, decay: float) -> None:
-        "Forget earlier records; `decay` is the EMA decay per record."
-        self.decay = decay
+    def start(self, decay: float, widen: bool = False) -> None:
+        "Forget earlier records; `decay` is the EMA decay per record, `widen` allows `n_batch_for` to widen windows."
+        self.decay, self.widen = decay, widen
         self.noise: list[float] = []
         self.scale: list[float] = []
+        self.sizes: list[int] = []  # each record's small batches: its weight
+        self.widened_to: int | None = None  # the last n_batch `n_batch_for` chose
+        self._widened_at = 0
         self.interval: Interval | None = None
         self.saturated = False  # stopped because the EMA cannot average more windows, not because it is narrow
         self._next_check = self.min_windows
@@ -156,14 +168,35 @@ class AutoStop:
         "Add one record (anything with `noise_raw` and `scale_raw`); True when the run can stop."
         self.noise.append(record.noise_raw)
         self.scale.append(record.scale_raw)
+        self.sizes.append(getattr(record, "n_batch", 1))
         if len(self.noise) < self._next_check:  # recompute as the run grows by 2%: O(k) work per check
             return False
         self._next_check = max(len(self.noise) + 1, math.ceil(1.02 * len(self.noise)))
-        self.interval = noise_scale_interval(self.noise, self.scale, self.decay, self.level)
+        self.interval = noise_scale_interval(self.noise, self.scale, self.decay, self.level, self.sizes)
         if self.interval is not None and self.interval.rel_halfwidth <= self.rel_halfwidth:
             return True
         self.saturated = self.decay < 1 and len(self.noise) >= 4 / (1 - self.decay)
         return self.saturated
+
+    def n_batch_for(self, record, n_batch: int) -> int:
+        """The n_batch for the next windows: `n_batch`, or ≥ twice it while the big batch is < WIDEN_TO × noise scale.
+
+        Decided after `min_windows` windows, then again `min_windows` windows after each widening,
+        from the smoothed noise scale (an unbounded or negative one also widens); the run cannot
+        stop before `min_windows` windows of the new width either, so the stop rests on them.
+        Capped so that `max_it` still holds 2 × `min_windows` windows.
+        """
+        if not self.widen or len(self.noise) < self._widened_at + self.min_windows:
+            return n_batch
+        b_small = record.samples / record.iteration
+        value = record.noise_scale
+        want = math.ceil(WIDEN_TO * value / b_small) if value > 0 else 2 * n_batch
+        cap = max(n_batch, self.max_it // (2 * self.min_windows))
+        if want <= n_batch or n_batch >= cap:
+            return n_batch
+        self.widened_to, self._widened_at = min(max(want, 2 * n_batch), cap), len(self.noise)
+        self._next_check = self._widened_at + self.min_windows
+        return self.widened_to
 
     def __repr__(self) -> str:
         return f"AutoStop(rel_halfwidth={self.rel_halfwidth:g}, max_it={self.max_it}, min_windows={self.min_windows})"

@@ -32,6 +32,7 @@ class GNSRecord:
     noise_scale: float  # smoothed B_simple = noise / scale
     noise_raw: float  # this window's unsmoothed tr(Σ)
     scale_raw: float  # this window's unsmoothed |G|²
+    n_batch: int  # small batches in this window (num_it="auto" may widen windows at lr=0); its weight
     elapsed: float  # seconds since the run started
     total: int  # iterations planned for the run
 
@@ -58,7 +59,8 @@ class GNSResult:
         self.n_batch, self.beta, self.method, self.stopped = n_batch, beta, method, stopped
         self.decay = beta if decay is None else decay
         self.n_skipped = n_skipped  # batches (accumulation cycles) left out because their gradients overflowed
-        self._interval = noise_scale_interval(self.history.noise_raw, self.history.scale_raw, self.decay)
+        self._interval = noise_scale_interval(self.history.noise_raw, self.history.scale_raw, self.decay,
+                                              weights=self.history.n_batch)
         self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval)
         self.memory_plan: MemoryPlan | None = None  # set when the suggestion was checked against device memory
 
@@ -201,7 +203,7 @@ class RunRecorder:
         est = self.estimator
         record = GNSRecord(iteration=self.iteration, samples=self.samples, loss=losses.mean().item(),
                            noise=est.noise, scale=est.scale, noise_scale=est.noise_scale,
-                           noise_raw=estimate.noise, scale_raw=estimate.scale,
+                           noise_raw=estimate.noise, scale_raw=estimate.scale, n_batch=estimate.n_small,
                            elapsed=time.perf_counter() - self._start, total=self.total)
         self.records.append(record)
         return record

@@ -12,8 +12,8 @@ CE = nn.CrossEntropyLoss()
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_batch": 1}, "n_batch must be an integer >= 2"),
-    ({"beta": 1.0}, r"beta must be in \[0, 1\)"),
-    ({"beta": -0.5}, r"beta must be in \[0, 1\)"),
+    ({"beta": 1.5}, r"beta must be in \[0, 1\]"),
+    ({"beta": -0.5}, r"beta must be in \[0, 1\]"),
     ({"num_it": 5, "n_batch": 10}, "num_it must be an integer >= n_batch"),
     ({"lr": -1.0}, "lr must be a finite number >= 0"),
     ({"lr": float("nan")}, "lr must be a finite number >= 0"),

@@ -203,3 +203,16 @@ def test_seeded_loader_generator_is_restored(mlp):
     state = dl.generator.get_state()
     bs_find(mlp, dl, nn.CrossEntropyLoss(), lr=0.1, num_it=12, n_batch=3)
     assert torch.equal(dl.generator.get_state(), state)
+
+
+@pytest.mark.parametrize("method", ["fixed", "per_example"])
+def test_beta_defaults_to_a_plain_average_at_lr_zero_and_ema_while_training(digits_dl, method):
+    "At lr=0 nothing drifts, so every estimate counts equally; while training the EMA forgets the old weights."
+    mlp = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # no BatchNorm: per_example applies
+    still = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0, num_it=100, n_batch=5, method=method)
+    h = still.history
+    assert still.beta == 1.0 and still.noise_scale == pytest.approx(h.noise_raw.sum() / h.scale_raw.sum(), rel=1e-9)
+    moving = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.1, num_it=100, n_batch=5, method=method)
+    assert moving.beta == 0.99
+    chosen = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0, num_it=100, n_batch=5, beta=0.9, method=method)
+    assert chosen.beta == 0.9 and chosen.noise_scale != pytest.approx(h.noise_raw.sum() / h.scale_raw.sum(), rel=1e-3)

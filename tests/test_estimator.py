@@ -1,6 +1,7 @@
 "The estimator's math against closed-form values, without any training loop."
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,7 +113,7 @@ def test_reset_and_nan_before_first_window():
 
 
 @pytest.mark.parametrize("kwargs, match", [({"n_batch": 1}, "n_batch"), ({"n_batch": 2.5}, "n_batch"),
-                                           ({"beta": 1.0}, "beta"), ({"beta": -0.1}, "beta")])
+                                           ({"beta": 1.01}, "beta"), ({"beta": -0.1}, "beta")])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NoiseScaleEstimator(**kwargs)
@@ -325,3 +326,23 @@ def test_sparse_gradients_are_refused_clearly():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse"):
         NoiseScaleEstimator().update(emb, 2)
+
+
+def test_beta_one_is_the_plain_mean_of_the_window_estimates():
+    "beta=1 (the lr=0 default) weights every window equally; beta<1 is the bias-corrected EMA."
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(50, generator=g) + 0.3 for _ in range(40)]
+    flat, ema = NoiseScaleEstimator(n_batch=4, beta=1.0), NoiseScaleEstimator(n_batch=4, beta=0.5)
+    raw = []
+    for grad in grads:
+        for est in (flat, ema):
+            out = est.update(grads=[grad], batch_size=8)
+        if out is not None:
+            raw.append((out.noise, out.scale))
+    noise, scale = np.array(raw).T
+    assert flat.noise == pytest.approx(noise.mean(), rel=1e-12)
+    assert flat.noise_scale == pytest.approx(noise.sum() / scale.sum(), rel=1e-12)
+    w = 0.5 ** np.arange(len(noise) - 1, -1, -1)
+    assert ema.noise == pytest.approx(w @ noise / w.sum(), rel=1e-12)
+    assert ema.noise_scale == pytest.approx((w @ noise) / (w @ scale), rel=1e-12)
+    assert flat.noise_scale != pytest.approx(ema.noise_scale, rel=1e-3)  # the two weightings differ here

@@ -104,7 +104,7 @@ def test_reserved_and_bad_target_are_refused(train_dl):
     (dict(n_batch=200), ValueError, "n_batch must be an integer from 2 to 100"),
     (dict(n_batch=1), ValueError, "n_batch must be an integer from 2 to 100"),
     (dict(n_batch=2.5), ValueError, "n_batch"),
-    (dict(beta=1.0), ValueError, "beta"),
+    (dict(beta=1.5), ValueError, "beta"),
     (dict(beta=0.0), ValueError, "beta"),
     (dict(lr=-1.0), ValueError, "lr must be a finite number"),
     (dict(lr=math.inf), ValueError, "lr must be a finite number"),
@@ -187,7 +187,7 @@ def test_tick_helpers():
 
 def _record(it: int, value: float, elapsed: float, total: int = 100) -> GNSRecord:
     return GNSRecord(iteration=it, samples=32 * it, loss=1.0, noise=value, scale=1.0, noise_scale=value,
-                     noise_raw=value, scale_raw=1.0, elapsed=elapsed, total=total)
+                     noise_raw=value, scale_raw=1.0, n_batch=1, elapsed=elapsed, total=total)
 
 
 def test_charts_before_a_run_and_with_a_single_estimate():
@@ -657,3 +657,12 @@ def test_auto_run_stops_early_and_the_progress_says_so(train_dl, monkeypatch):
     assert res.reliable and done < 20_000 and res.interval.rel_halfwidth <= 0.1
     assert w.progress.value == w.progress.max == done
     assert w.progress_label.value.startswith(f"finished at iteration {done}/{done} (auto: the noise scale is within")
+
+
+def test_beta_slider_starts_on_auto_and_passes_none(train_dl):
+    "'auto' lets bs_find pick beta from the lr (1 at lr=0, 0.99 while training); a number is passed as is."
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss())
+    assert w.beta_slider.value == panel.AUTO_BETA and w.settings()["beta"] is None
+    assert 1.0 in w.beta_slider.options
+    w.beta_slider.value = 0.999
+    assert w.settings()["beta"] == 0.999

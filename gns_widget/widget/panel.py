@@ -41,9 +41,10 @@ from ..targets.base import loader_len
 from .charts import GNSCharts
 from .runner import Runner, ThrottledListener, runner_of
 
-__all__ = ["GNSWidget", "BETAS", "N_BATCH_RANGE", "optimizer_rule", "eta_seconds"]
+__all__ = ["GNSWidget", "BETAS", "AUTO_BETA", "N_BATCH_RANGE", "optimizer_rule", "eta_seconds"]
 
-BETAS = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
+BETAS = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
+AUTO_BETA = "auto"  # the beta slider's first stop: bs_find(beta=None), chosen from the lr
 N_BATCH_RANGE = (2, 100)  # the n_batch slider's range
 _ADAM_LIKE = ("adam", "lamb", "ranger", "lion", "adafactor", "rmsprop")
 # JupyterLab's theme variables (light and dark), with fallbacks for other frontends
@@ -53,7 +54,8 @@ _COLORS = {"error": "var(--jp-error-color1, #c62828)", "finished": "var(--jp-suc
 _APPLY_TIP = "train with the advised batch size from now on (the advice's text says why it may differ)"
 _HELP = {  # one plain line per control: shown under it and as its tooltip
     "n_batch": "small batches averaged into one noise estimate: more is steadier but gives fewer estimates",
-    "beta": "smoothing of the curves: 0.99 averages about the last 100 estimates; higher is smoother, slower",
+    "beta": "smoothing of the curves: 0.99 averages about the last 100 estimates, 1 all of them equally; "
+            "auto is 1 at lr 0 (the weights do not move) and 0.99 while training",
     "num_it": "small batches the trial run trains on (0 = one epoch); your model is restored afterwards",
     "auto": "run until the noise scale's 90% interval is narrow enough, up to a cap, instead of a fixed num_it",
     "apply_lr": "Apply also sets learn.lr, which fit and fit_one_cycle use when called without an lr",
@@ -145,7 +147,7 @@ class GNSWidget(ipw.VBox):
     def __init__(self, target: Any, train_dl: Any = None, loss_func: Callable | None = None,
                  on_apply: Callable[[Any], Any] | None = None, *, lr: float = 1e-3,
                  num_it: int | str | AutoStop | None = "auto",
-                 n_batch: int = 20, beta: float = 0.99, opt: Any = None, method: str = "fixed",
+                 n_batch: int = 20, beta: float | None = None, opt: Any = None, method: str = "fixed",
                  amp: torch.dtype | None = None, device: Any = None, batch_fn: Callable | None = None,
                  probe_memory: bool | None = None):
         if not (_is_learner(target) or isinstance(target, nn.Module)):
@@ -185,14 +187,15 @@ class GNSWidget(ipw.VBox):
         self._validate()
 
     # ---------------------------------------------------------------- layout
-    def _build(self, *, lr: float, num_it: int, n_batch: int, beta: float, auto: bool) -> None:
-        betas = tuple(sorted(set(BETAS) | {beta}))
+    def _build(self, *, lr: float, num_it: int, n_batch: int, beta: float | None, auto: bool) -> None:
+        betas = (AUTO_BETA, *sorted(set(BETAS) | ({beta} - {None})))
         style = {"description_width": "60px"}
         lo, hi = N_BATCH_RANGE
         fit = {"width": "100%", "max_width": "360px"}  # shrinks in a narrow notebook instead of overflowing
         self.n_batch_slider = ipw.IntSlider(value=n_batch, min=lo, max=hi, description="n_batch", style=style,
                                             continuous_update=False, tooltip=_HELP["n_batch"], layout=fit)
-        self.beta_slider = ipw.SelectionSlider(options=betas, value=beta, description="beta", style=style,
+        self.beta_slider = ipw.SelectionSlider(options=betas, value=AUTO_BETA if beta is None else beta,
+                                               description="beta", style=style,
                                                continuous_update=False, tooltip=_HELP["beta"], layout=fit)
         self.num_it_text = ipw.IntText(value=num_it, description="num_it", style=style, tooltip=_HELP["num_it"],
                                        layout={"width": "200px"}, disabled=auto)
@@ -329,7 +332,8 @@ class GNSWidget(ipw.VBox):
     def settings(self) -> dict[str, Any]:
         "The run settings from the controls (num_it 0 means one epoch: None for bs_find; 'auto' when ticked)."
         num_it = "auto" if self.auto_box.value else self.num_it_text.value or None
-        return {"n_batch": self.n_batch_slider.value, "beta": self.beta_slider.value, "num_it": num_it,
+        beta = None if self.beta_slider.value == AUTO_BETA else self.beta_slider.value
+        return {"n_batch": self.n_batch_slider.value, "beta": beta, "num_it": num_it,
                 "lr": self.lr_text.value}
 
     def _validate(self) -> str | None:
@@ -626,9 +630,10 @@ def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any) -> None:
     lo, hi = N_BATCH_RANGE
     if isinstance(n_batch, bool) or not isinstance(n_batch, int) or not lo <= n_batch <= hi:
         raise ValueError(f"n_batch must be an integer from {lo} to {hi} (the slider's range), got {n_batch!r}")
-    NoiseScaleEstimator.check_args(n_batch, beta)
-    if beta <= 0:
-        raise ValueError(f"beta must be in (0, 1) (smoothing; 0.99 is typical), got {beta!r}")
+    if beta is not None:
+        NoiseScaleEstimator.check_args(n_batch, beta)
+        if beta <= 0:
+            raise ValueError(f"beta must be in (0, 1] or None (smoothing; None picks it from the lr), got {beta!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number ≥ 0 (0 measures without training), got {lr!r}")
 
