@@ -203,7 +203,9 @@ class NoiseScaleEstimator:
             self._loss_scale = loss_scale  # constant within a cycle: GradScaler changes it after the step
         else:
             w = float(batch_size)
-            sq = self._squared_norm(tensors) / loss_scale**2
+            sq = self._squared_norm(tensors)
+            if loss_scale != 1.0:
+                sq = sq / loss_scale**2
             if checked:
                 self.last_finite = (bool(torch.isfinite(sq)),)
                 if not self.last_finite[0]:  # this small batch alone is left out
@@ -424,12 +426,13 @@ def piece_norms(tensors: list[Tensor]) -> Tensor:
     rest = [t for t in tensors if t.dtype not in _LOW_PRECISION]
     parts = [torch.stack(torch._foreach_norm(low, 2, dtype=torch.float32))] if low else []
     parts += [torch.stack(torch._foreach_norm(rest))] if rest else []
-    return torch.cat(parts)  # promotes to the wider dtype when both kinds are there
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # promotes to the wider dtype when both kinds are there
 
 
 def squared_norm(tensors: list[Tensor]) -> Tensor:
     "Σ |t|² over a list of tensors, as one float32 scalar on their device (no host sync); see `piece_norms`."
-    return piece_norms(tensors).float().square().sum()
+    norms = piece_norms(tensors).float()
+    return norms.dot(norms)  # one kernel, where square().sum() is two
 
 
 def _is_int(x: object) -> bool:
