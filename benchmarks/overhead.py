@@ -181,8 +181,9 @@ def time_config(width: int, n_batch: int, rounds: int) -> dict:
                 fn()
             upd[k].append((time.perf_counter() - t) / n_batch)
     upd_med = {k: float(pd.Series(v).median()) for k, v in upd.items()}
-    ours_bytes = sum(a.numel() * a.element_size() for a in ours._acc) + ours._sq.element_size()
-    accum_bytes = sum(a.numel() * a.element_size() for a in accum._acc) + accum._sq.element_size()
+    window_sqs = 4 * n_batch  # the window's squared norms, float32 scalars kept on the device until its end
+    ours_bytes = sum(a.numel() * a.element_size() for a in ours._acc) + window_sqs
+    accum_bytes = sum(a.numel() * a.element_size() for a in accum._acc) + window_sqs
     mem = measure_memory(step, cycle, norms, n_batch)
     row = dict(params_M=n_params / 1e6, width=width, n_batch=n_batch, rounds=rounds,
                plain_s=med["plain"], ours_s=med["ours"], ours_overhead_pct=100 * (med["ours"] / med["plain"] - 1),

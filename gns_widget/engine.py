@@ -107,7 +107,9 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     step_beta = beta ** (1 / n_batch) if per_step else beta
     if auto is not None:  # at fixed weights windows may widen (never for one estimate per step)
         auto.start(step_beta, widen=lr == 0 and not per_step)
-    estimator = NoiseScaleEstimator(n_batch, step_beta, n_train=population_size(tgt.train_dl))
+    # sequential steps after every small batch, so it must know at once that one was not finite (a host sync per step)
+    estimator = NoiseScaleEstimator(n_batch, step_beta, n_train=population_size(tgt.train_dl),
+                                    check_each=method == "sequential")
     with claim(tgt.model, "bs_find", stop_event) as held, tgt.during_run():
         stop_event = held.stop_event  # one the user passed, or the guard's: a new panel can stop this run
         state = UserState(tgt.model, tgt.user_opt, tgt.train_dl, tgt.loss_func)
@@ -147,22 +149,28 @@ class _Run:
     stop_event: threading.Event
     n_batch: int
     auto: AutoStop | None = None  # num_it="auto": ends the run once the interval is narrow enough
-    bad_streak: int = 0  # consecutive small batches skipped as not finite
+    bad_streak: int = 0  # consecutive small batches whose gradients were not finite
 
-    def skipped(self, skipped: bool, iteration: int) -> None:
-        "Count a batch whose gradients were (not) finite; too many in a row is divergence, not a stray batch."
-        self.bad_streak = self.bad_streak + 1 if skipped else 0
+    def check_finite(self, finite: tuple[bool, ...], iteration: int) -> None:
+        """Count the latest small batches' verdicts (the last ends at `iteration`): too many non-finite ones in a
+        row is divergence, not a stray batch. They come per batch when checked at once, else at each window's end."""
         # float16's loss scale may need ~16 halvings before its first good step
         limit = self.n_batch + (32 if self.loss_scale.enabled else 0)
-        if self.bad_streak >= limit:
-            raise RuntimeError(f"the gradients were not finite for {self.bad_streak} batches in a row (iterations "
-                               f"{iteration - self.bad_streak + 1}–{iteration}): training diverged at "
-                               f"lr={self.lr:g}, or the data holds NaN/inf; lower lr, or use lr=0 to measure at the "
-                               "current weights")
+        for it, ok in enumerate(finite, start=iteration - len(finite) + 1):
+            self.bad_streak = 0 if ok else self.bad_streak + 1
+            if self.bad_streak >= limit:
+                raise RuntimeError(f"the gradients were not finite for {self.bad_streak} batches in a row (iterations "
+                                   f"{it - self.bad_streak + 1}–{it}): training diverged at lr={self.lr:g}, or the "
+                                   "data holds NaN/inf; lower lr, or use lr=0 to measure at the current weights")
 
 
 def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _Run) -> RunRecorder:
-    "fixed and sequential: windows of n_batch small batches, the big batch built from them."
+    """fixed and sequential: windows of n_batch small batches, the big batch built from them.
+
+    No host sync per small batch with method="fixed" in full precision or bfloat16: a non-finite batch is found
+    at its window's end, which is dropped. float16 (its loss scale) and "sequential" (a step per batch) check
+    every batch as it comes: one sync per step, as `GradScaler` makes.
+    """
     opt = _prepare(tgt, run.lr)
     step_every_batch = opt is not None and run.method == "sequential"
     scale = run.loss_scale
@@ -171,12 +179,12 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
     for inputs, targets, bs, epoch in _batches(tgt, total, run.stop_event):
         watch.check()
         loss = _forward_backward(tgt, inputs, targets, run)
-        carried, skipped = scale.grad_scale, estimator.n_skipped
+        carried = scale.grad_scale
         record = recorder.step(loss, bs, tgt.model, grad_scale=carried, epoch=epoch)
-        overflowed = estimator.n_skipped != skipped
-        run.skipped(overflowed, recorder.iteration)
-        scale.update(overflowed)
-        if step_every_batch and not overflowed:
+        finite = estimator.last_finite  # this batch's verdict when checked at once, else the window's at its end
+        run.check_finite(finite, recorder.iteration)
+        scale.update(overflowed=False in finite)  # float16 checks every batch
+        if step_every_batch and finite[0]:  # sequential checks every batch
             _unscale(tgt.model, carried)
             watch.step(opt)
         if record is None:
@@ -217,7 +225,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
                 small_sq, big_sq, b_small, b_big = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
             carried = scale.grad_scale
             record = recorder.step_norms(loss, bs, small_sq, big_sq, b_small, b_big, grad_scale=carried)
-            run.skipped(record is None, recorder.iteration)
+            run.check_finite((record is not None,), recorder.iteration)
             scale.update(overflowed=record is None)
             if record is None:  # not finite (float16 overflow): skipped, as GradScaler skips the step
                 continue

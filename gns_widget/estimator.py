@@ -96,14 +96,24 @@ class NoiseScaleEstimator:
     cycle (`n_batch` = accumulation steps, `update` after every micro-batch's backward). The same
     single buffer then holds the previous running sum, so memory stays O(parameters).
 
-    A small batch whose gradient is not finite is skipped alone (counted in `n_skipped`), the rest
-    of its window is kept. Checking costs one scalar read from the device per update.
+    No host sync per update: the squared norms stay on the device until the window completes, where
+    one read brings them back with the big-batch norm. So a small batch whose gradient is not finite
+    (NaN or inf) is only found then, after it was added to the big batch, and its whole window is
+    dropped: no estimate, `n_skipped` counts the non-finite batches and `n_dropped` the window. The
+    caller's `.grad` tensors are never modified. Skipping a bad batch alone would need either a host
+    sync per update or a masked copy of every gradient (measured: it doubles the update's cost).
+
+    `check_each=True` checks each small batch as it comes instead (one scalar read from the device per
+    update, as `torch.amp.GradScaler` makes one per step) and skips a non-finite one alone, keeping
+    the rest of its window. Updates with a `grad_scale` (float16's overflows) and gradient accumulation
+    are always checked this way: like `GradScaler`, they must know at once that a step overflowed.
     """
 
     def __init__(self, n_batch: int = 20, beta: float = 0.99, n_train: int | None = None,
-                 accumulated: bool = False):
+                 accumulated: bool = False, *, check_each: bool = False):
         n_batch = self.check_args(n_batch, beta, n_train)
         self.n_batch, self.beta, self.n_train, self.accumulated = n_batch, float(beta), n_train, accumulated
+        self.check_each = check_each
         self.reset()
 
     @staticmethod
@@ -126,13 +136,18 @@ class NoiseScaleEstimator:
         self._by_params: bool | None = None  # fed parameters (keyed by identity) or raw gradients (by position)
         self._last_keys: tuple = ()  # the previous update's key ids and their buffers, reused while unchanged
         self._last_acc: list[Tensor] = []
-        self._sq: Tensor | None = None  # Σ |g_i|², kept on the device
+        self._sqs: list[Tensor] = []  # |g_i|² of the window's small batches, on the device until it completes
         self._zero_window_counts()
-        self._window_done = self._overflowed = False
+        self._window_done = self._overflowed = self._dropped = False
         self._loss_scale = 1.0  # the scale the accumulated running sum carries (mixed precision)
         self._ema_noise = self._ema_scale = self._ema_weight = 0.0  # Σ beta^(k-i)·w_i·x_i and Σ beta^(k-i)·w_i
         self.n_estimates = 0
-        self.n_skipped = 0  # small batches (or accumulation cycles, or estimates) left out as not finite
+        # Not finite: small batches (checked or found at their window's end), accumulation cycles, update_norms steps
+        # and estimates; n_dropped: windows (accumulation cycles) left out because they held such a batch
+        self.n_skipped = self.n_dropped = 0
+        # whether the small batches whose check an update completed were finite, oldest first: its own batch when
+        # checked at once, every batch of the window when the window's end checks them, () in between
+        self.last_finite: tuple[bool, ...] = ()
         self.last: WindowEstimate | None = None
 
     def _zero_window_counts(self) -> None:
@@ -161,7 +176,7 @@ class NoiseScaleEstimator:
         before `GradScaler.unscale_` (pass `scaler.get_scale()`). Each update is divided by its
         own scale, so a scale that changes between steps does not bias the estimate, and a batch
         whose gradients overflowed (the scaler skips that step) is skipped here too; with
-        accumulation the whole cycle is dropped, as its step is.
+        accumulation the whole cycle is dropped, as its step is. Such updates cost one host sync each.
         """
         check_batch_size(batch_size)
         if weight is not None and not self.accumulated:
@@ -175,6 +190,8 @@ class NoiseScaleEstimator:
         acc = self._buffers(keys, tensors)
         if acc and acc[0].dtype != tensors[0].dtype:  # low-precision grads against a float32 buffer
             tensors = [g.to(a.dtype) for a, g in zip(acc, tensors)]
+        checked = self.check_each or self.accumulated or grad_scale is not None
+        self.last_finite = ()
         if self.accumulated:
             w = 1.0 / self.n_batch if weight is None else float(weight)
             if not self._overflowed:
@@ -184,24 +201,29 @@ class NoiseScaleEstimator:
                 if acc:
                     torch._foreach_copy_(acc, tensors)  # the running sum, for the next micro-batch
                 self._overflowed = not torch.isfinite(sq).item()
+                self.last_finite = (not self._overflowed,)
             if self._overflowed:  # the running sum is lost for the rest of this cycle
                 return self._count_overflowed_micro_batch()
             self._loss_scale = loss_scale  # constant within a cycle: GradScaler changes it after the step
         else:
             w = float(batch_size)
-            sq = self._squared_norm(tensors) / loss_scale**2
-            if not torch.isfinite(sq).item():  # this small batch alone is left out
-                self.n_skipped += 1
-                return None
+            sq = self._squared_norm(tensors)
+            if loss_scale != 1.0:
+                sq = sq / loss_scale**2
+            if checked:
+                self.last_finite = (bool(torch.isfinite(sq)),)
+                if not self.last_finite[0]:  # this small batch alone is left out
+                    self.n_skipped += 1
+                    return None
             if acc:
                 torch._foreach_add_(acc, tensors, alpha=batch_size / loss_scale)
-        self._sq += sq
+        self._sqs.append(sq)
         self._count += 1
         self._inv_bs += 1.0 / batch_size
         self._w_sum += w
         self._w2_over_b += w * w / batch_size
         self._epoch_w[epoch] = self._epoch_w.get(epoch, 0.0) + w
-        return self._finish_window() if self._count == self.n_batch else None
+        return self._finish_window(checked) if self._count == self.n_batch else None
 
     def _read(self, params: nn.Module | Iterable[Tensor] | None,
               grads: Sequence[Tensor] | None) -> tuple[tuple, list[Tensor]]:
@@ -248,8 +270,6 @@ class NoiseScaleEstimator:
                     i = self._keys[key_id] = len(self._acc)
                     self._owners.append(k)
                     self._acc.append(torch.zeros_like(g, dtype=_acc_dtype(g)))
-                    if self._sq is None:
-                        self._sq = torch.zeros((), device=g.device)
                 acc.append(self._acc[i])
             self._last_keys, self._last_acc = ids, acc
         for a, g in zip(acc, tensors):
@@ -260,7 +280,7 @@ class NoiseScaleEstimator:
 
     def _squared_norm(self, tensors: list[Tensor]) -> Tensor:
         "Σ |t|² on the device; zero when no parameter got a gradient in this batch."
-        return squared_norm(tensors) if tensors else self._sq.new_zeros(())
+        return squared_norm(tensors) if tensors else self._acc[0].new_zeros((), dtype=torch.float32)
 
     def update_norms(self, small_sq: float | Tensor, big_sq: float | Tensor, b_small: float,
                      b_big: float, grad_scale: float | Tensor | None = None) -> WindowEstimate | None:
@@ -271,7 +291,8 @@ class NoiseScaleEstimator:
         the ranks of a distributed job (each rank's batch is small, the all-reduced one big).
         `small_sq` is the mean |g|² over the small batches (b_small their harmonic-mean size),
         `big_sq` is |mean g|² of the big batch (all from one epoch). A step whose norms are not
-        finite is skipped (None, counted in `n_skipped`), as in `update`.
+        finite is skipped (None, counted in `n_skipped`). Reading the two norms is one host sync
+        per call, which is one per estimate, as `update` makes.
 
         `grad_scale` is the loss scale the gradients carried (mixed precision), divided out of both
         norms; a step whose norms overflowed is skipped, as `GradScaler` skips it.
@@ -291,24 +312,33 @@ class NoiseScaleEstimator:
         self._count += 1
         if self._count == self.n_batch:  # the cycle is over: drop it, as GradScaler drops its step
             self.n_skipped += 1
+            self.n_dropped += 1
             self._start_window()
 
     def _start_window(self) -> None:
         torch._foreach_zero_(self._acc)
-        self._sq.zero_()
+        self._sqs = []
         self._zero_window_counts()
-        self._window_done = self._overflowed = False
+        self._window_done = self._overflowed = self._dropped = False
 
-    def _finish_window(self) -> WindowEstimate | None:
+    def _finish_window(self, checked: bool) -> WindowEstimate | None:
+        "The window's estimate, or None when a small batch in it (found only now, unless `checked`) was not finite."
         b_small = self._count / self._inv_bs
         b_big = self._w_sum**2 / self._w2_over_b  # Σ b_i when the weights are the batch sizes
         epoch_share = sum((w / self._w_sum) ** 2 for w in self._epoch_w.values())
-        # One host sync per window: the big-batch norm and the summed small-batch norms.
         big_sq = piece_norms(self._acc).double().square().sum()
         big_sq = big_sq / (self._w_sum * (self._loss_scale if self.accumulated else 1.0)) ** 2
+        *small_sqs, big_sq = torch.cat([torch.stack(self._sqs).double(), big_sq.view(1)]).tolist()  # the one sync
         self._window_done = True
-        return self._estimate((self._sq.double() / self._count).item(), big_sq.item(), b_small, b_big, epoch_share,
-                              self._count)
+        finite = tuple(math.isfinite(sq) for sq in small_sqs)  # a checked batch joined the window only if finite
+        if not checked:
+            self.last_finite = finite
+        if not all(finite):  # found after it joined the big batch: the whole window is lost
+            self.n_skipped += finite.count(False)
+            self.n_dropped += 1
+            self._dropped = True
+            return None
+        return self._estimate(sum(small_sqs) / self._count, big_sq, b_small, b_big, epoch_share, self._count)
 
     def _estimate(self, g_small_sq: float, g_big_sq: float, b_small: float, b_big: float,
                   epoch_share: float, weight: int) -> WindowEstimate:
@@ -345,8 +375,8 @@ class NoiseScaleEstimator:
         Valid until the next `update`; the engine copies it into `.grad` to take one optimizer
         step per window at fixed weights. A parameter no batch of the window used is left out.
         """
-        if not self._window_done:
-            raise RuntimeError("big_batch_grads is only available right after a window completes")
+        if not self._window_done or self._dropped:
+            raise RuntimeError("big_batch_grads is only available right after a window completes with an estimate")
         big = torch._foreach_div(self._acc, self._w_sum * (self._loss_scale if self.accumulated else 1.0))
         return dict(zip(self._owners, big))
 
@@ -402,12 +432,13 @@ def piece_norms(tensors: list[Tensor]) -> Tensor:
     rest = [t for t in tensors if t.dtype not in _LOW_PRECISION]
     parts = [torch.stack(torch._foreach_norm(low, 2, dtype=torch.float32))] if low else []
     parts += [torch.stack(torch._foreach_norm(rest))] if rest else []
-    return torch.cat(parts)  # promotes to the wider dtype when both kinds are there
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # promotes to the wider dtype when both kinds are there
 
 
 def squared_norm(tensors: list[Tensor]) -> Tensor:
     "Σ |t|² over a list of tensors, as one float32 scalar on their device (no host sync); see `piece_norms`."
-    return piece_norms(tensors).float().square().sum()
+    norms = piece_norms(tensors).float()
+    return norms.dot(norms)  # one kernel, where square().sum() is two
 
 
 def _is_int(x: object) -> bool:

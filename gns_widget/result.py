@@ -53,12 +53,13 @@ class GNSResult:
 
     def __init__(self, records: list[GNSRecord], *, batch_size: int, n_train: int | None, lr: float,
                  n_batch: int, beta: float, method: str, stopped: bool = False, n_skipped: int = 0,
-                 decay: float | None = None):
+                 n_dropped: int = 0, decay: float | None = None):
         self.history = pd.DataFrame([asdict(r) for r in records], columns=COLUMNS)
         self.batch_size, self.n_train, self.lr = batch_size, n_train, lr
         self.n_batch, self.beta, self.method, self.stopped = n_batch, beta, method, stopped
         self.decay = beta if decay is None else decay
-        self.n_skipped = n_skipped  # batches (accumulation cycles) left out because their gradients overflowed
+        self.n_skipped = n_skipped  # small batches (accumulation cycles) whose gradients were not finite
+        self.n_dropped = n_dropped  # windows left out whole because such a batch was found at their end
         self._interval = noise_scale_interval(self.history.noise_raw, self.history.scale_raw, self.decay,
                                               weights=self.history.n_batch)
         self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval)
@@ -147,6 +148,7 @@ class GNSResult:
             head += "suggested_bs=None"
         state = ", stopped early" if self.stopped else ""
         state += f", {self.n_skipped} overflowed batches skipped" if self.n_skipped else ""
+        state += f" ({self.n_dropped} windows dropped)" if self.n_dropped else ""
         plan = f"\n  {self.memory_plan.text}" if self.memory_plan is not None else ""
         return (f"{head}, estimates={len(self.history)}, batch_size={self.batch_size}, "
                 f"method={self.method!r}{state})\n  {self.reason}{plan}")
@@ -155,7 +157,7 @@ class GNSResult:
 class RunRecorder:
     """Feeds an estimator step by step and turns each completed window into a `GNSRecord`.
 
-    Losses stay on the device until the window ends, so a step costs no host sync.
+    Losses stay on the device until the window ends, so a step costs no host sync: one per record.
     """
 
     def __init__(self, estimator: NoiseScaleEstimator, total: int):
@@ -170,16 +172,19 @@ class RunRecorder:
         """Record one small batch whose gradient is ready; return the new record when a window completes.
 
         `weight`, `grad_scale` and `epoch` are passed to the estimator (gradient accumulation, mixed
-        precision, small datasets). A skipped batch's loss is left out of the window's mean loss.
+        precision, small datasets). A skipped batch's loss is left out of the window's mean loss, a dropped
+        window's losses all are. No host sync until a window completes.
         """
         self.iteration += 1
         self.samples += batch_size
         self._window_losses.append(loss.detach())
-        skipped = self.estimator.n_skipped
+        skipped, dropped = self.estimator.n_skipped, self.estimator.n_dropped
         estimate = self.estimator.update(model, batch_size, weight, grad_scale, epoch=epoch)
         if estimate is None:
-            if self.estimator.n_skipped != skipped:  # dropped: this batch, or a whole accumulation cycle
-                self._window_losses = [] if self.estimator.accumulated else self._window_losses[:-1]
+            if self.estimator.n_dropped != dropped:  # a whole window (accumulation cycle) was dropped
+                self._window_losses = []
+            elif self.estimator.n_skipped != skipped:  # this batch alone
+                self._window_losses.pop()
             return None
         return self._record(estimate)
 
@@ -198,10 +203,10 @@ class RunRecorder:
         return self._record(estimate)
 
     def _record(self, estimate: WindowEstimate) -> GNSRecord:
-        losses = torch.stack(self._window_losses).float().cpu()
+        loss = torch.stack(self._window_losses).float().mean().item()  # one host sync per record
         self._window_losses = []
         est = self.estimator
-        record = GNSRecord(iteration=self.iteration, samples=self.samples, loss=losses.mean().item(),
+        record = GNSRecord(iteration=self.iteration, samples=self.samples, loss=loss,
                            noise=est.noise, scale=est.scale, noise_scale=est.noise_scale,
                            noise_raw=estimate.noise, scale_raw=estimate.scale, n_batch=estimate.n_small,
                            elapsed=time.perf_counter() - self._start, total=self.total)
@@ -213,4 +218,5 @@ class RunRecorder:
         "The run's result; `beta` is the decay the user asked for (default: the estimator's)."
         return GNSResult(self.records, batch_size=batch_size, n_train=n_train, lr=lr, n_batch=self.estimator.n_batch,
                          beta=self.estimator.beta if beta is None else beta, method=method, stopped=stopped,
-                         n_skipped=self.estimator.n_skipped, decay=self.estimator.beta)
+                         n_skipped=self.estimator.n_skipped, n_dropped=self.estimator.n_dropped,
+                         decay=self.estimator.beta)

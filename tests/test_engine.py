@@ -141,8 +141,9 @@ def test_error_in_the_middle_still_restores(mlp, digits_dl):
 
 
 @pytest.mark.parametrize("method", ["fixed", "sequential", "per_example"])
-def test_a_stray_nan_batch_is_skipped_alone(digits_dl, method):
-    "One bad batch costs one small batch, not its window, and is never stepped on."
+def test_a_stray_nan_batch_is_left_out_and_never_stepped_on(digits_dl, method):
+    """fixed finds a NaN batch at its window's end (no host sync per step) and drops that window; sequential and
+    per_example check every batch as it comes (they step or estimate per batch) and skip it alone."""
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     calls = []
 
@@ -154,13 +155,17 @@ def test_a_stray_nan_batch_is_skipped_alone(digits_dl, method):
     weights_ok = []
     res = bs_find(model, digits_dl, loss_nan_at_7, lr=0.1, num_it=20, n_batch=5, method=method,
                   on_update=lambda r: weights_ok.append(all(torch.isfinite(p).all() for p in model.parameters())))
-    windows = 20 if method == "per_example" else 3  # the window holding the NaN batch completes one batch later
-    assert res.n_skipped == 1 and len(res.history) == windows - (1 if method == "per_example" else 0)
+    iterations = {"fixed": [5, 15, 20], "sequential": [5, 11, 16],  # batch 7 alone: its window ends one batch later
+                  "per_example": [i for i in range(1, 21) if i != 7]}
+    assert res.history.iteration.tolist() == iterations[method]
+    assert res.n_skipped == 1 and res.n_dropped == (1 if method == "fixed" else 0)
     assert all(weights_ok) and np.isfinite(res.history.loss).all()
 
 
-def test_divergence_names_the_iterations_and_restores(mlp, digits_dl):
-    "n_batch non-finite batches in a row is divergence (or broken data): a clear error, the model restored."
+@pytest.mark.parametrize("method", ["fixed", "sequential"])
+def test_divergence_names_the_iterations_and_restores(mlp, digits_dl, method):
+    """n_batch non-finite batches in a row is divergence (or broken data): a clear error, the model restored.
+    fixed learns it at the end of the window holding batch 11, sequential at batch 11: both name 7–11."""
     before = _snapshot(mlp)
     calls = []
 
@@ -170,7 +175,8 @@ def test_divergence_names_the_iterations_and_restores(mlp, digits_dl):
         return loss * float("nan") if len(calls) >= 7 else loss
 
     with pytest.raises(RuntimeError, match="iterations 7–11.*lower lr"):
-        bs_find(mlp, digits_dl, loss_nan_from_7, lr=0.1, num_it=20, n_batch=5)
+        bs_find(mlp, digits_dl, loss_nan_from_7, lr=0.1, num_it=20, n_batch=5, method=method)
+    assert len(calls) == (15 if method == "fixed" else 11)
     _assert_same(before, _snapshot(mlp))
 
 

@@ -285,17 +285,44 @@ def test_frozen_parameters_are_not_measured():
     assert sum(t.numel() for t in est._acc) == 5
 
 
-def test_a_non_finite_small_batch_is_skipped_alone():
-    est, ref = NoiseScaleEstimator(n_batch=3, beta=0.0), NoiseScaleEstimator(n_batch=3, beta=0.0)
+def test_a_non_finite_small_batch_is_skipped_alone_when_each_is_checked():
+    est, ref = NoiseScaleEstimator(n_batch=3, beta=0.0, check_each=True), NoiseScaleEstimator(n_batch=3, beta=0.0)
     gen = torch.Generator().manual_seed(5)
     grads = [torch.randn(4, generator=gen) for _ in range(3)]
     est.update(grads=[grads[0]], batch_size=4)
+    assert est.last_finite == (True,)
     assert est.update(grads=[torch.full((4,), math.nan)], batch_size=4) is None
+    assert est.last_finite == (False,) and est.n_skipped == 1  # known at once
     est.update(grads=[grads[1]], batch_size=4)
     out = est.update(grads=[grads[2]], batch_size=4)
     for g in grads:
         expected = ref.update(grads=[g], batch_size=4)
-    assert est.n_skipped == 1 and (out.noise, out.scale) == pytest.approx((expected.noise, expected.scale))
+    assert est.n_skipped == 1 and est.n_dropped == 0
+    assert (out.noise, out.scale) == pytest.approx((expected.noise, expected.scale))
+
+
+def test_a_non_finite_small_batch_drops_its_window_at_its_end():
+    """Without a host sync per update, a NaN or inf batch is found when its window ends, after it joined the big
+    batch: that window is dropped whole (no estimate, no big batch), the next one is exact, no gradient is touched."""
+    est, ref = NoiseScaleEstimator(n_batch=3, beta=0.0), NoiseScaleEstimator(n_batch=3, beta=0.0)
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(4, generator=gen) for _ in range(4)]
+    bad = [torch.full((4,), math.nan), torch.tensor([1.0, math.inf, 0.0, 2.0])]
+    fed = [t.clone() for t in grads + bad]
+    assert est.update(grads=[grads[0]], batch_size=4) is None and est.last_finite == ()
+    assert est.update(grads=[bad[0]], batch_size=4) is None
+    assert est.n_skipped == 0 and est.last_finite == ()  # not known yet: nothing was read from the device
+    assert est.update(grads=[bad[1]], batch_size=4) is None  # the window ends: both found, the window dropped
+    assert est.last_finite == (True, False, False) and (est.n_skipped, est.n_dropped, est.n_estimates) == (2, 1, 0)
+    with pytest.raises(RuntimeError, match="big_batch_grads"):
+        est.big_batch_grads()
+    for g in grads[1:]:
+        out, expected = est.update(grads=[g], batch_size=4), ref.update(grads=[g], batch_size=4)
+    assert est.last_finite == (True, True, True) and est.n_estimates == 1 and est.n_dropped == 1
+    assert (out.noise, out.scale) == pytest.approx((expected.noise, expected.scale), rel=1e-6)
+    assert torch.allclose(est.big_batch_grads()[0], sum(grads[1:]) / 3)
+    for a, b in zip(grads + bad, fed):  # the caller's tensors are as they were
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("bad", [2.5, True, "8", 0, None])
