@@ -64,8 +64,8 @@ def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None,
     if interval is not None and not interval.rel_halfwidth <= MAX_HALFWIDTH:
         why = ("|G|² is not distinguishable from its noise" if math.isinf(interval.hi)
                else f"±{interval.rel_halfwidth:.0%}, ≤±{MAX_HALFWIDTH:.0%} needed")
-        return Suggestion(None, f"uncertain: noise scale {interval} (90% interval; {why}); increase num_it "
-                                "(or use num_it='auto'), n_batch, or beta (a longer average)", interval)
+        return Suggestion(None, f"uncertain: noise scale {interval} (90% interval; {why}); "
+                                f"{_how_to_narrow(history, interval)}", interval)
     drift = _late_drift(history.noise_scale)
     if drift > MAX_DRIFT:
         return Suggestion(None, f"still moving: the noise scale changed {drift:.0%} over the last quarter of the "
@@ -81,6 +81,19 @@ def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None,
         bs = 2 ** int(math.log2(n_train))
         reason += f"; capped by the training set size ({n_train})"
     return Suggestion(bs, reason, interval)
+
+
+def _how_to_narrow(history: pd.DataFrame, interval: Interval) -> str:
+    "What narrows the interval: wider windows when the big batch is smaller than the noise scale, else a longer run."
+    last = history.iloc[-1]
+    b_small = last.samples / last.iteration if "samples" in history else math.nan
+    b_big = last.n_batch * b_small if "n_batch" in history else math.nan
+    if interval.value > b_big:  # each window's |G|² is then mostly noise: more windows barely help
+        need = math.ceil(2 * interval.value / b_small)
+        return (f"the noise scale exceeds the big batch (n_batch × batch size ≈ {b_big:.0f}), so each estimate is "
+                f"mostly noise: raise n_batch to about {need}, or measure at lr=0 with num_it='auto', which widens "
+                "the windows itself")
+    return "increase num_it (or use num_it='auto'), n_batch, or beta (a longer average)"
 
 
 def stable_power_of_two(value: float, interval: Interval | None = None) -> int:

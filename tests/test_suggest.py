@@ -4,6 +4,7 @@ import math
 import pandas as pd
 import pytest
 
+from gns_widget.interval import Interval
 from gns_widget.suggest import MAX_DRIFT, scale_lr, suggest_batch_size, tradeoff
 
 
@@ -53,3 +54,13 @@ def test_tradeoff_follows_the_papers_curve():
     assert t.examples.tolist() == pytest.approx([1.1, 2, 11])
     # (S/S_min - 1)(E/E_min - 1) = 1 for every batch size
     assert ((t.steps - 1) * (t.examples - 1)).tolist() == pytest.approx([1, 1, 1])
+
+
+def test_uncertain_with_windows_smaller_than_the_noise_scale_says_widen_them():
+    "Bikeshare's case: B_simple ≈ 1,000 against 20 × 32 = 640 per window; a longer run barely helps, wider windows do."
+    hist = _history([1000.0] * 30).assign(samples=lambda d: 32 * d.iteration, n_batch=20)
+    wide = Interval(1000.0, 600.0, 2500.0)
+    s = suggest_batch_size(hist, n_train=10_000, interval=wide)
+    assert s.bs is None and "raise n_batch to about 63" in s.reason and "640" in s.reason
+    small = suggest_batch_size(hist.assign(n_batch=100), n_train=10_000, interval=wide)
+    assert "raise n_batch" not in small.reason and "increase num_it" in small.reason
