@@ -172,3 +172,47 @@ def test_auto_stops_when_the_ema_cannot_average_more_windows():
     n = next(i for i, (a, b) in enumerate(zip(noise, scale), 1)
              if stop.update(pd.Series({"noise_raw": a, "scale_raw": b})))
     assert stop.saturated and 40 <= n <= 42 and stop.interval.rel_halfwidth > 0.01
+
+
+def _near_optimum_problem():
+    "The linear problem a little off its least-squares optimum: B_simple ≈ 266, above the 5 × 16 = 80 of a window."
+    model, loss_func, x, y = _linear_problem()
+    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(N, 1)], 1), y).solution
+    with torch.no_grad():
+        model.weight.copy_(solution[:20].T + 0.03 * torch.randn(1, 20, generator=torch.Generator().manual_seed(1)))
+        model.bias.copy_(solution[20])
+    return model, loss_func, x, y
+
+
+def test_auto_widens_windows_smaller_than_the_noise_scale_at_fixed_weights():
+    model, loss_func, x, y = _near_optimum_problem()
+    exact = exact_noise_scale(model, loss_func, x, y)[2]
+    assert exact > 3 * 80  # the case: every 80-example window's |G|² is mostly noise
+    dl = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    res = bs_find(model, dl, loss_func, lr=0, num_it="auto", n_batch=5, device="cpu")
+    sizes = res.history.n_batch
+    assert sizes.iloc[0] == 5 and sizes.iloc[-1] >= 2 * exact / 16  # widened to at least twice the noise scale
+    assert (sizes == sizes.iloc[-1]).sum() >= 30  # the stop rests on 30 windows of the final width
+    assert res.noise_scale == pytest.approx(exact, rel=0.10) and res.reliable
+    h = res.history  # windows weigh by their small batches, in the value and the interval alike
+    assert res.noise_scale == pytest.approx((h.n_batch @ h.noise_raw) / (h.n_batch @ h.scale_raw), rel=1e-9)
+    training = bs_find(model, dl, loss_func, lr=1e-3, num_it=AutoStop(max_it=2000), n_batch=5, device="cpu")
+    assert set(training.history.n_batch) == {5}  # moving weights: the windows keep the user's n_batch
+
+
+def test_widening_rule_alone():
+    stop = AutoStop()
+    stop.start(1.0, widen=True)
+    record = pd.Series({"noise_raw": 300.0, "scale_raw": 1.0, "n_batch": 5, "samples": 16 * 5, "iteration": 5,
+                        "noise_scale": 300.0})
+    for _ in range(29):
+        stop.update(record)
+        assert stop.n_batch_for(record, 5) == 5  # not before min_windows (30) windows
+    stop.update(record)
+    assert stop.n_batch_for(record, 5) == math.ceil(2 * 300 / 16) == stop.widened_to
+    assert stop.n_batch_for(record, 38) == 38  # the next decision waits 30 windows of the new width
+    fixed = AutoStop()
+    fixed.start(0.99, widen=False)
+    for _ in range(40):
+        fixed.update(record)
+    assert fixed.n_batch_for(record, 5) == 5
