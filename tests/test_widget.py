@@ -657,6 +657,8 @@ def test_auto_run_stops_early_and_the_progress_says_so(train_dl, monkeypatch):
     assert res.reliable and done < 20_000 and res.interval.rel_halfwidth <= 0.1
     assert w.progress.value == w.progress.max == done
     assert w.progress_label.value.startswith(f"finished at iteration {done}/{done} (auto: the noise scale is within")
+    widened = seen["num_it"].widened_to
+    assert (f"windows widened to n_batch {widened}" in w.progress_label.value) == bool(widened)
 
 
 def test_beta_slider_starts_on_auto_and_passes_none(train_dl):

@@ -617,12 +617,14 @@ class GNSWidget(ipw.VBox):
 
 
 def _auto_end(auto: AutoStop) -> str:
-    "Why a num_it='auto' run that was not stopped ended."
+    "Why a num_it='auto' run that was not stopped ended (and the n_batch it widened windows to, if it did)."
+    widened = (f"; windows widened to n_batch {auto.widened_to}, as the noise scale exceeded them"
+               if auto.widened_to else "")
     if auto.interval is not None and auto.interval.rel_halfwidth <= auto.rel_halfwidth:
-        return f"auto: the noise scale is within ±{auto.rel_halfwidth:.0%}"
+        return f"auto: the noise scale is within ±{auto.rel_halfwidth:.0%}{widened}"
     if auto.saturated:
-        return "auto: the interval stopped narrowing, as beta forgets older estimates"
-    return f"auto: reached the cap of {auto.max_it:,} small batches"
+        return f"auto: the interval stopped narrowing, as beta forgets older estimates{widened}"
+    return f"auto: reached the cap of {auto.max_it:,} small batches{widened}"
 
 
 def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any) -> None:
