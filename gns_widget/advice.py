@@ -3,12 +3,17 @@
 The paper's formulas (McCandlish et al. 2018) assume each batch size trains with its own tuned
 learning rate and that the noise scale holds for the whole run. Followed blindly on a small
 dataset they ruin training (digits: bs 1024 for 1,438 images and lr ×20 ended at 35% accuracy),
-so three guards sit between the formulas and the numbers a user applies:
+so guards sit between the formulas and the numbers a user applies:
 
 - **batch size**: the suggestion, capped so an epoch keeps at least `MIN_STEPS_PER_EPOCH`
-  optimizer steps (a schedule, a warm-up and the noise that helps generalisation need steps);
-- **learning rate**: ε(B) ∝ 1/(1 + B_noise/B), linear for SGD, square root for Adam, with the
-  factor capped at `MAX_LR_FACTOR` and a warm-up from the old lr when it grows much;
+  optimizer steps (a schedule and the noise that helps generalisation need steps), and grown
+  only as far as the learning rate can follow: to the largest power of two whose ε(B) factor
+  is at most `MAX_LR_FACTOR`. A bigger batch without the bigger lr only takes fewer steps, and a
+  bigger lr factor is where training breaks: Fashion-MNIST's conv net (SGD with momentum) went to
+  chance at ×3.1 despite a warm-up, Bikeshare's loss rose 14% at ×2.5 (`benchmarks/advice.py`).
+  The noise scale grows as training goes on, so a further step is for a new measurement at the
+  new batch size;
+- **learning rate**: ε(B) ∝ 1/(1 + B_noise/B), linear for SGD, square root for Adam;
 - **epochs**: E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise), the paper's examples-to-reach-
   the-same-loss ratio, so a bigger batch gets the extra epochs it needs.
 """
@@ -20,21 +25,19 @@ from dataclasses import dataclass
 from .interval import Interval
 from .suggest import lr_factor
 
-__all__ = ["BatchAdvice", "advise", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR", "WARMUP_ABOVE", "WARMUP_FRACTION"]
+__all__ = ["BatchAdvice", "advise", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR"]
 
 MIN_STEPS_PER_EPOCH = 10  # optimizer steps an epoch keeps at the advised batch size
-MAX_LR_FACTOR = 4.0  # the largest lr multiplier advised; beyond it, a warm-up and lr_find decide
-WARMUP_ABOVE = 2.0  # lr factors above this get a linear warm-up from the old lr
-WARMUP_FRACTION = 0.1  # of the advised training's steps (at least one epoch's worth when epochs are unknown)
+MAX_LR_FACTOR = 2.0  # the batch size grows only while the paper's lr factor stays at most this
 
 
 @dataclass(frozen=True)
 class BatchAdvice:
     """What to train with next, and why. `batch_size` is None when the measurement is not reliable.
 
-    `lr_factor` is the applied multiplier, `paper_lr_factor` the uncapped ε(B) ratio;
-    `time_factor` is the (low, high) expected wall-time ratio: low if a step costs the same at
-    both batch sizes (an unsaturated GPU), high if time is per example (a saturated device).
+    `lr_factor` is the applied ε(B) multiplier; `suggested_bs` the noise scale's power of two
+    before the caps; `time_factor` is the (low, high) expected wall-time ratio: low if a step costs
+    the same at both batch sizes (an unsaturated GPU), high if time is per example (a saturated device).
     """
     batch_size: int | None
     lr: float | None
@@ -44,11 +47,8 @@ class BatchAdvice:
     noise_scale: str = ""  # the noise scale as shown, with its interval: "91 (80–104)"
     rule: str = "sgd"
     lr_factor: float = 1.0
-    paper_lr_factor: float = 1.0
-    lr_capped: bool = False
-    warmup_steps: int = 0
     steps_per_epoch: int | None = None
-    suggested_bs: int | None = None  # the noise scale's power of two before the steps-per-epoch cap
+    suggested_bs: int | None = None
     time_factor: tuple[float, float] | None = None
     lr_text: str = ""
 
@@ -80,20 +80,20 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
                      f"{n_train / suggested_bs:.2g} optimizer steps per epoch: capped at {cap} "
                      f"(≥ {MIN_STEPS_PER_EPOCH} steps per epoch)")
         bs = cap
+    followed = _lr_can_follow(batch_size, bs, noise_scale, rule)
+    if followed < bs:
+        parts.append(f"{bs} would need lr ×{lr_factor(batch_size, bs, noise_scale, rule):.2g}, and above "
+                     f"×{MAX_LR_FACTOR:g} training can break: {followed} for now (lr "
+                     f"×{lr_factor(batch_size, followed, noise_scale, rule):.2g}), then run the finder again at "
+                     f"batch size {followed} to go further (the noise scale grows as training goes on)")
+        bs = followed
     steps_per_epoch = math.ceil(n_train / bs) if n_train else None
-    paper = lr_factor(batch_size, bs, noise_scale, rule)
-    factor = min(paper, MAX_LR_FACTOR)
-    capped = paper > MAX_LR_FACTOR
+    factor = lr_factor(batch_size, bs, noise_scale, rule)
     how = "linear (SGD)" if rule == "sgd" else "square-root (Adam)"
     new_epochs = math.ceil(epochs * _examples_ratio(batch_size, bs, noise_scale) - 1e-9) if epochs else None
-    total_steps = new_epochs * steps_per_epoch if new_epochs and steps_per_epoch else None
-    warmup = 0
-    if factor > WARMUP_ABOVE:
-        warmup = (max(1, round(WARMUP_FRACTION * total_steps)) if total_steps
-                  else steps_per_epoch or 0)
-    lr_text = _lr_text(lr, factor, paper, capped, how, bs, warmup)
-    head = f"batch size {batch_size} → {bs} (noise scale {shown})"
-    parts = [head, *parts, lr_text]
+    now = f"lr {lr:.3g} → {lr * factor:.3g} (×{factor:.3g}, " if lr else f"lr ×{factor:.3g} ("
+    lr_text = f"{now}{how} scaling, ε(B) ∝ 1/(1 + B_noise/B))"
+    parts = [f"batch size {batch_size} → {bs} (noise scale {shown})", *parts, lr_text]
     time_factor = None
     if epochs:
         ratio = new_epochs / epochs
@@ -106,20 +106,16 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
         parts.append(f"train ×{_examples_ratio(batch_size, bs, noise_scale):.2g} the epochs (the paper's trade-off: "
                      "the examples needed to reach the same loss; pass epochs= for a number)")
     return BatchAdvice(bs, lr * factor if lr else None, new_epochs, "; ".join(parts), batch_size, shown, rule,
-                       factor, paper, capped, warmup, steps_per_epoch, suggested_bs, time_factor, lr_text)
+                       factor, steps_per_epoch, suggested_bs, time_factor, lr_text)
+
+
+def _lr_can_follow(old_bs: int, bs: int, noise_scale: float, rule: str) -> int:
+    "`bs` halved until its lr factor is at most MAX_LR_FACTOR (a factor below a doubling's 2 always is)."
+    while bs > old_bs and lr_factor(old_bs, bs, noise_scale, rule) > MAX_LR_FACTOR:
+        bs //= 2
+    return bs
 
 
 def _examples_ratio(old_bs: int, new_bs: int, noise_scale: float) -> float:
     "E(new)/E(old): examples to reach the same loss, E ∝ 1 + B/B_noise."
     return (1 + new_bs / noise_scale) / (1 + old_bs / noise_scale)
-
-
-def _lr_text(lr: float | None, factor: float, paper: float, capped: bool, how: str, bs: int, warmup: int) -> str:
-    now = f"lr {lr:.3g} → {lr * factor:.3g} (×{factor:.3g}" if lr else f"lr ×{factor:.3g} ("
-    text = f"{now}{', ' if lr else ''}{how} scaling, ε(B) ∝ 1/(1 + B_noise/B))"
-    if capped:
-        text += (f": the rule gives ×{paper:.3g}, capped at ×{MAX_LR_FACTOR:g}; with fastai, run "
-                 f"learn.lr_find() at batch size {bs} instead")
-    if warmup:
-        text += f"; warm up linearly from the old lr over the first {warmup} steps"
-    return text

@@ -501,10 +501,6 @@ class GNSWidget(ipw.VBox):
             return "; learn.lr unchanged: it is not a single positive number, so there is nothing to scale"
         old, self.target.lr = self.target.lr, advice.lr
         text = f"; learn.lr {old:.3g} → {advice.lr:.3g} (fit and fit_one_cycle use it when called without an lr)"
-        if advice.warmup_steps:
-            text += f"; warm up from {old:.3g} over the first {advice.warmup_steps} steps"
-        if advice.lr_capped:
-            text += f"; capped at ×{advice.lr_factor:.3g}: learn.lr_find() at the new batch size can confirm it"
         return text
 
     @_guarded
