@@ -60,7 +60,8 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     are used (None: one epoch; more than an epoch cycles the loader). `lr=0` measures at
     the current weights. `num_it="auto"` runs until the noise scale's 90% interval is within ±10%,
     at most 20,000 small batches; `num_it=AutoStop(rel_halfwidth, max_it)` chooses both
-    (`interval.AutoStop`). `on_update(record)` receives every new estimate; setting
+    (`interval.AutoStop`). `on_update(record)` receives every new estimate, in order (n_batch
+    at a time where one is made per step at lr=0, read from the device at once); setting
     `stop_event` ends the run at the next step with a partial result. Whatever happens,
     the model, optimizer, loader and RNG states are restored exactly.
 
