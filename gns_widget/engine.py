@@ -221,7 +221,8 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
 
     def fold(steps: list[tuple]) -> bool:
         "Feed the read steps to the estimator in order; True when the run ends at one of them."
-        noticed = run.stop_event.is_set()  # a stop `_batches` has seen: every step it let through counts
+        # a stop set while these steps ran (a Stop button): a step-by-step run would have kept them all too
+        noticed = run.stop_event.is_set()
         for loss, bs, small_sq, big_sq, b_small, b_big, carried, at in steps:
             record = recorder.step_norms(loss, bs, small_sq, big_sq, b_small, b_big, grad_scale=carried, at=at)
             run.check_finite((record is not None,), recorder.iteration)
