@@ -10,7 +10,8 @@ E|g_r|² = |G|² + tr(Σ)/b_r gives B_small = R/Σ(1/b_r) (harmonic mean) for th
 |g_r|², and B_big = R²/Σ(1/b_r) for the average (= R·b when all ranks have b examples).
 
 - `DDPNoiseScale`: for your own training loop; reads the local gradients in a DDP comm hook.
-- `allreduce_measured`: for the finder engine, after a backward pass run under `no_sync()`.
+- `allreduce_measured`: for the finder engine, after a backward pass run under `no_sync()`
+  (`allreduce_norms` leaves its four numbers on the device, for a caller that reads many steps at once).
 """
 
 import torch
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .estimator import NoiseScaleEstimator, WindowEstimate, check_batch_size, loss_scale_of, piece_norms
 
-__all__ = ["DDPNoiseScale", "allreduce_measured", "is_distributed"]
+__all__ = ["DDPNoiseScale", "allreduce_measured", "allreduce_norms", "is_distributed"]
 
 # Gradients are averaged in flat buffers of at most this size: one all_reduce for small models,
 # bounded extra memory for big ones.
@@ -50,6 +51,12 @@ def allreduce_measured(model: nn.Module, batch_size: int,
     DDP wrapper or its `.module`; `group` defaults to the wrapper's process group (else WORLD).
     Costs the gradient all-reduce DDP would have done plus one of two scalars, and one host sync.
     """
+    return _floats(allreduce_norms(model, batch_size, group))
+
+
+def allreduce_norms(model: nn.Module, batch_size: int,
+                    group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    "`allreduce_measured` with its four numbers left on the device as float64 scalars: no host sync."
     check_batch_size(batch_size, "this rank's examples")
     _check_initialized("model")
     if isinstance(model, DistributedDataParallel):
@@ -74,7 +81,7 @@ def allreduce_measured(model: nn.Module, batch_size: int,
         dist.all_reduce(flat, group=group)
         big_sq = _add(big_sq, _sq([flat]))
         torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
-    return _reduce_scalars(local_sq, big_sq, float(batch_size), world, group)
+    return _reduce_norms(local_sq, big_sq, float(batch_size), world, group)
 
 
 class DDPNoiseScale:
@@ -159,7 +166,8 @@ class DDPNoiseScale:
         if not grads:
             raise RuntimeError("no gradients: call update after loss.backward() and before zero_grad()")
         big_sq = _sq(grads)  # DDP has already averaged .grad
-        small_sq, big_sq, b_small, b_big = _reduce_scalars(local_sq, big_sq, b_local, self.world_size, self.group)
+        small_sq, big_sq, b_small, b_big = _floats(_reduce_norms(local_sq, big_sq, b_local, self.world_size,
+                                                                 self.group))
         return self.estimator.update_norms(small_sq, big_sq, b_small, b_big, grad_scale)
 
     def reset(self) -> None:
@@ -196,17 +204,23 @@ class DDPNoiseScale:
                 f"noise_scale={self.noise_scale:.4g})")
 
 
-def _reduce_scalars(local_sq: Tensor, big_sq: Tensor, b_local: float, world: int,
-                    group: dist.ProcessGroup | None) -> tuple[float, float, float, float]:
-    """(mean |g_r|², |mean g_r|², B_small, B_big): one all_reduce of [|g_r|², 1/b_r], one host sync.
+def _reduce_norms(local_sq: Tensor, big_sq: Tensor, b_local: float, world: int,
+                  group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean |g_r|², |mean g_r|², B_small, B_big) as float64 scalars on the device: one all_reduce of
+    [|g_r|², 1/b_r] and no host sync.
 
     `big_sq` is the same on every rank (it is measured after the average) and is not reduced.
     """
-    inv_b = torch.tensor(1.0 / b_local, dtype=torch.float64, device=local_sq.device)
-    vec = torch.stack([local_sq.double(), inv_b])
+    vec = torch.stack([local_sq.double(), local_sq.new_full((), 1.0 / b_local, dtype=torch.float64)])
     dist.all_reduce(vec, group=group)
-    sq_sum, inv_sum, big = torch.cat([vec, big_sq.double().view(1).to(vec.device)]).tolist()
-    return sq_sum / world, big, world / inv_sum, world**2 / inv_sum
+    sq_sum, inv_sum = vec.unbind()
+    ranks = inv_sum.new_full((), world)
+    return sq_sum / world, big_sq.double().to(vec.device), ranks / inv_sum, ranks * world / inv_sum
+
+
+def _floats(values: tuple[Tensor, ...]) -> tuple[float, ...]:
+    "Device scalars as floats, in one host sync."
+    return tuple(torch.stack(values).tolist())
 
 
 def _buckets(grads: list[Tensor]) -> list[list[Tensor]]:

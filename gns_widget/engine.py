@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .ddp import allreduce_measured, is_distributed
+from .ddp import allreduce_norms, is_distributed
 from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
 from .guard import claim
 from .interval import AutoStop
@@ -59,7 +60,8 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     are used (None: one epoch; more than an epoch cycles the loader). `lr=0` measures at
     the current weights. `num_it="auto"` runs until the noise scale's 90% interval is within ±10%,
     at most 20,000 small batches; `num_it=AutoStop(rel_halfwidth, max_it)` chooses both
-    (`interval.AutoStop`). `on_update(record)` receives every new estimate; setting
+    (`interval.AutoStop`). `on_update(record)` receives every new estimate, in order (n_batch
+    at a time where one is made per step at lr=0, read from the device at once); setting
     `stop_event` ends the run at the next step with a partial result. Whatever happens,
     the model, optimizer, loader and RNG states are restored exactly.
 
@@ -206,37 +208,76 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
 
 
 def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _Run) -> RunRecorder:
-    "per_example and distributed: every step measures a small and a big batch at the same weights."
+    """per_example and distributed: every step measures a small and a big batch at the same weights.
+
+    Each step's norms and loss stay on the device; `_read_every` steps are read in one host read and then fed to
+    the estimator in order, exactly as if each had been read at once (records and `on_update` come in bursts).
+    """
     opt = _prepare(tgt, run.lr)
     recorder = RunRecorder(estimator, total)
     model, scale = tgt.model, run.loss_scale
     watch = _WeightWatch(model)
+    every, pending = _read_every(opt, scale, run.n_batch), []
+
+    def fold(steps: list[tuple]) -> bool:
+        "Feed the read steps to the estimator in order; True when the run ends at one of them."
+        # a stop set while these steps ran (a Stop button): a step-by-step run would have kept them all too
+        noticed = run.stop_event.is_set()
+        for loss, bs, small_sq, big_sq, b_small, b_big, carried, at in steps:
+            record = recorder.step_norms(loss, bs, small_sq, big_sq, b_small, b_big, grad_scale=carried, at=at)
+            run.check_finite((record is not None,), recorder.iteration)
+            scale.update(overflowed=record is None)
+            if record is None:  # not finite: skipped, as GradScaler skips the step
+                continue
+            _unscale(model, carried)  # a scaled or stepping run reads each step at once: these are its gradients
+            if opt is not None:
+                watch.step(opt)
+            if run.on_update is not None:
+                run.on_update(record)
+            if run.auto is not None and run.auto.update(record):
+                return True
+            if not noticed and run.stop_event.is_set():  # set by on_update: end here, not at the burst's end
+                return True
+        return False
+
     with (nullcontext() if is_distributed(model) else PerExampleNorms(model)) as norms:
         for inputs, targets, bs, _ in _batches(tgt, total, run.stop_event):
             watch.check()
             if norms is None:  # DDP: the local gradient first, then the same all-reduce DDP would do
                 with model.no_sync():
                     loss = _forward_backward(tgt, inputs, targets, run)
-                small_sq, big_sq, b_small, b_big = allreduce_measured(model, bs)
+                measured = allreduce_norms(model, bs)
             else:
                 if bs < 2:
                     raise ValueError("method='per_example' needs batches of at least 2 examples")
                 loss = _forward_backward(tgt, inputs, targets, run)
-                small_sq, big_sq, b_small, b_big = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
-            carried = scale.grad_scale
-            record = recorder.step_norms(loss, bs, small_sq, big_sq, b_small, b_big, grad_scale=carried)
-            run.check_finite((record is not None,), recorder.iteration)
-            scale.update(overflowed=record is None)
-            if record is None:  # not finite (float16 overflow): skipped, as GradScaler skips the step
-                continue
-            _unscale(model, carried)
-            if opt is not None:
-                watch.step(opt)
-            if run.on_update is not None:
-                run.on_update(record)
-            if run.auto is not None and run.auto.update(record):
-                break
+                measured = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
+            pending.append((loss.detach().reshape(()), bs, *measured, scale.grad_scale, time.perf_counter()))
+            if len(pending) == every:
+                steps, pending = _read(pending), []
+                if fold(steps):
+                    break
+        if pending:  # the steps of a run that ended between reads
+            fold(_read(pending))
     return recorder
+
+
+def _read_every(opt: Any, scale: LossScale, n_batch: int) -> int:
+    """How many steps of `_run_paired` to read from the device at once.
+
+    A step that trains must know before the optimizer steps whether its gradients were finite (they are
+    skipped otherwise), and float16's loss scale changes after every step: those read each step at once, one
+    host read per step as GradScaler makes. Measuring at lr=0 in full precision or bfloat16 reads n_batch at a
+    time: a non-finite step is still left out, and divergence found, when its burst is read.
+    """
+    return 1 if opt is not None or scale.enabled else n_batch
+
+
+def _read(steps: list[tuple]) -> list[tuple]:
+    "The steps with their device scalars as floats, all read in one host read."
+    tensors = [v for step in steps for v in step if isinstance(v, torch.Tensor)]
+    values = iter(torch.stack(tensors).tolist())  # promoted to the widest dtype: every value read exactly
+    return [tuple(next(values) if isinstance(v, torch.Tensor) else v for v in step) for step in steps]
 
 
 class _WeightWatch:

@@ -157,7 +157,8 @@ class GNSResult:
 class RunRecorder:
     """Feeds an estimator step by step and turns each completed window into a `GNSRecord`.
 
-    Losses stay on the device until the window ends, so a step costs no host sync: one per record.
+    Losses stay on the device until the window ends, so a step costs no host sync: one per record
+    (`step_norms` is given host numbers by a caller that reads many steps at once).
     """
 
     def __init__(self, estimator: NoiseScaleEstimator, total: int):
@@ -188,28 +189,30 @@ class RunRecorder:
             return None
         return self._record(estimate)
 
-    def step_norms(self, loss: Tensor, batch_size: int, small_sq, big_sq, b_small: float,
-                   b_big: float, grad_scale: float | None = None) -> GNSRecord | None:
+    def step_norms(self, loss: float, batch_size: int, small_sq: float, big_sq: float, b_small: float,
+                   b_big: float, grad_scale: float | None = None, at: float | None = None) -> GNSRecord | None:
         """Record one step that measured its small and big batch at once (per-example or distributed).
 
-        None when the step overflowed under mixed precision (`grad_scale`) and was skipped, its loss too.
+        Takes host numbers (a tensor would be read here, one host sync each): the engine reads many steps'
+        norms and losses in one go, so `at` is the `time.perf_counter()` of the step (default: now). None when
+        the step's norms were not finite (a float16 overflow carrying `grad_scale`, or NaN/inf): it is skipped,
+        its loss too.
         """
         self.iteration += 1
         self.samples += batch_size
         estimate = self.estimator.update_norms(small_sq, big_sq, b_small, b_big, grad_scale)
-        if estimate is None:
-            return None
-        self._window_losses.append(loss.detach())
-        return self._record(estimate)
+        return None if estimate is None else self._record(estimate, float(loss), at)
 
-    def _record(self, estimate: WindowEstimate) -> GNSRecord:
-        loss = torch.stack(self._window_losses).float().mean().item()  # one host sync per record
+    def _record(self, estimate: WindowEstimate, loss: float | None = None, at: float | None = None) -> GNSRecord:
+        "The record of a completed window: its mean loss from the window's losses and its time now, unless given."
+        if loss is None:
+            loss = torch.stack(self._window_losses).float().mean().item()  # one host sync per record
         self._window_losses = []
         est = self.estimator
         record = GNSRecord(iteration=self.iteration, samples=self.samples, loss=loss,
                            noise=est.noise, scale=est.scale, noise_scale=est.noise_scale,
                            noise_raw=estimate.noise, scale_raw=estimate.scale, n_batch=estimate.n_small,
-                           elapsed=time.perf_counter() - self._start, total=self.total)
+                           elapsed=(time.perf_counter() if at is None else at) - self._start, total=self.total)
         self.records.append(record)
         return record
 

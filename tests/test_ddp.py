@@ -301,17 +301,20 @@ def _bs_find_worker(rank: int) -> dict:
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     from gns_widget import bs_find
+    from tests.test_host_syncs import HostReads
 
     model, loss_func, x, y = _linear_problem(N)
     ddp = DDP(model)
     ds = TensorDataset(x, y)
     dl = DataLoader(ds, batch_size=32, sampler=DistributedSampler(ds, seed=rank + 3))
-    measured = bs_find(ddp, dl, loss_func, lr=0, num_it=STEPS, beta=0.999)
+    with HostReads() as reads:
+        measured = bs_find(ddp, dl, loss_func, lr=0, num_it=STEPS, beta=0.999)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     trained = bs_find(ddp, dl, loss_func, lr=0.01, num_it=50, beta=0.9, opt=opt)
     after = model.state_dict()
     return {"noise_scale": measured.noise_scale, "estimates": len(measured.history), "method": measured.method,
+            "reads": reads.n,
             "trained": trained.history.noise_scale.tolist(),
             "restored": all(torch.equal(v, after[k]) for k, v in before.items()) and not opt.state}
 
@@ -321,8 +324,11 @@ def test_bs_find_under_ddp_matches_exact(tmp_path):
     r0, r1 = _launch(_bs_find_worker, tmp_path)
     model, loss_func, x, y = _linear_problem(N)
     exact = exact_noise_scale(model, loss_func, x, y)[2]
-    print(f"\nexact {exact:.4g}  bs_find under DDP {r0['noise_scale']:.4g} ({r0['noise_scale'] / exact - 1:+.2%})")
+    print(f"\nexact {exact:.4g}  bs_find under DDP {r0['noise_scale']:.4g} ({r0['noise_scale'] / exact - 1:+.2%}), "
+          f"{r0['reads']} host reads in {STEPS} steps")
     assert r0["estimates"] == STEPS and r0["method"] == "fixed"
+    # at lr=0 the steps' norms are read n_batch (20) at a time: 50 reads, and a few by the sampler each epoch
+    assert r0["reads"] <= STEPS / 20 + 20, f"{r0['reads']} host reads for {STEPS} steps"
     assert r0["noise_scale"] == r1["noise_scale"] == pytest.approx(exact, rel=0.10)
     assert r0["trained"] == r1["trained"]  # the ranks stepped in lockstep on the all-reduced gradient
     assert r0["restored"] and r1["restored"]

@@ -1,15 +1,22 @@
-"""Host syncs per small batch: what the `fixed` finder adds to a training step on a GPU.
+"""Host syncs per small batch: what the finder adds to a training step on a GPU.
 
 Every read of a tensor's value by Python (`.item()`, `float()`, `bool()`, `.tolist()`, `.cpu()`) waits there
 for the device to finish its queued work. The count is what matters; on the CPU each read is cheap, but
-counting them here proves the GPU path: none per small batch, one or two per window.
+counting them here proves the GPU path: `fixed` reads nothing per small batch, one or two per window;
+`per_example` at lr=0 reads n_batch steps at once, and once per step where a step must know its verdict.
 """
+import threading
+
+import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gns_widget import NoiseScaleEstimator, bs_find
+from gns_widget import NoiseScaleEstimator, bs_find, engine
+from gns_widget.interval import AutoStop
+from tests.exact import per_example_grads
 
 _READS = {torch.Tensor.tolist, torch.Tensor.numpy}  # they dispatch nothing on a CPU tensor
 
@@ -113,3 +120,134 @@ def test_bs_find_fixed_reads_twice_per_window_not_per_step():
         res = bs_find(model, batches, nn.CrossEntropyLoss(), lr=0.1, num_it=200, n_batch=10)
     assert len(res.history) == 20
     assert reads.n <= 2 * len(res.history) + 2, f"{reads.n} host reads for 200 small batches"
+
+
+# ---- method="per_example": one estimate per step, read n_batch steps at a time -----------------------------------
+
+def _problem():
+    "A list of batches (no sampler reading its seed) and a fresh MLP with the same weights at each call."
+    torch.manual_seed(0)
+    x = torch.randn(2000, 20)
+    y = (x[:, :3].sum(1) > 0).long()
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 1984, 32)]
+
+    def model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))
+    return batches, model
+
+
+def _history(res):
+    return res.history.drop(columns="elapsed")
+
+
+def test_per_example_at_lr_zero_reads_once_per_n_batch_steps_and_matches_exact():
+    """200 steps at lr=0, n_batch=10: one read per 10 steps (the norms and losses of all 10), where reading each
+    step's two norms and loss would add 600. The history is the one exact per-example gradients give when fed to
+    the estimator step by step (tests/exact.py, float64)."""
+    batches, model = _problem()
+    loss_func = nn.CrossEntropyLoss()
+    with HostReads() as reads:
+        res = bs_find(model(), batches, loss_func, lr=0, num_it=200, n_batch=10, beta=0.9, method="per_example")
+    assert len(res.history) == 200 and res.history.iteration.tolist() == list(range(1, 201))
+    assert reads.n <= 200 / 10 + 2, f"{reads.n} host reads for 200 steps"
+
+    exact_model, est = model(), NoiseScaleEstimator(10, 0.9 ** (1 / 10))
+    rows = []
+    for i in range(200):
+        x, y = batches[i % len(batches)]
+        g = per_example_grads(exact_model, loss_func, x, y)
+        e = est.update_norms(g.square().sum(1).mean().item(), g.mean(0).square().sum().item(), 1, len(x))
+        rows.append((loss_func(exact_model(x), y).item(), est.noise, est.scale, est.noise_scale, e.noise, e.scale))
+    expected = np.array(rows)
+    got = res.history[["loss", "noise", "scale", "noise_scale", "noise_raw", "scale_raw"]].to_numpy()
+    np.testing.assert_allclose(got[:, :4], expected[:, :4], rtol=1e-4)
+    # the raw |G|² cancels: compare it on the scale of the per-example noise it is made from
+    np.testing.assert_allclose(got[:, 4:], expected[:, 4:], rtol=1e-4, atol=1e-5 * expected[:, 4].mean())
+
+
+@pytest.mark.parametrize("lr, amp", [(0.1, None), (0, torch.float16)])
+def test_per_example_reads_each_step_once_when_training_or_in_float16(lr, amp):
+    """A training step must know whether its gradients were finite before the optimizer steps, and float16's loss
+    scale changes after every step: one read per step there (as GradScaler makes), not one per number."""
+    batches, model = _problem()
+    with HostReads() as reads:
+        res = bs_find(model(), batches, nn.CrossEntropyLoss(), lr=lr, num_it=100, n_batch=10, method="per_example",
+                      amp=amp)
+    assert len(res.history) > 90
+    assert reads.n <= 100 + 2, f"{reads.n} host reads for 100 steps"
+
+
+def _nan_at(steps):
+    "A cross-entropy whose loss (and so every gradient) is NaN at these calls."
+    calls = []
+
+    def loss(pred, y):
+        calls.append(1)
+        out = nn.functional.cross_entropy(pred, y)
+        return out * float("nan") if len(calls) in steps else out
+    return loss
+
+
+def _stop_at(iteration, event):
+    def on_update(record):
+        if record.iteration == iteration:
+            event.set()
+    return on_update
+
+
+def _stopping_loss(call, event):
+    "A cross-entropy that sets `event` at this call, as a Stop button pressed while that step runs."
+    calls = []
+
+    def loss(pred, y):
+        calls.append(1)
+        if len(calls) == call:
+            event.set()
+        return nn.functional.cross_entropy(pred, y)
+    return loss
+
+
+CASES = {  # runs that end or skip inside a burst of 10 steps read at once
+    "stray NaN steps": lambda model, b: bs_find(model, b, _nan_at({7, 23, 42}), lr=0, num_it=45, n_batch=10,
+                                                method="per_example"),
+    "auto stops at record 19": lambda model, b: bs_find(model, b, nn.CrossEntropyLoss(), lr=0, n_batch=7,
+                                                        num_it=AutoStop(0.5, 200, 10), method="per_example"),
+    "stopped at record 13": lambda model, b: bs_find(model, b, nn.CrossEntropyLoss(), lr=0, num_it=200, n_batch=10,
+                                                     method="per_example", stop_event=(e := threading.Event()),
+                                                     on_update=_stop_at(13, e)),
+    "stopped during step 15": lambda model, b: bs_find(model, b, _stopping_loss(15, e := threading.Event()), lr=0,
+                                                       num_it=200, n_batch=10, method="per_example", stop_event=e),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_example_bursts_end_where_a_step_by_step_run_ends(case, monkeypatch):
+    """Steps read 10 at a time give the same result as each read at once (`_read_every` = 1): a NaN step left out
+    alone (the last steps read when the run ends), AutoStop and a stop set by on_update ending the history at their
+    record, not at the burst's end, and a stop from elsewhere keeping every step taken before it was seen."""
+    batches, model = _problem()
+    with HostReads() as reads:
+        bursts = CASES[case](model(), batches)
+    monkeypatch.setattr(engine, "_read_every", lambda *args: 1)
+    with HostReads() as per_step_reads:
+        per_step = CASES[case](model(), batches)
+    assert _history(bursts).equals(_history(per_step))
+    assert (bursts.n_skipped, bursts.stopped) == (per_step.n_skipped, per_step.stopped)
+    assert per_step_reads.n >= 3 * reads.n  # the counter tells the two apart
+    end = {"stray NaN steps": (42, 45, 3), "auto stops at record 19": (19, 19, 0), "stopped at record 13": (13, 13, 0),
+           "stopped during step 15": (15, 15, 0)}
+    assert (len(bursts.history), bursts.history.iteration.iloc[-1], bursts.n_skipped) == end[case]
+
+
+def test_per_example_divergence_is_found_when_its_burst_is_read(monkeypatch):
+    "10 non-finite steps in a row are divergence: the same error, naming the same iterations, read at once or not."
+    batches, model = _problem()
+    errors = []
+    for per_step in (False, True):
+        if per_step:
+            monkeypatch.setattr(engine, "_read_every", lambda *args: 1)
+        with pytest.raises(RuntimeError, match="iterations 15–24") as e:
+            bs_find(model(), batches, _nan_at(set(range(15, 40))), lr=0, num_it=50, n_batch=10, method="per_example")
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
