@@ -668,3 +668,21 @@ def test_beta_slider_starts_on_auto_and_passes_none(train_dl):
     assert 1.0 in w.beta_slider.options
     w.beta_slider.value = 0.999
     assert w.settings()["beta"] == 0.999
+
+
+def test_epochs_box_gives_the_advice_an_epoch_budget(train_dl):
+    "With the user's epochs the advice says how many to train at the new batch size; editing the box re-words it."
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), epochs=0)
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), epochs=8, **QUICK)
+    assert w.epochs_text.value == 8
+    w.start()
+    res = w.wait(60)
+    assert res.reliable, res.reason
+    advised = w.advice()
+    assert advised == res.advice(epochs=8, rule=w.rule) and advised.epochs is not None
+    assert html.escape(f"epochs 8 → {advised.epochs}") in w.result_box.value
+    w.epochs_text.value = 4
+    assert html.escape(f"epochs 4 → {w.advice().epochs}") in w.result_box.value and "epochs 8" not in w.result_box.value
+    w.epochs_text.value = 0  # not given: a factor, no number
+    assert w.advice().epochs is None and "pass epochs=" in w.result_box.value

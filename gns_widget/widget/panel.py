@@ -60,6 +60,7 @@ _HELP = {  # one plain line per control: shown under it and as its tooltip
     "auto": "run until the noise scale's 90% interval is narrow enough, up to a cap, instead of a fixed num_it",
     "apply_lr": "Apply also sets learn.lr, which fit and fit_one_cycle use when called without an lr",
     "lr": "learning rate of the trial run; 0 measures at the current weights without training",
+    "epochs": "the epochs you train for at your batch size (0: not given); the advice scales them to the new one",
 }
 
 
@@ -136,7 +137,9 @@ class GNSWidget(ipw.VBox):
 
     `target`, `train_dl`, `loss_func` and the keyword arguments are those of `bs_find`, checked
     when the panel is built; `lr`, `num_it`, `n_batch` and `beta` set the controls, the rest go to
-    every run. `num_it="auto"` (the default, or an `AutoStop`) ticks the auto box: runs stop once
+    every run. `epochs`, the epochs you train for at your batch size, fills the epochs box so the
+    advice gives an epoch budget at the new batch size (editable after the run). `num_it="auto"`
+    (the default, or an `AutoStop`) ticks the auto box: runs stop once
     the noise scale's 90% interval is within ±10%; the num_it box, used when auto is off, then
     holds one epoch. `num_it=None` picks one epoch when that gives the `MIN_ESTIMATES` estimates a
     suggestion needs, else the smallest num_it that does. `on_apply(new_loader)` is called when
@@ -149,7 +152,7 @@ class GNSWidget(ipw.VBox):
                  num_it: int | str | AutoStop | None = "auto",
                  n_batch: int = 20, beta: float | None = None, opt: Any = None, method: str = "fixed",
                  amp: torch.dtype | None = None, device: Any = None, batch_fn: Callable | None = None,
-                 probe_memory: bool | None = None):
+                 probe_memory: bool | None = None, epochs: int | None = None):
         if not (_is_learner(target) or isinstance(target, nn.Module)):
             raise TypeError(f"target must be a fastai Learner or a torch nn.Module, got {type(target).__name__}")
         if on_apply is not None and not callable(on_apply):
@@ -163,7 +166,7 @@ class GNSWidget(ipw.VBox):
         resolve_amp(target, amp)
         self.model = tgt.model
         self._per_step = method == "per_example" or is_distributed(tgt.model)
-        _check_build_args(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta)
+        _check_build_args(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, epochs=epochs)
         auto = AutoStop.of(num_it)
         self._auto_rule = auto or AutoStop()  # the rule each auto run copies (a run changes its state)
         self._auto_run: AutoStop | None = None  # the latest run's rule, when it ran with auto
@@ -177,17 +180,19 @@ class GNSWidget(ipw.VBox):
         self._status_lock = threading.Lock()
         self._live = False  # a run is going and its final status is not written yet
         self._run_settings: dict[str, Any] = {}
+        self._shown: tuple[int, int] | None = None  # (done, total) of the result the result box shows
         self._applied: tuple[int | None, int, bool, str] | None = None  # (old bs, new bs, in place, panel name)
         self._listener: ThrottledListener | None = None
         old = runner_of(self.model)
         if old is not None:  # the panel cell was re-run during a run: no run may outlive its panel
             old.stop_and_wait("a new panel for this model took over")
         self._runner = Runner(self.model)
-        self._build(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, auto=auto is not None)
+        self._build(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, auto=auto is not None, epochs=epochs)
         self._validate()
 
     # ---------------------------------------------------------------- layout
-    def _build(self, *, lr: float, num_it: int, n_batch: int, beta: float | None, auto: bool) -> None:
+    def _build(self, *, lr: float, num_it: int, n_batch: int, beta: float | None, auto: bool,
+               epochs: int | None) -> None:
         betas = (AUTO_BETA, *sorted(set(BETAS) | ({beta} - {None})))
         style = {"description_width": "60px"}
         lo, hi = N_BATCH_RANGE
@@ -205,6 +210,8 @@ class GNSWidget(ipw.VBox):
                                          tooltip=_HELP["apply_lr"], layout={"width": "110px"})
         self.lr_text = ipw.FloatText(value=lr, description="lr", style=style, tooltip=_HELP["lr"],
                                      layout={"width": "200px"})
+        self.epochs_text = ipw.IntText(value=epochs or 0, description="epochs", style=style,
+                                       tooltip=_HELP["epochs"], layout={"width": "200px"})
         self.num_it_help = ipw.HTML()
         self.bs_label = ipw.HTML()
         self.error_label = ipw.HTML()
@@ -225,10 +232,12 @@ class GNSWidget(ipw.VBox):
                        (self.error_label, "error"), (self.note_label, "note"), (self.start_button, "start"),
                        (self.stop_button, "stop"), (self.apply_button, "apply"), (self.progress, "progress"),
                        (self.progress_label, "progress-label"), (self.status, "status"),
-                       (self.result_box, "result"), (self.auto_box, "auto"), (self.apply_lr_box, "apply-lr")):
+                       (self.result_box, "result"), (self.auto_box, "auto"), (self.apply_lr_box, "apply-lr"),
+                       (self.epochs_text, "epochs")):
             w.add_class(f"gns-{cls}")
         for w in (self.n_batch_slider, self.beta_slider, self.num_it_text, self.lr_text, self.auto_box):
             w.observe(self._on_setting, names="value")
+        self.epochs_text.observe(self._on_epochs, names="value")
         self.start_button.on_click(self._click_start)
         self.stop_button.on_click(self._click_stop)
         self.apply_button.on_click(self._click_apply)
@@ -237,7 +246,7 @@ class GNSWidget(ipw.VBox):
         controls = ipw.GridBox(
             [self._with_help(self.n_batch_slider, _HELP["n_batch"]), self._with_help(self.beta_slider, _HELP["beta"]),
              ipw.VBox([self.auto_box, self.num_it_text, self.num_it_help]),
-             self._with_help(self.lr_text, _HELP["lr"])],
+             self._with_help(self.lr_text, _HELP["lr"]), self._with_help(self.epochs_text, _HELP["epochs"])],
             layout={"grid_template_columns": "repeat(auto-fill, minmax(260px, 1fr))", "grid_gap": "0 12px"})
         row = {"flex_flow": "row wrap", "align_items": "center"}
         super().__init__([
@@ -363,6 +372,11 @@ class GNSWidget(ipw.VBox):
             self.start_button.disabled = msg is not None
         return msg
 
+    def _on_epochs(self, change: dict) -> None:
+        "A new epoch count re-words the finished run's advice (the epochs it advises follow it)."
+        if self.result is not None and not self.running and self._shown is not None:
+            self.result_box.value = self._result_html(self.result, *self._shown, self._advice_for(self.result))
+
     def _on_setting(self, change: dict) -> None:
         msg = self._validate()
         if self.running and msg is None and self.settings() != self._run_settings:
@@ -443,7 +457,12 @@ class GNSWidget(ipw.VBox):
     def advice(self) -> BatchAdvice | None:
         "The latest result's advice at the training lr and the optimizer's scaling rule (None without a result)."
         res = self.result
-        return None if res is None else res.advice(lr=self.training_lr(), rule=self.rule)
+        return None if res is None else self._advice_for(res)
+
+    def _advice_for(self, result: GNSResult) -> BatchAdvice:
+        "`result.advice` at the training lr, the optimizer's rule and the epochs typed in the panel (0: none)."
+        epochs = self.epochs_text.value
+        return result.advice(lr=self.training_lr(), epochs=epochs if epochs > 0 else None, rule=self.rule)
 
     def apply(self) -> Any:
         """Use the advised batch size for training; returns the changed loader (or DataLoaders).
@@ -573,8 +592,9 @@ class GNSWidget(ipw.VBox):
                 status, kind = "finished without a suggestion (why: below)", "warn"
             advice = None
             if result is not None:
-                advice = result.advice(lr=self.training_lr(), rule=self.rule)
+                advice = self._advice_for(result)
                 self.result_box.value = self._result_html(result, done, total, advice)
+                self._shown = (done, total)
             self.apply_button.disabled = advice is None or advice.batch_size is None
             self.apply_button.tooltip = (_APPLY_TIP if not self.apply_button.disabled else
                                          "nothing to apply: " + (advice.text if advice is not None else "no result"))
@@ -623,7 +643,7 @@ def _auto_end(auto: AutoStop) -> str:
     return f"auto: reached the cap of {auto.max_it:,} small batches{widened}"
 
 
-def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any) -> None:
+def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any, epochs: Any) -> None:
     "The control values given to the constructor: a ValueError naming the argument, never a silent clamp."
     lo, hi = N_BATCH_RANGE
     if isinstance(n_batch, bool) or not isinstance(n_batch, int) or not lo <= n_batch <= hi:
@@ -632,6 +652,8 @@ def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any) -> None:
         NoiseScaleEstimator.check_args(n_batch, beta)
         if beta <= 0:
             raise ValueError(f"beta must be in (0, 1] or None (smoothing; None picks it from the lr), got {beta!r}")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be a positive integer (the epochs you train for) or None, got {epochs!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number ≥ 0 (0 measures without training), got {lr!r}")
 
