@@ -210,7 +210,7 @@ def test_quickstart_panel_apply_and_the_batch_size_the_code_gets(lab, browser):
     nulls = panel.locator("[title='null']").evaluate_all(  # hidden labels of widgets without a description
         "es => es.filter(e => e.offsetParent !== null).map(e => e.className + ' < ' + e.parentElement.className)")
     assert not nulls, nulls
-    for control in ("n-batch", "beta", "num-it", "lr"):  # a tooltip on the name, a plain line under the input
+    for control in ("n-batch", "beta", "num-it", "lr", "epochs"):  # a tooltip on the name, a line under the input
         assert len(panel.locator(f".gns-{control} label").get_attribute("title")) > 30, control
         below = panel.locator(f".gns-{control} + .gns-help, .gns-{control} + .gns-num-it-help").inner_text()
         assert len(below) > 30, control
