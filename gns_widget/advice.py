@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from .interval import Interval
 from .suggest import lr_factor
 
-__all__ = ["BatchAdvice", "advise", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR"]
+__all__ = ["BatchAdvice", "advise", "check_epochs", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR"]
 
 MIN_STEPS_PER_EPOCH = 10  # optimizer steps an epoch keeps at the advised batch size
 MAX_LR_FACTOR = 2.0  # the batch size grows only while the paper's lr factor stays at most this
@@ -65,8 +65,7 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
     """
     if rule not in ("sgd", "adam"):
         raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs must be a positive integer or None, got {epochs!r}")
+    check_epochs(epochs)
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0 or None, got {lr!r}")
     shown = str(interval) if interval is not None else f"{noise_scale:.4g}"
@@ -107,6 +106,12 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
                      "the examples needed to reach the same loss; pass epochs= for a number)")
     return BatchAdvice(bs, lr * factor if lr else None, new_epochs, "; ".join(parts), batch_size, shown, rule,
                        factor, steps_per_epoch, suggested_bs, time_factor, lr_text)
+
+
+def check_epochs(epochs: object) -> None:
+    "A ValueError unless `epochs` (what the user trains for at their batch size) is a positive integer or None."
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be a positive integer (the epochs you train for) or None, got {epochs!r}")
 
 
 def _lr_can_follow(old_bs: int, bs: int, noise_scale: float, rule: str) -> int:

@@ -25,7 +25,7 @@ import ipywidgets as ipw
 import torch
 from torch import nn
 
-from ..advice import BatchAdvice
+from ..advice import BatchAdvice, check_epochs
 from ..ddp import is_distributed
 from ..engine import METHODS
 from ..estimator import NoiseScaleEstimator
@@ -652,8 +652,7 @@ def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any, epochs: 
         NoiseScaleEstimator.check_args(n_batch, beta)
         if beta <= 0:
             raise ValueError(f"beta must be in (0, 1] or None (smoothing; None picks it from the lr), got {beta!r}")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs must be a positive integer (the epochs you train for) or None, got {epochs!r}")
+    check_epochs(epochs)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number ≥ 0 (0 measures without training), got {lr!r}")
 
