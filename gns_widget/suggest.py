@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .interval import MIN_WINDOWS, Interval
+from .interval import MIN_WINDOWS, WIDEN_TO, Interval
 
 __all__ = ["Suggestion", "LRAdvice", "suggest_batch_size", "stable_power_of_two", "lr_factor", "scale_lr",
            "tradeoff", "MIN_ESTIMATES", "MAX_DRIFT", "MAX_HALFWIDTH"]
@@ -89,7 +89,7 @@ def _how_to_narrow(history: pd.DataFrame, interval: Interval) -> str:
     b_small = last.samples / last.iteration if "samples" in history else math.nan
     b_big = last.n_batch * b_small if "n_batch" in history else math.nan
     if interval.value > b_big:  # each window's |G|² is then mostly noise: more windows barely help
-        need = math.ceil(2 * interval.value / b_small)
+        need = math.ceil(WIDEN_TO * interval.value / b_small)  # the width num_it='auto' widens to
         return (f"the noise scale exceeds the big batch (n_batch × batch size ≈ {b_big:.0f}), so each estimate is "
                 f"mostly noise: raise n_batch to about {need}, or measure at lr=0 with num_it='auto', which widens "
                 "the windows itself")
