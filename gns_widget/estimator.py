@@ -380,18 +380,19 @@ class NoiseScaleEstimator:
         big = torch._foreach_div(self._acc, self._w_sum * (self._loss_scale if self.accumulated else 1.0))
         return dict(zip(self._owners, big))
 
-    def _debias(self, ema: float) -> float:
-        return ema / self._ema_weight if self.n_estimates else math.nan
+    def _smoothed(self, ema_sum: float) -> float:
+        "A weighted sum over the sum of its weights: the bias-corrected EMA (beta < 1) or the plain mean (beta = 1)."
+        return ema_sum / self._ema_weight if self.n_estimates else math.nan
 
     @property
     def noise(self) -> float:
         "Smoothed tr(Σ), the per-example gradient variance (NaN before the first window)."
-        return self._debias(self._ema_noise)
+        return self._smoothed(self._ema_noise)
 
     @property
     def scale(self) -> float:
         "Smoothed |G|², the squared norm of the true gradient (NaN before the first window)."
-        return self._debias(self._ema_scale)
+        return self._smoothed(self._ema_scale)
 
     @property
     def noise_scale(self) -> float:
