@@ -147,7 +147,7 @@ class GNSResult:
         else:
             head += "suggested_bs=None"
         state = ", stopped early" if self.stopped else ""
-        state += f", {self.n_skipped} overflowed batches skipped" if self.n_skipped else ""
+        state += f", {self.n_skipped} batches with non-finite gradients skipped" if self.n_skipped else ""
         state += f" ({self.n_dropped} windows dropped)" if self.n_dropped else ""
         plan = f"\n  {self.memory_plan.text}" if self.memory_plan is not None else ""
         return (f"{head}, estimates={len(self.history)}, batch_size={self.batch_size}, "
