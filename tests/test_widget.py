@@ -440,9 +440,9 @@ def test_a_script_that_ends_during_a_run_exits_cleanly(tmp_path):
             time.sleep(0.05)
         print("leaving mid-run", flush=True)
     """))
-    root = Path(__file__).parent.parent
+    path = os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])  # keep the caller's
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(root)})
+                          env={**os.environ, "PYTHONPATH": path})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "leaving mid-run" in proc.stdout and "Traceback" not in proc.stderr
 
