@@ -81,6 +81,9 @@ def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:
     with the same dataset, sampler, collate_fn, workers, pin_memory, drop_last and other
     settings; the old one is untouched.
     """
+    if bs is None:  # apply_batch_size(dls, res.suggested_bs) after a run without a suggestion
+        raise ValueError("bs is None: the finder made no suggestion (its result's .reason says why and what to "
+                         "change); the batch size is left as it is")
     if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
         raise ValueError(f"bs must be a positive integer, got {bs!r}")
     bs = int(bs)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 __all__ = ["Target", "BatchFn", "pair_batch", "to_device", "batch_size_of", "loader_len", "default_device",
-           "check_device", "check_model"]
+           "check_device", "check_loss", "check_model"]
 
 # batch -> (inputs, targets); the model is called as model(*inputs), the loss as loss_func(pred, *targets)
 BatchFn = Callable[[Any], tuple[Sequence[Any], Sequence[Any]]]
@@ -119,6 +119,13 @@ def check_model(model: nn.Module) -> None:
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise ValueError("the model has tensors on the meta device (no data): load or initialise its weights "
                          "before measuring (e.g. model.to_empty(device='cpu') and load_state_dict)")
+
+
+def check_loss(loss_func: Any) -> None:
+    "A loss that sums over the batch makes each batch's gradient grow with its size: the estimator needs means."
+    if getattr(loss_func, "reduction", "mean") == "sum":
+        raise ValueError("loss_func must average over the batch (reduction='mean'), not sum: the noise scale "
+                         "is defined for mean gradients")
 
 
 def check_device(device: Any) -> torch.device:

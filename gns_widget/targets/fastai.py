@@ -3,11 +3,16 @@
 `bs_find` on a Learner builds its own optimizer with the Learner's `opt_func`, so the
 Learner's optimizer and its state are never touched; batches come from `dls.train`
 with all its transforms, split into inputs and targets with `dls.n_inp` as fastai does.
-While a run trains the Learner's model, `learn.fit` on it is refused (its training would be
-undone when the run restores the weights).
+Each step is a plain training step, not `learn.fit`: the Learner's callbacks do not run, so
+those that would change the batch, the prediction, the loss or the gradients (MixUp,
+GradientAccumulation, BnFreeze, a user's `before_batch`) are named in a warning, unless the
+call passes its own `batch_fn` or `loss_func`. While a run trains the Learner's model,
+`learn.fit` on it is refused (its training would be undone when the run restores the weights).
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +22,7 @@ from fastai.learner import Learner
 
 from ..guard import FinderBusyError
 from ..loaders import current_batch_size, dataset_len
-from .base import BatchFn, Target, check_device, check_model, default_device
+from .base import BatchFn, Target, check_device, check_loss, check_model, default_device
 from .torch import module_target
 
 __all__ = ["learner_target"]
@@ -34,6 +39,9 @@ def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = Non
         return b[:i], b[i:]
 
     device = check_device(device if device is not None else (learn.dls.device or default_device()))
+    check_loss(loss_func or learn.loss_func)
+    if batch_fn is None and loss_func is None:  # passing either says the run's step was made to match
+        _warn_unrun_callbacks(learn)
     if opt is not None:  # the user's own optimizer: the same rules as for a plain module
         tgt = module_target(learn.model, dl, loss_func or learn.loss_func, opt=opt, device=device,
                             batch_fn=batch_fn or split)
@@ -44,6 +52,52 @@ def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = Non
                   make_opt=lambda lr: learn.opt_func(learn.splitter(learn.model), lr=lr), user_opt=None,
                   device=device, batch_size=current_batch_size(dl), n_train=dataset_len(dl),
                   during_run=lambda: _refusing_fit(learn))
+
+
+# the events of a training step that can change what its gradients are (before_step: what the step does with them)
+_STEP_EVENTS = ("before_train", "before_batch", "after_pred", "after_loss", "before_backward", "after_backward",
+                "before_step")
+
+
+def _warn_unrun_callbacks(learn: Learner) -> None:
+    """Name the Learner's callbacks that would shape a training step but do not run in the finder's.
+
+    Without the warning MixUp's mixed batches, GradientAccumulation's bigger steps or a `before_batch` that
+    reshapes the input would be silently left out of the measurement. fastai's own bookkeeping, MixedPrecision
+    (followed through `amp`), GradientClip (applied after the gradients are read) and gns_widget's callbacks
+    change nothing the finder measures.
+    """
+    from fastai.callback.core import TrainEvalCallback
+    from fastai.callback.fp16 import MixedPrecision
+    from fastai.callback.progress import ProgressCallback
+    from fastai.callback.schedule import ParamScheduler
+    from fastai.callback.training import GradientAccumulation, GradientClip
+    from fastai.learner import CastToTensor, Recorder
+
+    harmless = (TrainEvalCallback, Recorder, ProgressCallback, CastToTensor, MixedPrecision, GradientClip,
+                ParamScheduler)
+    unrun = [cb for cb in learn.cbs if not isinstance(cb, harmless) and not type(cb).__module__.startswith("gns_widget")
+             and any(getattr(type(cb), e, None) is not None for e in _STEP_EVENTS)]
+    if not unrun:
+        return
+    names = ", ".join(type(cb).__name__ for cb in unrun)
+    acc = next((cb for cb in unrun if isinstance(cb, GradientAccumulation)), None)
+    extra = (f" GradientAccumulation steps once per {acc.n_acc} examples, but the advice is for the loader's "
+             f"batch size {learn.dls.train.bs}." if acc is not None else "")
+    warnings.warn(f"bs_find runs plain training steps on learn.dls.train (learn.model, then learn.loss_func), not "
+                  f"learn.fit, so these callbacks of the Learner take no part in the measurement: {names}. Where one "
+                  "changes the batch, the prediction, the loss or the gradients, the noise scale is that of training "
+                  f"without it.{extra} Do the same change in bs_find's batch_fn= or loss_func= (either one silences "
+                  "this), or measure during real training with learn.fit(..., cbs=GNSCallback()), which runs them all",
+                  stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    "The warnings stacklevel of the first frame outside gns_widget and fastcore: the user's call, not ours."
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("gns_widget", "fastcore"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class _FinderRunning(Callback):
