@@ -19,7 +19,7 @@ from torch.utils.data import (
     SubsetRandomSampler,
 )
 
-__all__ = ["apply_batch_size", "current_batch_size", "dataset_len", "population_size"]
+__all__ = ["apply_batch_size", "current_batch_size", "dataset_len", "population_size", "shuffles"]
 
 
 def _is_fastai_dls(obj: Any) -> bool:
@@ -70,6 +70,18 @@ def population_size(dl: Any) -> int | None:
                                                   and sampler.num_samples == len(sampler.data_source)):
         return len(sampler.data_source)
     return None
+
+
+def shuffles(dl: Any) -> bool | None:
+    "Whether the training loader draws its batches in a new random order each epoch; None when it cannot tell."
+    if _is_fastai_dls(dl):
+        dl = dl.train
+    if _is_fastai_dl(dl):
+        return bool(dl.shuffle)
+    sampler = getattr(dl, "sampler", None)
+    if isinstance(sampler, SequentialSampler):
+        return False
+    return True if isinstance(sampler, (RandomSampler, SubsetRandomSampler)) else None
 
 
 def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:

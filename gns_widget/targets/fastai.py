@@ -5,13 +5,12 @@ Learner's optimizer and its state are never touched; batches come from `dls.trai
 with all its transforms, split into inputs and targets with `dls.n_inp` as fastai does.
 Each step is a plain training step, not `learn.fit`: the Learner's callbacks do not run, so
 those that would change the batch, the prediction, the loss or the gradients (MixUp,
-GradientAccumulation, BnFreeze, a user's `before_batch`) are named in a warning, unless the
-call passes its own `batch_fn` or `loss_func`. While a run trains the Learner's model,
+GradientAccumulation, BnFreeze, a user's `before_batch`) are named in a warning
+(`warn_unrun_callbacks`, issued by `as_target` for a measurement). While a run trains the Learner's model,
 `learn.fit` on it is refused (its training would be undone when the run restores the weights).
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,10 +21,10 @@ from fastai.learner import Learner
 
 from ..guard import FinderBusyError
 from ..loaders import current_batch_size, dataset_len
-from .base import BatchFn, Target, check_device, check_loss, check_model, default_device
+from .base import BatchFn, Target, check_device, check_loss, check_model, default_device, user_stacklevel
 from .torch import module_target
 
-__all__ = ["learner_target"]
+__all__ = ["learner_target", "warn_unrun_callbacks"]
 
 
 def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = None, opt: Any = None,
@@ -40,8 +39,6 @@ def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = Non
 
     device = check_device(device if device is not None else (learn.dls.device or default_device()))
     check_loss(loss_func or learn.loss_func)
-    if batch_fn is None and loss_func is None:  # passing either says the run's step was made to match
-        _warn_unrun_callbacks(learn)
     if opt is not None:  # the user's own optimizer: the same rules as for a plain module
         tgt = module_target(learn.model, dl, loss_func or learn.loss_func, opt=opt, device=device,
                             batch_fn=batch_fn or split)
@@ -59,7 +56,7 @@ _STEP_EVENTS = ("before_train", "before_batch", "after_pred", "after_loss", "bef
                 "before_step")
 
 
-def _warn_unrun_callbacks(learn: Learner) -> None:
+def warn_unrun_callbacks(learn: Learner) -> None:
     """Name the Learner's callbacks that would shape a training step but do not run in the finder's.
 
     Without the warning MixUp's mixed batches, GradientAccumulation's bigger steps or a `before_batch` that
@@ -89,15 +86,8 @@ def _warn_unrun_callbacks(learn: Learner) -> None:
                   "changes the batch, the prediction, the loss or the gradients, the noise scale is that of training "
                   f"without it.{extra} Do the same change in bs_find's batch_fn= or loss_func= (either one silences "
                   "this), or measure during real training with learn.fit(..., cbs=GNSCallback()), which runs them all",
-                  stacklevel=_caller_level())
+                  stacklevel=user_stacklevel())
 
-
-def _caller_level() -> int:
-    "The warnings stacklevel of the first frame outside gns_widget and fastcore: the user's call, not ours."
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("gns_widget", "fastcore"):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class _FinderRunning(Callback):
