@@ -19,7 +19,7 @@ from torch.utils.data import (
     SubsetRandomSampler,
 )
 
-__all__ = ["apply_batch_size", "current_batch_size", "dataset_len", "population_size"]
+__all__ = ["apply_batch_size", "current_batch_size", "dataset_len", "population_size", "shuffles"]
 
 
 def _is_fastai_dls(obj: Any) -> bool:
@@ -72,6 +72,18 @@ def population_size(dl: Any) -> int | None:
     return None
 
 
+def shuffles(dl: Any) -> bool | None:
+    "Whether the training loader draws its batches in a new random order each epoch; None when it cannot tell."
+    if _is_fastai_dls(dl):
+        dl = dl.train
+    if _is_fastai_dl(dl):
+        return bool(dl.shuffle)
+    sampler = getattr(dl, "sampler", None)
+    if isinstance(sampler, SequentialSampler):
+        return False
+    return True if isinstance(sampler, (RandomSampler, SubsetRandomSampler)) else None
+
+
 def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:
     """Use batch size `bs` for training.
 
@@ -81,6 +93,9 @@ def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:
     with the same dataset, sampler, collate_fn, workers, pin_memory, drop_last and other
     settings; the old one is untouched.
     """
+    if bs is None:  # apply_batch_size(dls, res.suggested_bs) after a run without a suggestion
+        raise ValueError("bs is None: the finder made no suggestion (its result's .reason says why and what to "
+                         "change); the batch size is left as it is")
     if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
         raise ValueError(f"bs must be a positive integer, got {bs!r}")
     bs = int(bs)

@@ -62,7 +62,7 @@ def max_batch_size(target: Any, train_dl: Any = None, loss_func: Callable | None
     check_positive_int("limit", limit)
     if start is not None:
         check_positive_int("start", start)
-    tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
+    tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn, measuring=False)
     return fitting_batch_size(tgt, limit=limit, amp=resolve_amp(target, amp), start=start)
 
 

@@ -63,3 +63,9 @@ def test_bs_larger_than_the_dataset_with_drop_last_is_refused():
     with pytest.raises(ValueError, match="larger than the training set \\(50 examples\\).*drop_last"):
         apply_batch_size(dl, 64)
     assert len(apply_batch_size(dl, 50)) == 1
+
+
+def test_no_suggestion_says_so():
+    "apply_batch_size(dls, res.suggested_bs) after a run without a suggestion: say why, not 'got None'."
+    with pytest.raises(ValueError, match="no suggestion.*reason"):
+        apply_batch_size(DataLoader(DS, batch_size=8), None)

@@ -6,24 +6,44 @@ turns a fastai `Learner` or a plain `nn.Module` + loader into one.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from .base import Target
-from .fastai import learner_target
+from ..loaders import shuffles
+from .base import Target, user_stacklevel
+from .fastai import learner_target, warn_unrun_callbacks
 from .torch import module_target
 
 __all__ = ["Target", "as_target"]
 
 
 def as_target(target: Any, train_dl: Any = None, loss_func: Any = None, *, opt: Any = None,
-              device: Any = None, batch_fn: Any = None) -> Target:
-    "A `Target` for a fastai `Learner` or for an `nn.Module` with its `train_dl` and `loss_func`."
+              device: Any = None, batch_fn: Any = None, measuring: bool = True) -> Target:
+    """A `Target` for a fastai `Learner` or for an `nn.Module` with its `train_dl` and `loss_func`.
+
+    `measuring`: the target is for a noise-scale measurement (not a memory probe), so warn about what would
+    silently bias it: a loader that does not shuffle, a Learner's callbacks that the run's steps leave out.
+    """
     from fastai.learner import Learner
     from torch import nn
 
     if isinstance(target, Learner):
-        return learner_target(target, train_dl=train_dl, loss_func=loss_func, opt=opt, device=device,
-                              batch_fn=batch_fn)
-    if isinstance(target, nn.Module):
-        return module_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
-    raise TypeError(f"target must be a fastai Learner or a torch nn.Module, got {type(target).__name__}")
+        tgt = learner_target(target, train_dl=train_dl, loss_func=loss_func, opt=opt, device=device,
+                             batch_fn=batch_fn)
+    elif isinstance(target, nn.Module):
+        tgt = module_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
+    else:
+        raise TypeError(f"target must be a fastai Learner or a torch nn.Module, got {type(target).__name__}")
+    if not measuring:
+        return tgt
+    if isinstance(target, Learner) and batch_fn is None and loss_func is None:  # either: the step was made to match
+        warn_unrun_callbacks(target)
+    if shuffles(tgt.train_dl) is False:
+        # the estimator's batches are random draws from the training set: a fixed order (sorted, grouped or
+        # time-ordered data) biases it, and the same few windows repeat every epoch
+        warnings.warn("train_dl does not shuffle: the noise scale assumes every batch is a random draw from the "
+                      "training set, so batches in a fixed order (sorted, grouped or time-ordered data) bias it, "
+                      "and the same windows come back every epoch. Measure on the shuffled loader you train with: "
+                      "DataLoader(dataset, batch_size=..., shuffle=True), in fastai too", stacklevel=user_stacklevel())
+    return tgt
+

@@ -1,6 +1,7 @@
 "The `Target` interface and the batch plumbing shared by every kind of target."
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 __all__ = ["Target", "BatchFn", "pair_batch", "to_device", "batch_size_of", "loader_len", "default_device",
-           "check_device", "check_model"]
+           "check_device", "check_loss", "check_model", "user_stacklevel"]
 
 # batch -> (inputs, targets); the model is called as model(*inputs), the loss as loss_func(pred, *targets)
 BatchFn = Callable[[Any], tuple[Sequence[Any], Sequence[Any]]]
@@ -121,6 +122,13 @@ def check_model(model: nn.Module) -> None:
                          "before measuring (e.g. model.to_empty(device='cpu') and load_state_dict)")
 
 
+def check_loss(loss_func: Any) -> None:
+    "A loss that sums over the batch makes each batch's gradient grow with its size: the estimator needs means."
+    if getattr(loss_func, "reduction", "mean") == "sum":
+        raise ValueError("loss_func must average over the batch (reduction='mean'), not sum: the noise scale "
+                         "is defined for mean gradients")
+
+
 def check_device(device: Any) -> torch.device:
     """`device` as a torch.device the run can use, checked before the model is touched.
 
@@ -140,3 +148,11 @@ def check_device(device: Any) -> torch.device:
         raise ValueError(f"device={str(device)!r} is not usable on this machine ({e}); None picks cuda, mps or cpu") \
             from e
     return device
+
+
+def user_stacklevel() -> int:
+    "The `stacklevel` for a warning raised by our caller that points at the user's line (outside gns_widget, fastcore)."
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("gns_widget", "fastcore"):
+        frame, level = frame.f_back, level + 1
+    return level

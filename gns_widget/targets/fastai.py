@@ -3,11 +3,15 @@
 `bs_find` on a Learner builds its own optimizer with the Learner's `opt_func`, so the
 Learner's optimizer and its state are never touched; batches come from `dls.train`
 with all its transforms, split into inputs and targets with `dls.n_inp` as fastai does.
-While a run trains the Learner's model, `learn.fit` on it is refused (its training would be
-undone when the run restores the weights).
+Each step is a plain training step, not `learn.fit`: the Learner's callbacks do not run, so
+those that would change the batch, the prediction, the loss or the gradients (MixUp,
+GradientAccumulation, BnFreeze, a user's `before_batch`) are named in a warning
+(`warn_unrun_callbacks`, issued by `as_target` for a measurement). While a run trains the Learner's model,
+`learn.fit` on it is refused (its training would be undone when the run restores the weights).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,10 +21,10 @@ from fastai.learner import Learner
 
 from ..guard import FinderBusyError
 from ..loaders import current_batch_size, dataset_len
-from .base import BatchFn, Target, check_device, check_model, default_device
+from .base import BatchFn, Target, check_device, check_loss, check_model, default_device, user_stacklevel
 from .torch import module_target
 
-__all__ = ["learner_target"]
+__all__ = ["learner_target", "warn_unrun_callbacks"]
 
 
 def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = None, opt: Any = None,
@@ -34,6 +38,7 @@ def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = Non
         return b[:i], b[i:]
 
     device = check_device(device if device is not None else (learn.dls.device or default_device()))
+    check_loss(loss_func or learn.loss_func)
     if opt is not None:  # the user's own optimizer: the same rules as for a plain module
         tgt = module_target(learn.model, dl, loss_func or learn.loss_func, opt=opt, device=device,
                             batch_fn=batch_fn or split)
@@ -44,6 +49,45 @@ def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = Non
                   make_opt=lambda lr: learn.opt_func(learn.splitter(learn.model), lr=lr), user_opt=None,
                   device=device, batch_size=current_batch_size(dl), n_train=dataset_len(dl),
                   during_run=lambda: _refusing_fit(learn))
+
+
+# the events of a training step that can change what its gradients are (before_step: what the step does with them)
+_STEP_EVENTS = ("before_train", "before_batch", "after_pred", "after_loss", "before_backward", "after_backward",
+                "before_step")
+
+
+def warn_unrun_callbacks(learn: Learner) -> None:
+    """Name the Learner's callbacks that would shape a training step but do not run in the finder's.
+
+    Without the warning MixUp's mixed batches, GradientAccumulation's bigger steps or a `before_batch` that
+    reshapes the input would be silently left out of the measurement. fastai's own bookkeeping, MixedPrecision
+    (followed through `amp`), GradientClip (applied after the gradients are read) and gns_widget's callbacks
+    change nothing the finder measures.
+    """
+    from fastai.callback.core import TrainEvalCallback
+    from fastai.callback.fp16 import MixedPrecision
+    from fastai.callback.progress import ProgressCallback
+    from fastai.callback.schedule import ParamScheduler
+    from fastai.callback.training import GradientAccumulation, GradientClip
+    from fastai.learner import CastToTensor, Recorder
+
+    harmless = (TrainEvalCallback, Recorder, ProgressCallback, CastToTensor, MixedPrecision, GradientClip,
+                ParamScheduler)
+    unrun = [cb for cb in learn.cbs if not isinstance(cb, harmless) and not type(cb).__module__.startswith("gns_widget")
+             and any(getattr(type(cb), e, None) is not None for e in _STEP_EVENTS)]
+    if not unrun:
+        return
+    names = ", ".join(type(cb).__name__ for cb in unrun)
+    acc = next((cb for cb in unrun if isinstance(cb, GradientAccumulation)), None)
+    extra = (f" GradientAccumulation steps once per {acc.n_acc} examples, but the advice is for the loader's "
+             f"batch size {learn.dls.train.bs}." if acc is not None else "")
+    warnings.warn(f"bs_find runs plain training steps on learn.dls.train (learn.model, then learn.loss_func), not "
+                  f"learn.fit, so these callbacks of the Learner take no part in the measurement: {names}. Where one "
+                  "changes the batch, the prediction, the loss or the gradients, the noise scale is that of training "
+                  f"without it.{extra} Do the same change in bs_find's batch_fn= or loss_func= (either one silences "
+                  "this), or measure during real training with learn.fit(..., cbs=GNSCallback()), which runs them all",
+                  stacklevel=user_stacklevel())
+
 
 
 class _FinderRunning(Callback):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..loaders import current_batch_size, dataset_len
-from .base import BatchFn, Target, check_device, check_model, default_device, pair_batch
+from .base import BatchFn, Target, check_device, check_loss, check_model, default_device, pair_batch
 
 __all__ = ["module_target"]
 
@@ -19,9 +19,7 @@ def module_target(model: nn.Module, train_dl: Any, loss_func: Callable | None, *
         raise ValueError("train_dl is required when target is an nn.Module (a DataLoader of (x, y) batches)")
     if loss_func is None:
         raise ValueError("loss_func is required when target is an nn.Module, e.g. nn.CrossEntropyLoss()")
-    if getattr(loss_func, "reduction", "mean") == "sum":
-        raise ValueError("loss_func must average over the batch (reduction='mean'), not sum: the noise scale "
-                         "is defined for mean gradients")
+    check_loss(loss_func)
     check_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if opt is None:
