@@ -46,4 +46,3 @@ def as_target(target: Any, train_dl: Any = None, loss_func: Any = None, *, opt: 
                       "and the same windows come back every epoch. Measure on the shuffled loader you train with: "
                       "DataLoader(dataset, batch_size=..., shuffle=True), in fastai too", stacklevel=user_stacklevel())
     return tgt
-

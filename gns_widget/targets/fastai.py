@@ -89,7 +89,6 @@ def warn_unrun_callbacks(learn: Learner) -> None:
                   stacklevel=user_stacklevel())
 
 
-
 class _FinderRunning(Callback):
     "Stops `learn.fit` before it starts while a finder run is training this Learner's model."
 
