@@ -18,6 +18,7 @@ from torch.utils.data import (
     SequentialSampler,
     SubsetRandomSampler,
 )
+from torch.utils.data.distributed import DistributedSampler
 
 __all__ = ["apply_batch_size", "current_batch_size", "dataset_len", "population_size", "shuffles"]
 
@@ -81,6 +82,8 @@ def shuffles(dl: Any) -> bool | None:
     sampler = getattr(dl, "sampler", None)
     if isinstance(sampler, SequentialSampler):
         return False
+    if isinstance(sampler, DistributedSampler):
+        return bool(sampler.shuffle)
     return True if isinstance(sampler, (RandomSampler, SubsetRandomSampler)) else None
 
 

@@ -69,3 +69,20 @@ def test_no_suggestion_says_so():
     "apply_batch_size(dls, res.suggested_bs) after a run without a suggestion: say why, not 'got None'."
     with pytest.raises(ValueError, match="no suggestion.*reason"):
         apply_batch_size(DataLoader(DS, batch_size=8), None)
+
+
+def test_shuffles_reads_the_sampler():
+    "The unshuffled-loader warning relies on it: random samplers shuffle, sequential ones and DDP's shuffle=False not."
+    from torch.utils.data import SubsetRandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    from gns_widget.loaders import shuffles
+
+    def ddp(shuffle: bool) -> DistributedSampler:
+        return DistributedSampler(DS, num_replicas=2, rank=0, shuffle=shuffle)
+    assert shuffles(DataLoader(DS, batch_size=8, shuffle=True)) is True
+    assert shuffles(DataLoader(DS, batch_size=8)) is False
+    assert shuffles(DataLoader(DS, batch_size=8, sampler=SubsetRandomSampler(range(50)))) is True
+    assert shuffles(DataLoader(DS, batch_size=8, sampler=ddp(True))) is True
+    assert shuffles(DataLoader(DS, batch_size=8, sampler=ddp(False))) is False
+    assert shuffles([(torch.zeros(2, 3), torch.zeros(2))]) is None  # a list of batches: cannot tell
