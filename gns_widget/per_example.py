@@ -35,7 +35,8 @@ Refused with a ValueError naming the problem (use method='fixed' instead):
 - a parameter used with gradients disabled inside the forward (a custom `autograd.Function`, a
   `torch.no_grad` block, reentrant checkpointing), or a model output computed from parameters alone;
 - PackedSequence inputs, LSTM projections (`proj_size`), dropout between recurrent layers in training;
-- random operations inside a replayed call (dropout inside `nn.MultiheadAttention`).
+- random operations inside a replayed call (dropout inside `nn.MultiheadAttention`);
+- a gradient hook on a parameter (`p.register_hook`), which may change `p.grad` but not these norms.
 Examples interacting in ways that keep every shape (a softmax over the batch dimension) are not detected.
 """
 from __future__ import annotations
@@ -102,6 +103,7 @@ class PerExampleNorms:
         self._reset()
 
     def __enter__(self) -> PerExampleNorms:
+        self._refuse_gradient_hooks()
         self._handles = [self.model.register_forward_pre_hook(self._start, with_kwargs=True),
                          self.model.register_forward_hook(self._stop, always_call=True)]
         self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm) for m in self.model.modules()
@@ -165,6 +167,19 @@ class PerExampleNorms:
         if derived:
             raise ValueError(f"an output of the model depends on parameters ({self._named(derived[0])}) but not on "
                              f"its input, so it has no per-example gradient: {_FIXED}")
+
+    def _refuse_gradient_hooks(self) -> None:
+        """A hook on a parameter's gradient (`p.register_hook(lambda g: g * mask)`, clipping) may change `p.grad`, which
+        the big-batch norm is read from, while the norms here are of the unchanged per-example gradients: mixed, the
+        estimate is silently wrong (-76% with one weight's gradient doubled). Which hooks only look cannot be told."""
+        hooked = [name for pid, name in self.names.items()
+                  if self._params[pid]._backward_hooks or getattr(self._params[pid], "_post_accumulate_grad_hooks", 0)]
+        if hooked:
+            listed = ", ".join(repr(n) for n in hooked[:3]) + (f" and {len(hooked) - 3} more" * (len(hooked) > 3))
+            raise ValueError(f"the parameter {listed} has a gradient hook (Tensor.register_hook or "
+                             "register_post_accumulate_grad_hook) that may change its gradient, which per-example "
+                             "norms cannot see, so the estimate would mix changed and unchanged gradients: "
+                             f"{_FIXED} (it measures the gradients your hooks leave), or remove the hook for the run")
 
     def _refuse_batch_norm(self, module: nn.Module, args: tuple) -> None:
         if module.training and self._mode is not None:

@@ -240,9 +240,17 @@ def _refused(name):
         "attention-dropout": (lambda m, x: m.mha(x.unsqueeze(1), x.unsqueeze(1), x.unsqueeze(1), need_weights=False)[
             0][:, 0], {"mha": nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)}, "random"),
         "batchnorm": (lambda m, x: m.bn(x), {"bn": nn.BatchNorm1d(4)}, "BatchNorm1d in training mode"),
+        "gradient-hook": (lambda m, x: m.lin(x), {"lin": _grad_hooked(nn.Linear(4, 4))},
+                          "'lin.weight' has a gradient hook"),
     }
     body, layers, match = cases[name]
     return (lambda: _Net(body, **layers)), match
+
+
+def _grad_hooked(layer: nn.Linear) -> nn.Linear:
+    "A gradient mask (train some rows only, as when fine-tuning new tokens): p.grad changes, per-example norms not."
+    layer.weight.register_hook(lambda g: g * torch.tensor([1.0, 1.0, 0.0, 0.0]).unsqueeze(1))
+    return layer
 
 
 def _no_grad_copy(w):
@@ -260,7 +268,7 @@ class _ParamOutput(nn.Module):
 
 
 REFUSED = ["merged-batch", "custom-function", "no-grad-use", "reduced-over-batch", "scale-grad-by-freq", "lstm-proj",
-           "lstm-dropout", "packed-sequence", "attention-dropout", "batchnorm"]
+           "lstm-dropout", "packed-sequence", "attention-dropout", "batchnorm", "gradient-hook"]
 
 
 @pytest.mark.parametrize("name", REFUSED)
