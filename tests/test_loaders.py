@@ -1,7 +1,7 @@
 "apply_batch_size rebuilds torch loaders faithfully and refuses what it cannot rebuild."
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, SubsetRandomSampler, TensorDataset
 
 from gns_widget import apply_batch_size
 from gns_widget.loaders import current_batch_size
@@ -63,3 +63,17 @@ def test_bs_larger_than_the_dataset_with_drop_last_is_refused():
     with pytest.raises(ValueError, match="larger than the training set \\(50 examples\\).*drop_last"):
         apply_batch_size(dl, 64)
     assert len(apply_batch_size(dl, 50)) == 1
+
+
+def test_a_subset_sampler_split_counts_its_examples_not_the_whole_dataset():
+    """The classic split: DataLoader(full_ds, sampler=SubsetRandomSampler(train_idx)). The training set is the
+    subset: it caps the suggestion and sets the epochs of the advice (the whole dataset was taken before)."""
+    from torch import nn
+
+    from gns_widget import bs_find
+
+    ds = TensorDataset(torch.randn(2000, 4), torch.randn(2000, 1))
+    dl = DataLoader(ds, batch_size=10, sampler=SubsetRandomSampler(range(300)), drop_last=True)
+    assert bs_find(nn.Linear(4, 1), dl, nn.MSELoss(), lr=0, num_it=10, n_batch=5).n_train == 300
+    with pytest.raises(ValueError, match="larger than the training set \\(300 examples\\)"):
+        apply_batch_size(dl, 400)
