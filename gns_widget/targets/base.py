@@ -58,7 +58,38 @@ class Target:
         if self.loss_module is not None:
             self.loss_module.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-            return self.loss_func(self.model(*inputs), *targets)
+            return _checked_loss(self.loss_func, self.model(*inputs), targets)
+
+
+def _checked_loss(loss_func: Callable, pred: Any, targets: Sequence[Any]) -> torch.Tensor:
+    """`loss_func(pred, *targets)`, with the mismatches of a first run named instead of surfacing deep in autograd:
+    a model that returns a tuple, dict or output object, a loss per example, a loss with no gradient."""
+    try:
+        loss = loss_func(pred, *targets)
+    except (TypeError, AttributeError) as e:
+        if isinstance(pred, torch.Tensor):
+            raise
+        raise ValueError(f"loss_func failed on the model's output, a {type(pred).__name__} rather than a tensor ({e}). "
+                         "It is called as loss_func(model(*inputs), *targets): pass one that picks the prediction, "
+                         f"e.g. loss_func=lambda out, y: nn.functional.cross_entropy({_picked(pred)}, y)") from e
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_func must return the batch's mean loss as one number (a scalar tensor), got {what}: "
+                         "use reduction='mean' (the default), or end a per-example loss with .mean()")
+    if not loss.requires_grad:
+        raise ValueError("loss_func returned a loss with no gradient to the model's trainable parameters: is it a "
+                         "metric (accuracy), or is the prediction detached before it (.detach(), .item(), .numpy(), "
+                         "torch.no_grad in the forward)?")
+    return loss
+
+
+def _picked(pred: Any) -> str:
+    "How a loss would pick the prediction out of a model's output, for the error's example."
+    if isinstance(pred, (tuple, list)):
+        return "out[0]"
+    if isinstance(pred, dict) and pred:
+        return f"out[{next(iter(pred))!r}]"
+    return "out.logits" if hasattr(pred, "logits") else "out.<prediction>"
 
 
 def pair_batch(batch: Any) -> tuple[tuple, tuple]:

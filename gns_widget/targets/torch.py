@@ -19,9 +19,10 @@ def module_target(model: nn.Module, train_dl: Any, loss_func: Callable | None, *
         raise ValueError("train_dl is required when target is an nn.Module (a DataLoader of (x, y) batches)")
     if loss_func is None:
         raise ValueError("loss_func is required when target is an nn.Module, e.g. nn.CrossEntropyLoss()")
-    if getattr(loss_func, "reduction", "mean") == "sum":
-        raise ValueError("loss_func must average over the batch (reduction='mean'), not sum: the noise scale "
-                         "is defined for mean gradients")
+    reduction = getattr(loss_func, "reduction", "mean")
+    if reduction in ("sum", "none"):
+        raise ValueError(f"loss_func must average over the batch (reduction='mean'), not reduction={reduction!r}: the "
+                         "noise scale is defined for mean gradients")
     check_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if opt is None:
