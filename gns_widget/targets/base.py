@@ -96,9 +96,19 @@ def pair_batch(batch: Any) -> tuple[tuple, tuple]:
     "The default batch_fn: batches are (x, y) pairs."
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return (batch[0],), (batch[1],)
+    if isinstance(batch, dict) and batch:  # Hugging Face style: name the keys in the example to copy
+        keys = list(batch)
+        y = next((k for k in keys if str(k).lower() in _TARGET_KEYS), keys[-1])
+        xs = ", ".join(f"b[{k!r}]" for k in keys if k != y)
+        raise ValueError(f"expected each batch to be an (x, y) pair, got a dict with keys {keys}: pass batch_fn to say "
+                         f"which are the model's inputs and which the loss's targets, e.g. batch_fn=lambda b: "
+                         f"(({xs},), (b[{y!r}],))")
     kind = f"a {len(batch)}-tuple" if isinstance(batch, (tuple, list)) else type(batch).__name__
     raise ValueError(f"expected each batch to be an (x, y) pair, got {kind}: pass batch_fn=lambda b: "
                      "((inputs...), (targets...)) to say how to split it")
+
+
+_TARGET_KEYS = {"y", "label", "labels", "target", "targets"}
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
