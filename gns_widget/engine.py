@@ -249,7 +249,8 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
                 measured = allreduce_norms(model, bs)
             else:
                 if bs < 2:
-                    raise ValueError("method='per_example' needs batches of at least 2 examples")
+                    raise ValueError(f"method='per_example' needs batches of at least 2 examples, got {bs}: use a "
+                                     "loader with batch_size >= 2, or method='fixed'")
                 loss = _forward_backward(tgt, inputs, targets, run)
                 measured = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
             pending.append((loss.detach().reshape(()), bs, *measured, scale.grad_scale, time.perf_counter()))

@@ -184,7 +184,9 @@ class PerExampleNorms:
     def _refuse_batch_norm(self, module: nn.Module, args: tuple) -> None:
         if module.training and self._mode is not None:
             raise ValueError(f"{type(module).__name__} in training mode mixes the examples of a batch, so "
-                             f"per-example gradients do not exist: {_FIXED}, or put it in eval mode")
+                             f"per-example gradients do not exist: {_FIXED}. A BatchNorm frozen in eval mode is "
+                             "measured, but bs_find trains in model.train(): to keep one frozen, override your model's "
+                             "train() to leave it in eval, as frozen-BatchNorm fine-tuning does")
 
     def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         "One torch call in the forward (from the mode): run it, track the batch, hook parameter uses."
