@@ -305,9 +305,10 @@ class _WeightWatch:
     def check(self) -> None:
         if self._sum() != self.version:
             raise RuntimeError("the model's weights were changed by something other than the finder during the run "
-                               "(training in another cell or thread?). The run stopped and put the weights back as "
-                               "they were before it started, so changes made meanwhile are undone: run the finder "
-                               "and your training one after the other")
+                               "(training in another cell or thread? a forward that changes its weights in place, "
+                               "such as a clamp_ under no_grad, cannot be measured). The run stopped and put the "
+                               "weights back as they were before it started, so changes made meanwhile are undone: "
+                               "run the finder and your training one after the other")
 
 
 def _unscale(model: torch.nn.Module, grad_scale: float | None) -> None:
