@@ -18,7 +18,8 @@ per-example gradient, as factors (`per_example_rules.py`):
 - LSTM, GRU and RNN layers (`nn.LSTM`, `nn.GRU`, `nn.RNN`, any number of layers, bidirectional):
   replayed step by step to get each example's gate gradients;
 - any other call (convolutions, group norm, attention projections through `@`, ...): replayed per
-  example with `torch.func` (a vmapped vjp), which costs B copies of its parameters, briefly;
+  example with `torch.func` (a vmapped vjp), which costs B copies of its parameters, briefly; each
+  input keeps the batch where it has it (`multi_head_attention_forward`: (L, B, E) and a (B, S) padding mask);
 - tensors computed from parameters alone (`wpe(arange(T))`, a bare `nn.Parameter`, `pos_emb[:, :T]`,
   `cls_token.expand(B, -1, -1)`, weight normalisation) are followed until they meet the batch, and
   that call is replayed per example through them.
@@ -218,6 +219,8 @@ class PerExampleNorms:
             return self._replayed(func, args, kwargs, [], one)
         if func in _RNNS:
             return self._rnn(func, args, kwargs, bdims)
+        if func is F.multi_head_attention_forward:
+            return self._attention(args, kwargs)
         k = bdims[0]
         if k is _UNKNOWN or any(bd != k for bd in bdims):
             shapes = [tuple(t.shape) for t in _tensors((args, kwargs)) if t in self._batched]
@@ -278,10 +281,12 @@ class PerExampleNorms:
             return {k: self._template(v, slots) for k, v in obj.items()}
         return obj
 
-    def _hook(self, outs: list[Tensor], bdim: int, pids: set[int], parts_of: Callable[[list], dict[int, Part]]) -> None:
-        "Mark `outs` batched, count the uses, and hand the output gradients to `parts_of` during backward."
-        for t in outs:
-            self._batched[t] = bdim
+    def _hook(self, outs: list[Tensor], bdim: int | list[int], pids: set[int],
+              parts_of: Callable[[list], dict[int, Part]]) -> None:
+        """Mark `outs` batched (at `bdim`, or each at its own), count the uses, and hand the output gradients to
+        `parts_of` during backward."""
+        for t, d in zip(outs, bdim if isinstance(bdim, list) else [bdim] * len(outs)):
+            self._batched[t] = d
         for pid in pids:
             self._uses[pid] = self._uses.get(pid, 0) + 1
         if len(outs) == 1:
@@ -289,23 +294,28 @@ class PerExampleNorms:
         else:  # once, with every output's gradient (None where the loss does not use it)
             register_multi_grad_hook(outs, lambda grads: self._on_grads(parts_of, list(grads)), mode="all")
 
-    def _check_outputs(self, func: Callable, outs: list[Tensor], bdim: int, args: tuple, kwargs: dict) -> None:
-        for t in outs:
+    def _check_outputs(self, func: Callable, outs: list[Tensor], bdims: list[int], args: tuple, kwargs: dict) -> None:
+        for t, bdim in zip(outs, bdims):
             if t.ndim <= bdim or t.shape[bdim] != self._batch:
                 raise ValueError(f"{_name(func)} uses the parameter {self._named_in(args, kwargs)} and returns a "
                                  f"tensor of shape {tuple(t.shape)} without the batch dimension: the examples are "
                                  f"mixed, so per-example gradients do not exist; {_FIXED}")
 
     # --- rules --------------------------------------------------------------------------------------------------
-    def _replayed(self, func: Callable, args: tuple, kwargs: dict, bdims: list, one_sizes: tuple | None) -> Any:
-        "Any call: replay it on each example with torch.func, through the parameter-derived tensors it uses."
+    def _replayed(self, func: Callable, args: tuple, kwargs: dict, bdims: list, one_sizes: tuple | None,
+                  out_bdims: tuple[int, ...] | None = None) -> Any:
+        """Any call: replay it on each example with torch.func, through the parameter-derived tensors it uses.
+
+        Each batched input keeps the batch where it has it; the outputs have it where the inputs do, or at
+        `out_bdims` (one for each output, for calls that know where theirs go)."""
         bdim = bdims[0] if bdims else 0
         slots: dict[int, _Slot] = {}
-        batched = []
+        batched, in_bdims = [], []
         for t in _tensors((args, kwargs)):
             if t in self._batched and id(t) not in slots:
                 slots[id(t)] = _Slot(len(batched))
                 batched.append(_plain(t.detach().clone() if _inplace(func) else t.detach()))
+                in_bdims.append(self._batched[t])
         t_args = self._template(one_sizes if one_sizes is not None else args, slots)
         t_kwargs = self._template(kwargs, slots)
         pids = set(_params_in((t_args, t_kwargs)))
@@ -315,28 +325,47 @@ class PerExampleNorms:
         if not idx:
             return out
         out, outs = _outside(out, idx)
-        self._check_outputs(func, outs, bdim, args, kwargs)
+        o_bdims = [bdim if out_bdims is None else out_bdims[i] for i in idx]
+        self._check_outputs(func, outs, o_bdims, args, kwargs)
         zeros = [(t.shape, t.dtype, t.device) for t in outs]  # the gradient of an output the loss does not use
         inplace = _inplace(func)
 
         def forward(theta: dict, xs: list[Tensor]) -> list[Tensor]:
-            "The call on one example (batch dimension of size 1, at `bdim`), through the parameter-derived inputs."
+            "The call on one example (batch dimension of size 1, where each input has it), through the parameters."
             cache: dict = {}
-            xs = [x.movedim(0, bdim) for x in xs]
+            xs = [x.movedim(0, d) for x, d in zip(xs, in_bdims)]
             a = _evaluate(t_args, theta, xs, cache)
             if inplace:  # the per-example slice is a view of vmap's input: write into a copy
                 a = (a[0].clone(), *a[1:])
             o = list(_flat_out(func(*a, **_evaluate(t_kwargs, theta, xs, cache))))
-            return [o[i].movedim(bdim, 0) for i in idx]
+            return [o[i].movedim(d, 0) for i, d in zip(idx, o_bdims)]
 
         def parts_of(grads: list) -> dict[int, Part]:
             grads = [torch.zeros(s, dtype=dt, device=dev) if g is None else g for g, (s, dt, dev) in zip(grads, zeros)]
             theta = {pid: self._params[pid].detach() for pid in pids}
-            return replayed_parts(forward, theta, [x.movedim(bdim, 0) for x in batched],
-                                  [g.movedim(bdim, 0) for g in grads])
+            return replayed_parts(forward, theta, [x.movedim(d, 0) for x, d in zip(batched, in_bdims)],
+                                  [g.movedim(d, 0) for g, d in zip(grads, o_bdims)])
 
-        self._hook(outs, bdim, pids, parts_of)
+        self._hook(outs, o_bdims, pids, parts_of)
         return out
+
+    def _attention(self, args: tuple, kwargs: dict) -> Any:
+        """`F.multi_head_attention_forward`, replayed per example. Its query, key and value are (L, B, E)
+        (nn.MultiheadAttention transposes batch_first inputs), a key_padding_mask (B, S); it returns (L, B, E) and
+        the weights (B, L, S) or (B, heads, L, S)."""
+        names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+                 "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+                 "key_padding_mask", "need_weights", "attn_mask")
+        got = dict(zip(names, bind(args, kwargs, names, (True, None, True, None))))
+        at = {n: self._batched.get(got[n], "constant") if isinstance(got[n], Tensor) else "constant"
+              for n in ("query", "key", "value", "key_padding_mask", "attn_mask")}
+        if any(at[n] != 1 for n in ("query", "key", "value")) or at["key_padding_mask"] not in ("constant", 0) \
+                or at["attn_mask"] != "constant":
+            shapes = {n: tuple(got[n].shape) for n in at if isinstance(got[n], Tensor)}
+            raise ValueError(f"attention uses the parameter {self._named_in(args, kwargs)} on tensors whose batch "
+                             f"dimension per-example norms cannot follow ({shapes}; an attn_mask per example merges "
+                             f"the batch with the heads: use key_padding_mask): {_FIXED}")
+        return self._replayed(F.multi_head_attention_forward, args, kwargs, [1], None, out_bdims=(1, 0))
 
     def _linear(self, args: tuple, kwargs: dict) -> Any:
         x, w, b = bind(args, kwargs, ("input", "weight", "bias"), (None,))

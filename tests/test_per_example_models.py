@@ -106,6 +106,41 @@ class _Twice(nn.Module):
         return self.lin(torch.tanh(self.lin(x)))
 
 
+class _Attention(nn.Module):
+    "nn.MultiheadAttention as people call it: need_weights=True (the default), the weights used too."
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.att, self.fc = nn.MultiheadAttention(4, 2, batch_first=batch_first), nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = x if self.batch_first else x.transpose(0, 1)
+        out, weights = self.att(s, s, s)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.fc(out.mean(1)) + weights.mean((1, 2)).unsqueeze(1)
+
+
+class _PaddedEncoder(nn.Module):
+    "A transformer encoder over padded token sequences: the padding mask is (B, T) while attention runs on (T, B, d)."
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8, padding_idx=0)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
+                                         enable_nested_tensor=False)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, idx):
+        return self.fc(self.enc(self.emb(idx), src_key_padding_mask=idx == 0).mean(1))
+
+
+def _padded_tokens():
+    idx = torch.randint(1, 11, (B, 5))
+    idx[::2, -2:] = 0  # every other sequence is padded
+    return idx
+
+
 def _partly_frozen_mlp():
     model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3))
     model[0].requires_grad_(False)  # a frozen layer
@@ -143,6 +178,9 @@ CASES = {  # name: (model, inputs, targets, loss, torch.func can vmap it)
     "functional-tied-embedding": (_FunctionalTied, *_tok, nn.CrossEntropyLoss(), True),
     "layer-called-twice": (_Twice, lambda: torch.randn(B, 4), lambda: torch.randint(0, 4, (B,)), nn.CrossEntropyLoss(),
                            True),
+    "attention-weights": (lambda: _Attention(True), *_seq, nn.CrossEntropyLoss(), True),
+    "attention-weights-seq-first": (lambda: _Attention(False), *_seq, nn.CrossEntropyLoss(), True),
+    "transformer-padding-mask": (_PaddedEncoder, _padded_tokens, _seq[1], nn.CrossEntropyLoss(), True),
     "conv-groupnorm": (_Conv, lambda: torch.randn(B, 1, 8, 8), _seq[1], nn.CrossEntropyLoss(), True),
     "tiny-gpt": (TinyGPT, *_gpt, next_token_loss, True),
     "tiny-gpt-partly-frozen": (_partly_frozen_gpt, *_gpt, next_token_loss, True),
