@@ -251,7 +251,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
                 if bs < 2:
                     raise ValueError(f"method='per_example' needs batches of at least 2 examples, got {bs}: use a "
                                      "loader with batch_size >= 2, or method='fixed'")
-                loss = _forward_backward(tgt, inputs, targets, run)
+                loss = _forward_backward(tgt, inputs, targets, run, norms)
                 measured = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
             pending.append((loss.detach().reshape(()), bs, *measured, scale.grad_scale, time.perf_counter()))
             if len(pending) == every:
@@ -338,9 +338,10 @@ def _batches(tgt: Target, total: int, stop_event: threading.Event) -> Iterator[t
         yield inputs, targets, bs, epoch
 
 
-def _forward_backward(tgt: Target, inputs: Any, targets: Any, run: _Run) -> torch.Tensor:
-    "The loss, after its (scaled, under float16) backward pass."
-    loss = tgt.fresh_loss(inputs, targets, run.amp)
+def _forward_backward(tgt: Target, inputs: Any, targets: Any, run: _Run,
+                      norms: PerExampleNorms | None = None) -> torch.Tensor:
+    "The loss, after its (scaled, under float16) backward pass; `norms` follow the loss too (parameters it uses)."
+    loss = tgt.fresh_loss(inputs, targets, run.amp, around_loss=norms.in_loss if norms is not None else nullcontext)
     (loss * run.loss_scale.value if run.loss_scale.enabled else loss).backward()
     return loss
 

@@ -25,6 +25,7 @@ per-example gradient, as factors (`per_example_rules.py`):
   that call is replayed per example through them.
 A parameter used several times (tied weights, a layer called twice) is exact: its uses' parts are
 added before norming.
+The loss is followed too (`in_loss`): a parameter it uses (a head applied there) is measured the same way.
 
 Supported: every model whose examples do not interact and whose parameters are used only by torch
 operations run with gradients enabled, on tensors whose batch dimension is tracked (the first
@@ -37,12 +38,14 @@ Refused with a ValueError naming the problem (use method='fixed' instead):
   `torch.no_grad` block, reentrant checkpointing), or a model output computed from parameters alone;
 - PackedSequence inputs, LSTM projections (`proj_size`), dropout between recurrent layers in training;
 - random operations inside a replayed call (dropout inside `nn.MultiheadAttention`);
-- a gradient hook on a parameter (`p.register_hook`), which may change `p.grad` but not these norms.
+- a gradient hook on a parameter (`p.register_hook`), which may change `p.grad` but not these norms;
+- a parameter the loss uses after the batch was reduced (a penalty added to the mean loss).
 Examples interacting in ways that keep every shape (a softmax over the batch dimension) are not detected.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +81,10 @@ class PerExampleNorms:
     Use as a context manager around the steps to measure (the hooks are removed on exit):
 
         with PerExampleNorms(model) as norms:
-            loss_func(model(x), y).backward()   # a mean over the batch
+            out = model(x)
+            with norms.in_loss():               # parameters the loss uses (a head, a regularizer) count too
+                loss = loss_func(out, y)        # a mean over the batch
+            loss.backward()
             sq = norms.pop()                    # (B,) tensor of |g_j|², on the device
 
     The loss must be the batch mean of per-example losses (the PyTorch default). The batch is the
@@ -118,6 +124,26 @@ class PerExampleNorms:
         self._handles.clear()
         self._reset()
 
+    @contextmanager
+    def in_loss(self) -> Iterator[None]:
+        """Follow the loss computation too, after the model's forward.
+
+        A parameter the loss uses (a head applied there, `logits @ model.emb.weight.T`) is measured per example
+        like one in the forward; one used after the batch was reduced (a regularizer `w.square().sum()` added to the
+        mean loss) has no per-example gradient and is refused. Unseen, either was silently left out of the
+        per-example norms while `p.grad` held it (-84% with the head applied in the loss).
+        """
+        if self._mode is not None or self._batch is None or not torch.is_grad_enabled():
+            yield
+            return
+        self._in_loss = True
+        self._mode = _Tracer(self)
+        self._mode.__enter__()
+        try:
+            yield
+        finally:
+            self._stop()
+
     def pop(self) -> Tensor:
         "|g_j|² for each example of the last backward pass (gradients of the per-example losses); then reset."
         for pid in list(self._pending):
@@ -133,6 +159,7 @@ class PerExampleNorms:
         return sq.float() * b**2
 
     def _reset(self) -> None:
+        self._in_loss = False  # the tracer follows the loss (`in_loss`), not the model's forward
         self._sq: Tensor | None = None
         self._batch: int | None = None
         self._uses: dict[int, int] = {}  # uses of each parameter in this step's forward passes
@@ -163,7 +190,7 @@ class PerExampleNorms:
         if self._mode is None:
             return
         self._mode.__exit__(None, None, None)
-        self._mode = None
+        self._mode, self._in_loss = None, False
         derived = [t for t in _tensors(output) if t.requires_grad and t in self._derived]
         if derived:
             raise ValueError(f"an output of the model depends on parameters ({self._named(derived[0])}) but not on "
@@ -222,6 +249,11 @@ class PerExampleNorms:
         if func is F.multi_head_attention_forward:
             return self._attention(args, kwargs)
         k = bdims[0]
+        if self._in_loss and k is _UNKNOWN:
+            raise ValueError(f"the loss uses the parameter {self._named_in(args, kwargs)} after the batch was reduced "
+                             f"({_name(func)}: a regularizer such as w.square().sum(), or an auxiliary loss?), so its "
+                             "gradient is the same for every example and per-example norms would leave it out: "
+                             f"{_FIXED}, or move the penalty into the optimizer (weight_decay)")
         if k is _UNKNOWN or any(bd != k for bd in bdims):
             shapes = [tuple(t.shape) for t in _tensors((args, kwargs)) if t in self._batched]
             raise ValueError(f"{_name(func)} uses the parameter {self._named_in(args, kwargs)} on a tensor whose batch "

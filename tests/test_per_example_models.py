@@ -52,7 +52,10 @@ def _exact_noise_scale(model, loss_func, x, y) -> tuple[float, float]:
 
 def _norms(model, loss_func, x, y):
     with PerExampleNorms(model) as norms:
-        loss_func(model(x), y).backward()
+        out = model(x)
+        with norms.in_loss():
+            loss = loss_func(out, y)
+        loss.backward()
         return norms.pop().double()
 
 
@@ -207,6 +210,32 @@ def test_frozen_parameters_are_not_measured():
     first = _trainable_grads(model, nn.CrossEntropyLoss(), x, y)[:, :5 * 7 + 7].square().sum(1)
     model[0].requires_grad_(False)
     torch.testing.assert_close(_norms(model, nn.CrossEntropyLoss(), x, y), full - first, rtol=1e-5, atol=0)
+
+
+class _HeadInLoss(nn.Module):
+    "The forward returns features; the loss applies the head (sampled softmax, a head shared with another task)."
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Sequential(nn.Linear(5, 7), nn.Tanh()), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_parameters_the_loss_uses_are_measured_or_refused():
+    """A head applied in the loss counts per example (it was left out while p.grad held it: -84% end to end); a
+    penalty added to the mean loss has no per-example gradient and is refused."""
+    torch.manual_seed(0)
+    model, x, y = _HeadInLoss(), torch.randn(B, 5), _seq[1]()
+    head_loss = lambda h, t: F.cross_entropy(model.head(h), t)  # noqa: E731
+    expected = _exact_sq_norms(nn.Sequential(model.body, model.head), nn.CrossEntropyLoss(), x, y)
+    torch.testing.assert_close(_norms(model, head_loss, x, y), expected, rtol=1e-5, atol=0)
+    dl = DataLoader(TensorDataset(torch.randn(64, 5), torch.randint(0, 3, (64,))), batch_size=8)
+    penalised = lambda h, t: head_loss(h, t) + 1e-4 * model.head.weight.square().sum()  # noqa: E731
+    with pytest.raises(ValueError, match="'head.weight' after the batch was reduced.*weight_decay"):
+        bs_find(model, dl, penalised, lr=0, num_it=5, method="per_example")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_tiny_gpt_noise_scale_within_10_percent_of_exact():

@@ -52,13 +52,17 @@ class Target:
                              "the model is called as model(*inputs) and the loss as loss_func(pred, *targets)")
         return out
 
-    def fresh_loss(self, inputs: Sequence[Any], targets: Sequence[Any], amp: torch.dtype | None = None) -> torch.Tensor:
-        "The loss of one batch with the gradients cleared for its backward, the forward under autocast when `amp`."
+    def fresh_loss(self, inputs: Sequence[Any], targets: Sequence[Any], amp: torch.dtype | None = None,
+                   around_loss: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
+        """The loss of one batch with the gradients cleared for its backward, the forward under autocast when `amp`;
+        `around_loss()` is held while the loss is computed from the prediction (per-example norms follow it)."""
         self.model.zero_grad(set_to_none=True)
         if self.loss_module is not None:
             self.loss_module.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-            return _checked_loss(self.loss_func, self.model(*inputs), targets)
+            pred = self.model(*inputs)
+            with around_loss():
+                return _checked_loss(self.loss_func, pred, targets)
 
 
 def _checked_loss(loss_func: Callable, pred: Any, targets: Sequence[Any]) -> torch.Tensor:
