@@ -181,6 +181,7 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
     for inputs, targets, bs, epoch in _batches(tgt, total, run.stop_event):
         watch.check()
         loss = _forward_backward(tgt, inputs, targets, run)
+        watch.rebase()
         carried = scale.grad_scale
         record = recorder.step(loss, bs, tgt.model, grad_scale=carried, epoch=epoch)
         finite = estimator.last_finite  # this batch's verdict when checked at once, else the window's at its end
@@ -253,6 +254,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
                                      "loader with batch_size >= 2, or method='fixed'")
                 loss = _forward_backward(tgt, inputs, targets, run, norms)
                 measured = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
+            watch.rebase()
             pending.append((loss.detach().reshape(()), bs, *measured, scale.grad_scale, time.perf_counter()))
             if len(pending) == every:
                 steps, pending = _read(pending), []
@@ -300,15 +302,19 @@ class _WeightWatch:
         "The run's own optimizer step."
         self.check()
         opt.step()
+        self.rebase()
+
+    def rebase(self) -> None:
+        """After the run's own forward and backward: what the model changed in them is its own doing
+        (`nn.Embedding(max_norm=...)` renormalises its rows in place). Checked before each batch and step."""
         self.version = self._sum()
 
     def check(self) -> None:
         if self._sum() != self.version:
             raise RuntimeError("the model's weights were changed by something other than the finder during the run "
-                               "(training in another cell or thread? a forward that changes its weights in place, "
-                               "such as a clamp_ under no_grad, cannot be measured). The run stopped and put the "
-                               "weights back as they were before it started, so changes made meanwhile are undone: "
-                               "run the finder and your training one after the other")
+                               "(training in another cell or thread?). The run stopped and put the weights back as "
+                               "they were before it started, so changes made meanwhile are undone: run the finder "
+                               "and your training one after the other")
 
 
 def _unscale(model: torch.nn.Module, grad_scale: float | None) -> None:
