@@ -181,6 +181,7 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
     for inputs, targets, bs, epoch in _batches(tgt, total, run.stop_event):
         watch.check()
         loss = _forward_backward(tgt, inputs, targets, run)
+        watch.rebase()
         carried = scale.grad_scale
         record = recorder.step(loss, bs, tgt.model, grad_scale=carried, epoch=epoch)
         finite = estimator.last_finite  # this batch's verdict when checked at once, else the window's at its end
@@ -249,9 +250,11 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
                 measured = allreduce_norms(model, bs)
             else:
                 if bs < 2:
-                    raise ValueError("method='per_example' needs batches of at least 2 examples")
-                loss = _forward_backward(tgt, inputs, targets, run)
+                    raise ValueError(f"method='per_example' needs batches of at least 2 examples, got {bs}: use a "
+                                     "loader with batch_size >= 2, or method='fixed'")
+                loss = _forward_backward(tgt, inputs, targets, run, norms)
                 measured = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
+            watch.rebase()
             pending.append((loss.detach().reshape(()), bs, *measured, scale.grad_scale, time.perf_counter()))
             if len(pending) == every:
                 steps, pending = _read(pending), []
@@ -299,6 +302,11 @@ class _WeightWatch:
         "The run's own optimizer step."
         self.check()
         opt.step()
+        self.rebase()
+
+    def rebase(self) -> None:
+        """After the run's own forward and backward: what the model changed in them is its own doing
+        (`nn.Embedding(max_norm=...)` renormalises its rows in place). Checked before each batch and step."""
         self.version = self._sum()
 
     def check(self) -> None:
@@ -336,9 +344,10 @@ def _batches(tgt: Target, total: int, stop_event: threading.Event) -> Iterator[t
         yield inputs, targets, bs, epoch
 
 
-def _forward_backward(tgt: Target, inputs: Any, targets: Any, run: _Run) -> torch.Tensor:
-    "The loss, after its (scaled, under float16) backward pass."
-    loss = tgt.fresh_loss(inputs, targets, run.amp)
+def _forward_backward(tgt: Target, inputs: Any, targets: Any, run: _Run,
+                      norms: PerExampleNorms | None = None) -> torch.Tensor:
+    "The loss, after its (scaled, under float16) backward pass; `norms` follow the loss too (parameters it uses)."
+    loss = tgt.fresh_loss(inputs, targets, run.amp, around_loss=norms.in_loss if norms is not None else nullcontext)
     (loss * run.loss_scale.value if run.loss_scale.enabled else loss).backward()
     return loss
 

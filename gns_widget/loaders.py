@@ -48,6 +48,9 @@ def dataset_len(dl: Any) -> int | None:
         dl = dl.train
     if _is_fastai_dl(dl):
         return dl.n
+    sampler = getattr(dl, "sampler", None)
+    if isinstance(sampler, SubsetRandomSampler):  # a train split of a larger dataset: only these examples train
+        return len(sampler.indices)
     try:
         return len(dl.dataset)
     except (AttributeError, TypeError):

@@ -18,12 +18,14 @@ per-example gradient, as factors (`per_example_rules.py`):
 - LSTM, GRU and RNN layers (`nn.LSTM`, `nn.GRU`, `nn.RNN`, any number of layers, bidirectional):
   replayed step by step to get each example's gate gradients;
 - any other call (convolutions, group norm, attention projections through `@`, ...): replayed per
-  example with `torch.func` (a vmapped vjp), which costs B copies of its parameters, briefly;
+  example with `torch.func` (a vmapped vjp), which costs B copies of its parameters, briefly; each
+  input keeps the batch where it has it (`multi_head_attention_forward`: (L, B, E) and a (B, S) padding mask);
 - tensors computed from parameters alone (`wpe(arange(T))`, a bare `nn.Parameter`, `pos_emb[:, :T]`,
   `cls_token.expand(B, -1, -1)`, weight normalisation) are followed until they meet the batch, and
   that call is replayed per example through them.
 A parameter used several times (tied weights, a layer called twice) is exact: its uses' parts are
 added before norming.
+The loss is followed too (`in_loss`): a parameter it uses (a head applied there) is measured the same way.
 
 Supported: every model whose examples do not interact and whose parameters are used only by torch
 operations run with gradients enabled, on tensors whose batch dimension is tracked (the first
@@ -35,12 +37,15 @@ Refused with a ValueError naming the problem (use method='fixed' instead):
 - a parameter used with gradients disabled inside the forward (a custom `autograd.Function`, a
   `torch.no_grad` block, reentrant checkpointing), or a model output computed from parameters alone;
 - PackedSequence inputs, LSTM projections (`proj_size`), dropout between recurrent layers in training;
-- random operations inside a replayed call (dropout inside `nn.MultiheadAttention`).
+- random operations inside a replayed call (dropout inside `nn.MultiheadAttention`);
+- a gradient hook on a parameter (`p.register_hook`), which may change `p.grad` but not these norms;
+- a parameter the loss uses after the batch was reduced (a penalty added to the mean loss).
 Examples interacting in ways that keep every shape (a softmax over the batch dimension) are not detected.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +81,10 @@ class PerExampleNorms:
     Use as a context manager around the steps to measure (the hooks are removed on exit):
 
         with PerExampleNorms(model) as norms:
-            loss_func(model(x), y).backward()   # a mean over the batch
+            out = model(x)
+            with norms.in_loss():               # parameters the loss uses (a head, a regularizer) count too
+                loss = loss_func(out, y)        # a mean over the batch
+            loss.backward()
             sq = norms.pop()                    # (B,) tensor of |g_j|², on the device
 
     The loss must be the batch mean of per-example losses (the PyTorch default). The batch is the
@@ -102,6 +110,7 @@ class PerExampleNorms:
         self._reset()
 
     def __enter__(self) -> PerExampleNorms:
+        self._refuse_gradient_hooks()
         self._handles = [self.model.register_forward_pre_hook(self._start, with_kwargs=True),
                          self.model.register_forward_hook(self._stop, always_call=True)]
         self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm) for m in self.model.modules()
@@ -114,6 +123,26 @@ class PerExampleNorms:
             h.remove()
         self._handles.clear()
         self._reset()
+
+    @contextmanager
+    def in_loss(self) -> Iterator[None]:
+        """Follow the loss computation too, after the model's forward.
+
+        A parameter the loss uses (a head applied there, `logits @ model.emb.weight.T`) is measured per example
+        like one in the forward; one used after the batch was reduced (a regularizer `w.square().sum()` added to the
+        mean loss) has no per-example gradient and is refused. Unseen, either was silently left out of the
+        per-example norms while `p.grad` held it (-84% with the head applied in the loss).
+        """
+        if self._mode is not None or self._batch is None or not torch.is_grad_enabled():
+            yield
+            return
+        self._in_loss = True
+        self._mode = _Tracer(self)
+        self._mode.__enter__()
+        try:
+            yield
+        finally:
+            self._stop()
 
     def pop(self) -> Tensor:
         "|g_j|² for each example of the last backward pass (gradients of the per-example losses); then reset."
@@ -130,6 +159,7 @@ class PerExampleNorms:
         return sq.float() * b**2
 
     def _reset(self) -> None:
+        self._in_loss = False  # the tracer follows the loss (`in_loss`), not the model's forward
         self._sq: Tensor | None = None
         self._batch: int | None = None
         self._uses: dict[int, int] = {}  # uses of each parameter in this step's forward passes
@@ -160,16 +190,31 @@ class PerExampleNorms:
         if self._mode is None:
             return
         self._mode.__exit__(None, None, None)
-        self._mode = None
+        self._mode, self._in_loss = None, False
         derived = [t for t in _tensors(output) if t.requires_grad and t in self._derived]
         if derived:
             raise ValueError(f"an output of the model depends on parameters ({self._named(derived[0])}) but not on "
                              f"its input, so it has no per-example gradient: {_FIXED}")
 
+    def _refuse_gradient_hooks(self) -> None:
+        """A hook on a parameter's gradient (`p.register_hook(lambda g: g * mask)`, clipping) may change `p.grad`, which
+        the big-batch norm is read from, while the norms here are of the unchanged per-example gradients: mixed, the
+        estimate is silently wrong (-76% with one weight's gradient doubled). Which hooks only look cannot be told."""
+        hooked = [name for pid, name in self.names.items()
+                  if self._params[pid]._backward_hooks or getattr(self._params[pid], "_post_accumulate_grad_hooks", 0)]
+        if hooked:
+            listed = ", ".join(repr(n) for n in hooked[:3]) + (f" and {len(hooked) - 3} more" * (len(hooked) > 3))
+            raise ValueError(f"the parameter {listed} has a gradient hook (Tensor.register_hook or "
+                             "register_post_accumulate_grad_hook) that may change its gradient, which per-example "
+                             "norms cannot see, so the estimate would mix changed and unchanged gradients: "
+                             f"{_FIXED} (it measures the gradients your hooks leave), or remove the hook for the run")
+
     def _refuse_batch_norm(self, module: nn.Module, args: tuple) -> None:
         if module.training and self._mode is not None:
             raise ValueError(f"{type(module).__name__} in training mode mixes the examples of a batch, so "
-                             f"per-example gradients do not exist: {_FIXED}, or put it in eval mode")
+                             f"per-example gradients do not exist: {_FIXED}. A BatchNorm frozen in eval mode is "
+                             "measured, but bs_find trains in model.train(): to keep one frozen, override your model's "
+                             "train() to leave it in eval, as frozen-BatchNorm fine-tuning does")
 
     def call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         "One torch call in the forward (from the mode): run it, track the batch, hook parameter uses."
@@ -201,7 +246,14 @@ class PerExampleNorms:
             return self._replayed(func, args, kwargs, [], one)
         if func in _RNNS:
             return self._rnn(func, args, kwargs, bdims)
+        if func is F.multi_head_attention_forward:
+            return self._attention(args, kwargs)
         k = bdims[0]
+        if self._in_loss and k is _UNKNOWN:
+            raise ValueError(f"the loss uses the parameter {self._named_in(args, kwargs)} after the batch was reduced "
+                             f"({_name(func)}: a regularizer such as w.square().sum(), or an auxiliary loss?), so its "
+                             "gradient is the same for every example and per-example norms would leave it out: "
+                             f"{_FIXED}, or move the penalty into the optimizer (weight_decay)")
         if k is _UNKNOWN or any(bd != k for bd in bdims):
             shapes = [tuple(t.shape) for t in _tensors((args, kwargs)) if t in self._batched]
             raise ValueError(f"{_name(func)} uses the parameter {self._named_in(args, kwargs)} on a tensor whose batch "
@@ -261,10 +313,12 @@ class PerExampleNorms:
             return {k: self._template(v, slots) for k, v in obj.items()}
         return obj
 
-    def _hook(self, outs: list[Tensor], bdim: int, pids: set[int], parts_of: Callable[[list], dict[int, Part]]) -> None:
-        "Mark `outs` batched, count the uses, and hand the output gradients to `parts_of` during backward."
-        for t in outs:
-            self._batched[t] = bdim
+    def _hook(self, outs: list[Tensor], bdim: int | list[int], pids: set[int],
+              parts_of: Callable[[list], dict[int, Part]]) -> None:
+        """Mark `outs` batched (at `bdim`, or each at its own), count the uses, and hand the output gradients to
+        `parts_of` during backward."""
+        for t, d in zip(outs, bdim if isinstance(bdim, list) else [bdim] * len(outs)):
+            self._batched[t] = d
         for pid in pids:
             self._uses[pid] = self._uses.get(pid, 0) + 1
         if len(outs) == 1:
@@ -272,23 +326,28 @@ class PerExampleNorms:
         else:  # once, with every output's gradient (None where the loss does not use it)
             register_multi_grad_hook(outs, lambda grads: self._on_grads(parts_of, list(grads)), mode="all")
 
-    def _check_outputs(self, func: Callable, outs: list[Tensor], bdim: int, args: tuple, kwargs: dict) -> None:
-        for t in outs:
+    def _check_outputs(self, func: Callable, outs: list[Tensor], bdims: list[int], args: tuple, kwargs: dict) -> None:
+        for t, bdim in zip(outs, bdims):
             if t.ndim <= bdim or t.shape[bdim] != self._batch:
                 raise ValueError(f"{_name(func)} uses the parameter {self._named_in(args, kwargs)} and returns a "
                                  f"tensor of shape {tuple(t.shape)} without the batch dimension: the examples are "
                                  f"mixed, so per-example gradients do not exist; {_FIXED}")
 
     # --- rules --------------------------------------------------------------------------------------------------
-    def _replayed(self, func: Callable, args: tuple, kwargs: dict, bdims: list, one_sizes: tuple | None) -> Any:
-        "Any call: replay it on each example with torch.func, through the parameter-derived tensors it uses."
+    def _replayed(self, func: Callable, args: tuple, kwargs: dict, bdims: list, one_sizes: tuple | None,
+                  out_bdims: tuple[int, ...] | None = None) -> Any:
+        """Any call: replay it on each example with torch.func, through the parameter-derived tensors it uses.
+
+        Each batched input keeps the batch where it has it; the outputs have it where the inputs do, or at
+        `out_bdims` (one for each output, for calls that know where theirs go)."""
         bdim = bdims[0] if bdims else 0
         slots: dict[int, _Slot] = {}
-        batched = []
+        batched, in_bdims = [], []
         for t in _tensors((args, kwargs)):
             if t in self._batched and id(t) not in slots:
                 slots[id(t)] = _Slot(len(batched))
                 batched.append(_plain(t.detach().clone() if _inplace(func) else t.detach()))
+                in_bdims.append(self._batched[t])
         t_args = self._template(one_sizes if one_sizes is not None else args, slots)
         t_kwargs = self._template(kwargs, slots)
         pids = set(_params_in((t_args, t_kwargs)))
@@ -298,28 +357,47 @@ class PerExampleNorms:
         if not idx:
             return out
         out, outs = _outside(out, idx)
-        self._check_outputs(func, outs, bdim, args, kwargs)
+        o_bdims = [bdim if out_bdims is None else out_bdims[i] for i in idx]
+        self._check_outputs(func, outs, o_bdims, args, kwargs)
         zeros = [(t.shape, t.dtype, t.device) for t in outs]  # the gradient of an output the loss does not use
         inplace = _inplace(func)
 
         def forward(theta: dict, xs: list[Tensor]) -> list[Tensor]:
-            "The call on one example (batch dimension of size 1, at `bdim`), through the parameter-derived inputs."
+            "The call on one example (batch dimension of size 1, where each input has it), through the parameters."
             cache: dict = {}
-            xs = [x.movedim(0, bdim) for x in xs]
+            xs = [x.movedim(0, d) for x, d in zip(xs, in_bdims)]
             a = _evaluate(t_args, theta, xs, cache)
             if inplace:  # the per-example slice is a view of vmap's input: write into a copy
                 a = (a[0].clone(), *a[1:])
             o = list(_flat_out(func(*a, **_evaluate(t_kwargs, theta, xs, cache))))
-            return [o[i].movedim(bdim, 0) for i in idx]
+            return [o[i].movedim(d, 0) for i, d in zip(idx, o_bdims)]
 
         def parts_of(grads: list) -> dict[int, Part]:
             grads = [torch.zeros(s, dtype=dt, device=dev) if g is None else g for g, (s, dt, dev) in zip(grads, zeros)]
             theta = {pid: self._params[pid].detach() for pid in pids}
-            return replayed_parts(forward, theta, [x.movedim(bdim, 0) for x in batched],
-                                  [g.movedim(bdim, 0) for g in grads])
+            return replayed_parts(forward, theta, [x.movedim(d, 0) for x, d in zip(batched, in_bdims)],
+                                  [g.movedim(d, 0) for g, d in zip(grads, o_bdims)])
 
-        self._hook(outs, bdim, pids, parts_of)
+        self._hook(outs, o_bdims, pids, parts_of)
         return out
+
+    def _attention(self, args: tuple, kwargs: dict) -> Any:
+        """`F.multi_head_attention_forward`, replayed per example. Its query, key and value are (L, B, E)
+        (nn.MultiheadAttention transposes batch_first inputs), a key_padding_mask (B, S); it returns (L, B, E) and
+        the weights (B, L, S) or (B, heads, L, S)."""
+        names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+                 "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+                 "key_padding_mask", "need_weights", "attn_mask")
+        got = dict(zip(names, bind(args, kwargs, names, (True, None, True, None))))
+        at = {n: self._batched.get(got[n], "constant") if isinstance(got[n], Tensor) else "constant"
+              for n in ("query", "key", "value", "key_padding_mask", "attn_mask")}
+        if any(at[n] != 1 for n in ("query", "key", "value")) or at["key_padding_mask"] not in ("constant", 0) \
+                or at["attn_mask"] != "constant":
+            shapes = {n: tuple(got[n].shape) for n in at if isinstance(got[n], Tensor)}
+            raise ValueError(f"attention uses the parameter {self._named_in(args, kwargs)} on tensors whose batch "
+                             f"dimension per-example norms cannot follow ({shapes}; an attn_mask per example merges "
+                             f"the batch with the heads: use key_padding_mask): {_FIXED}")
+        return self._replayed(F.multi_head_attention_forward, args, kwargs, [1], None, out_bdims=(1, 0))
 
     def _linear(self, args: tuple, kwargs: dict) -> Any:
         x, w, b = bind(args, kwargs, ("input", "weight", "bias"), (None,))

@@ -62,8 +62,30 @@ def test_missing_loader_or_loss(mlp, digits_dl):
         bs_find(mlp, None, CE)
     with pytest.raises(ValueError, match="loss_func is required"):
         bs_find(mlp, digits_dl)
-    with pytest.raises(ValueError, match="reduction='mean'"):
-        bs_find(mlp, digits_dl, nn.CrossEntropyLoss(reduction="sum"))
+    for reduction in ("sum", "none"):
+        with pytest.raises(ValueError, match=f"reduction='mean'.*not reduction='{reduction}'"):
+            bs_find(mlp, digits_dl, nn.CrossEntropyLoss(reduction=reduction))
+
+
+class _TupleOut(nn.Sequential):
+    "A model that returns (logits, features), as many do."
+
+    def forward(self, x):
+        return super().forward(x), x
+
+
+@pytest.mark.parametrize("model, loss_func, match", [
+    (_TupleOut(nn.Linear(64, 10)), CE, r"model's output, a tuple rather than a tensor.*out\[0\]"),
+    (nn.Linear(64, 10), lambda p, y: nn.functional.cross_entropy(p, y, reduction="none"),
+     r"one number.*shape \(32,\).*\.mean\(\)"),
+    (nn.Linear(64, 10), lambda p, y: (p.argmax(1) == y).float().mean(), "no gradient.*metric"),
+], ids=["tuple-output", "loss-per-example", "metric-as-loss"])
+def test_a_loss_that_does_not_fit_the_model_is_named(digits_dl, model, loss_func, match):
+    "Each raised deep in torch before (a TypeError in cross_entropy, 'grad can be implicitly created only for scalar "
+    "outputs', 'element 0 of tensors does not require grad')."
+    for method in ("fixed", "per_example"):
+        with pytest.raises(ValueError, match=match):
+            bs_find(model, digits_dl, loss_func, num_it=10, n_batch=5, method=method)
 
 
 def test_wrong_target_type(digits_dl):

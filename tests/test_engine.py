@@ -195,7 +195,7 @@ def test_result_repr_plot_and_advice(mlp, digits_dl):
 
 def test_batch_fn_splits_unusual_batches(mlp, digits_dl):
     dict_dl = [{"x": x, "y": y} for x, y in digits_dl]
-    with pytest.raises(ValueError, match="batch_fn"):
+    with pytest.raises(ValueError, match=r"keys \['x', 'y'\].*batch_fn=lambda b: \(\(b\['x'\],\), \(b\['y'\],\)\)"):
         bs_find(mlp, dict_dl, nn.CrossEntropyLoss(), num_it=10, n_batch=5)
     res = bs_find(mlp, dict_dl, nn.CrossEntropyLoss(), num_it=10, n_batch=5,
                   batch_fn=lambda b: ((b["x"],), (b["y"],)))

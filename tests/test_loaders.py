@@ -1,7 +1,7 @@
 "apply_batch_size rebuilds torch loaders faithfully and refuses what it cannot rebuild."
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, SubsetRandomSampler, TensorDataset
 
 from gns_widget import apply_batch_size
 from gns_widget.loaders import current_batch_size
@@ -73,7 +73,6 @@ def test_no_suggestion_says_so():
 
 def test_shuffles_reads_the_sampler():
     "The unshuffled-loader warning relies on it: random samplers shuffle, sequential ones and DDP's shuffle=False not."
-    from torch.utils.data import SubsetRandomSampler
     from torch.utils.data.distributed import DistributedSampler
 
     from gns_widget.loaders import shuffles
@@ -86,3 +85,17 @@ def test_shuffles_reads_the_sampler():
     assert shuffles(DataLoader(DS, batch_size=8, sampler=ddp(True))) is True
     assert shuffles(DataLoader(DS, batch_size=8, sampler=ddp(False))) is False
     assert shuffles([(torch.zeros(2, 3), torch.zeros(2))]) is None  # a list of batches: cannot tell
+
+
+def test_a_subset_sampler_split_counts_its_examples_not_the_whole_dataset():
+    """The classic split: DataLoader(full_ds, sampler=SubsetRandomSampler(train_idx)). The training set is the
+    subset: it caps the suggestion and sets the epochs of the advice (the whole dataset was taken before)."""
+    from torch import nn
+
+    from gns_widget import bs_find
+
+    ds = TensorDataset(torch.randn(2000, 4), torch.randn(2000, 1))
+    dl = DataLoader(ds, batch_size=10, sampler=SubsetRandomSampler(range(300)), drop_last=True)
+    assert bs_find(nn.Linear(4, 1), dl, nn.MSELoss(), lr=0, num_it=10, n_batch=5).n_train == 300
+    with pytest.raises(ValueError, match="larger than the training set \\(300 examples\\)"):
+        apply_batch_size(dl, 400)

@@ -94,19 +94,31 @@ def test_tied_linear_modules_are_exact():
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
 
 
+class _FrozenBN(nn.Sequential):
+    "Frozen-BatchNorm fine-tuning: train() leaves the BatchNorm in eval mode."
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self[1].eval()
+        return self
+
+
 def test_refuses_batchnorm_in_training_mode():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model[1].eval()  # what the error once advised: the run's model.train() undoes it, so the error says how to
     dl = DataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64, 4)), batch_size=8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="BatchNorm1d in training mode"):
+    with pytest.raises(ValueError, match="BatchNorm1d in training mode.*override your model's train"):
         bs_find(model, dl, nn.MSELoss(), lr=0.1, method="per_example")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not model[1].training
+    assert len(bs_find(_FrozenBN(*model), dl, nn.MSELoss(), lr=0, num_it=10, method="per_example").history) == 10
 
 
 def test_per_example_refuses_batches_of_one():
     dl = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=1)
-    with pytest.raises(ValueError, match="at least 2 examples"):
+    with pytest.raises(ValueError, match="at least 2 examples, got 1.*batch_size >= 2"):
         bs_find(nn.Linear(4, 1), dl, nn.MSELoss(), lr=0, method="per_example")
 
 

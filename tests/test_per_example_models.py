@@ -52,7 +52,10 @@ def _exact_noise_scale(model, loss_func, x, y) -> tuple[float, float]:
 
 def _norms(model, loss_func, x, y):
     with PerExampleNorms(model) as norms:
-        loss_func(model(x), y).backward()
+        out = model(x)
+        with norms.in_loss():
+            loss = loss_func(out, y)
+        loss.backward()
         return norms.pop().double()
 
 
@@ -106,6 +109,41 @@ class _Twice(nn.Module):
         return self.lin(torch.tanh(self.lin(x)))
 
 
+class _Attention(nn.Module):
+    "nn.MultiheadAttention as people call it: need_weights=True (the default), the weights used too."
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.att, self.fc = nn.MultiheadAttention(4, 2, batch_first=batch_first), nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = x if self.batch_first else x.transpose(0, 1)
+        out, weights = self.att(s, s, s)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.fc(out.mean(1)) + weights.mean((1, 2)).unsqueeze(1)
+
+
+class _PaddedEncoder(nn.Module):
+    "A transformer encoder over padded token sequences: the padding mask is (B, T) while attention runs on (T, B, d)."
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8, padding_idx=0)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
+                                         enable_nested_tensor=False)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, idx):
+        return self.fc(self.enc(self.emb(idx), src_key_padding_mask=idx == 0).mean(1))
+
+
+def _padded_tokens():
+    idx = torch.randint(1, 11, (B, 5))
+    idx[::2, -2:] = 0  # every other sequence is padded
+    return idx
+
+
 def _partly_frozen_mlp():
     model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3))
     model[0].requires_grad_(False)  # a frozen layer
@@ -143,6 +181,9 @@ CASES = {  # name: (model, inputs, targets, loss, torch.func can vmap it)
     "functional-tied-embedding": (_FunctionalTied, *_tok, nn.CrossEntropyLoss(), True),
     "layer-called-twice": (_Twice, lambda: torch.randn(B, 4), lambda: torch.randint(0, 4, (B,)), nn.CrossEntropyLoss(),
                            True),
+    "attention-weights": (lambda: _Attention(True), *_seq, nn.CrossEntropyLoss(), True),
+    "attention-weights-seq-first": (lambda: _Attention(False), *_seq, nn.CrossEntropyLoss(), True),
+    "transformer-padding-mask": (_PaddedEncoder, _padded_tokens, _seq[1], nn.CrossEntropyLoss(), True),
     "conv-groupnorm": (_Conv, lambda: torch.randn(B, 1, 8, 8), _seq[1], nn.CrossEntropyLoss(), True),
     "tiny-gpt": (TinyGPT, *_gpt, next_token_loss, True),
     "tiny-gpt-partly-frozen": (_partly_frozen_gpt, *_gpt, next_token_loss, True),
@@ -169,6 +210,32 @@ def test_frozen_parameters_are_not_measured():
     first = _trainable_grads(model, nn.CrossEntropyLoss(), x, y)[:, :5 * 7 + 7].square().sum(1)
     model[0].requires_grad_(False)
     torch.testing.assert_close(_norms(model, nn.CrossEntropyLoss(), x, y), full - first, rtol=1e-5, atol=0)
+
+
+class _HeadInLoss(nn.Module):
+    "The forward returns features; the loss applies the head (sampled softmax, a head shared with another task)."
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Sequential(nn.Linear(5, 7), nn.Tanh()), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_parameters_the_loss_uses_are_measured_or_refused():
+    """A head applied in the loss counts per example (it was left out while p.grad held it: -84% end to end); a
+    penalty added to the mean loss has no per-example gradient and is refused."""
+    torch.manual_seed(0)
+    model, x, y = _HeadInLoss(), torch.randn(B, 5), _seq[1]()
+    head_loss = lambda h, t: F.cross_entropy(model.head(h), t)  # noqa: E731
+    expected = _exact_sq_norms(nn.Sequential(model.body, model.head), nn.CrossEntropyLoss(), x, y)
+    torch.testing.assert_close(_norms(model, head_loss, x, y), expected, rtol=1e-5, atol=0)
+    dl = DataLoader(TensorDataset(torch.randn(64, 5), torch.randint(0, 3, (64,))), batch_size=8)
+    penalised = lambda h, t: head_loss(h, t) + 1e-4 * model.head.weight.square().sum()  # noqa: E731
+    with pytest.raises(ValueError, match="'head.weight' after the batch was reduced.*weight_decay"):
+        bs_find(model, dl, penalised, lr=0, num_it=5, method="per_example")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_tiny_gpt_noise_scale_within_10_percent_of_exact():
@@ -240,9 +307,17 @@ def _refused(name):
         "attention-dropout": (lambda m, x: m.mha(x.unsqueeze(1), x.unsqueeze(1), x.unsqueeze(1), need_weights=False)[
             0][:, 0], {"mha": nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)}, "random"),
         "batchnorm": (lambda m, x: m.bn(x), {"bn": nn.BatchNorm1d(4)}, "BatchNorm1d in training mode"),
+        "gradient-hook": (lambda m, x: m.lin(x), {"lin": _grad_hooked(nn.Linear(4, 4))},
+                          "'lin.weight' has a gradient hook"),
     }
     body, layers, match = cases[name]
     return (lambda: _Net(body, **layers)), match
+
+
+def _grad_hooked(layer: nn.Linear) -> nn.Linear:
+    "A gradient mask (train some rows only, as when fine-tuning new tokens): p.grad changes, per-example norms not."
+    layer.weight.register_hook(lambda g: g * torch.tensor([1.0, 1.0, 0.0, 0.0]).unsqueeze(1))
+    return layer
 
 
 def _no_grad_copy(w):
@@ -260,7 +335,7 @@ class _ParamOutput(nn.Module):
 
 
 REFUSED = ["merged-batch", "custom-function", "no-grad-use", "reduced-over-batch", "scale-grad-by-freq", "lstm-proj",
-           "lstm-dropout", "packed-sequence", "attention-dropout", "batchnorm"]
+           "lstm-dropout", "packed-sequence", "attention-dropout", "batchnorm", "gradient-hook"]
 
 
 @pytest.mark.parametrize("name", REFUSED)

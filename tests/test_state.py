@@ -135,6 +135,18 @@ def test_training_the_model_during_a_run_is_detected(digits_dl):
     assert all(torch.equal(a, b) for a, b in zip(before, _tensors(model)))
 
 
+@pytest.mark.parametrize("method", ["fixed", "per_example"])
+def test_a_forward_that_changes_its_own_weights_is_not_taken_for_another_training(method):
+    "nn.Embedding(max_norm=...) renormalises rows in place in its forward: the model's own doing, so measured."
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, max_norm=0.5), nn.Flatten(), nn.Linear(48, 10))
+    before = _tensors(model)
+    dl = DataLoader(TensorDataset(torch.randint(0, 50, (200, 6)), torch.randint(0, 10, (200,))), batch_size=10)
+    res = bs_find(model, dl, CE, lr=0.1, num_it=20, n_batch=5, method=method)
+    assert len(res.history) == (4 if method == "fixed" else 20)
+    assert all(torch.equal(a, b) for a, b in zip(before, _tensors(model)))
+
+
 def test_fit_is_refused_while_a_run_trains_a_learner():
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner

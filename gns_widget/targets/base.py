@@ -53,22 +53,67 @@ class Target:
                              "the model is called as model(*inputs) and the loss as loss_func(pred, *targets)")
         return out
 
-    def fresh_loss(self, inputs: Sequence[Any], targets: Sequence[Any], amp: torch.dtype | None = None) -> torch.Tensor:
-        "The loss of one batch with the gradients cleared for its backward, the forward under autocast when `amp`."
+    def fresh_loss(self, inputs: Sequence[Any], targets: Sequence[Any], amp: torch.dtype | None = None,
+                   around_loss: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
+        """The loss of one batch with the gradients cleared for its backward, the forward under autocast when `amp`;
+        `around_loss()` is held while the loss is computed from the prediction (per-example norms follow it)."""
         self.model.zero_grad(set_to_none=True)
         if self.loss_module is not None:
             self.loss_module.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-            return self.loss_func(self.model(*inputs), *targets)
+            pred = self.model(*inputs)
+            with around_loss():
+                return _checked_loss(self.loss_func, pred, targets)
+
+
+def _checked_loss(loss_func: Callable, pred: Any, targets: Sequence[Any]) -> torch.Tensor:
+    """`loss_func(pred, *targets)`, with the mismatches of a first run named instead of surfacing deep in autograd:
+    a model that returns a tuple, dict or output object, a loss per example, a loss with no gradient."""
+    try:
+        loss = loss_func(pred, *targets)
+    except (TypeError, AttributeError) as e:
+        if isinstance(pred, torch.Tensor):
+            raise
+        raise ValueError(f"loss_func failed on the model's output, a {type(pred).__name__} rather than a tensor ({e}). "
+                         "It is called as loss_func(model(*inputs), *targets): pass one that picks the prediction, "
+                         f"e.g. loss_func=lambda out, y: nn.functional.cross_entropy({_picked(pred)}, y)") from e
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_func must return the batch's mean loss as one number (a scalar tensor), got {what}: "
+                         "use reduction='mean' (the default), or end a per-example loss with .mean()")
+    if not loss.requires_grad:
+        raise ValueError("loss_func returned a loss with no gradient to the model's trainable parameters: is it a "
+                         "metric (accuracy), or is the prediction detached before it (.detach(), .item(), .numpy(), "
+                         "torch.no_grad in the forward)?")
+    return loss
+
+
+def _picked(pred: Any) -> str:
+    "How a loss would pick the prediction out of a model's output, for the error's example."
+    if isinstance(pred, (tuple, list)):
+        return "out[0]"
+    if isinstance(pred, dict) and pred:
+        return f"out[{next(iter(pred))!r}]"
+    return "out.logits" if hasattr(pred, "logits") else "out.<prediction>"
 
 
 def pair_batch(batch: Any) -> tuple[tuple, tuple]:
     "The default batch_fn: batches are (x, y) pairs."
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return (batch[0],), (batch[1],)
+    if isinstance(batch, dict) and batch:  # Hugging Face style: name the keys in the example to copy
+        keys = list(batch)
+        y = next((k for k in keys if str(k).lower() in _TARGET_KEYS), keys[-1])
+        xs = ", ".join(f"b[{k!r}]" for k in keys if k != y)
+        raise ValueError(f"expected each batch to be an (x, y) pair, got a dict with keys {keys}: pass batch_fn to say "
+                         f"which are the model's inputs and which the loss's targets, e.g. batch_fn=lambda b: "
+                         f"(({xs},), (b[{y!r}],))")
     kind = f"a {len(batch)}-tuple" if isinstance(batch, (tuple, list)) else type(batch).__name__
     raise ValueError(f"expected each batch to be an (x, y) pair, got {kind}: pass batch_fn=lambda b: "
                      "((inputs...), (targets...)) to say how to split it")
+
+
+_TARGET_KEYS = {"y", "label", "labels", "target", "targets"}
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -123,10 +168,11 @@ def check_model(model: nn.Module) -> None:
 
 
 def check_loss(loss_func: Any) -> None:
-    "A loss that sums over the batch makes each batch's gradient grow with its size: the estimator needs means."
-    if getattr(loss_func, "reduction", "mean") == "sum":
-        raise ValueError("loss_func must average over the batch (reduction='mean'), not sum: the noise scale "
-                         "is defined for mean gradients")
+    "A loss summed over the batch grows its gradient with the batch size, one per example is no gradient: means only."
+    reduction = getattr(loss_func, "reduction", "mean")
+    if reduction in ("sum", "none"):
+        raise ValueError(f"loss_func must average over the batch (reduction='mean'), not reduction={reduction!r}: the "
+                         "noise scale is defined for mean gradients")
 
 
 def check_device(device: Any) -> torch.device:
