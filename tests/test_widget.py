@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 import gns_widget
 from gns_widget import GNSWidget
@@ -686,3 +688,17 @@ def test_epochs_box_gives_the_advice_an_epoch_budget(train_dl):
     assert html.escape(f"epochs 4 → {w.advice().epochs}") in w.result_box.value and "epochs 8" not in w.result_box.value
     w.epochs_text.value = 0  # not given: a factor, no number
     assert w.advice().epochs is None and "pass epochs=" in w.result_box.value
+
+
+def test_a_measurement_warning_is_given_when_the_panel_is_built_not_again_on_start(train_dl):
+    "An unshuffled loader is named under the cell that builds the panel; the worker thread's run does not repeat it."
+    dl = DataLoader(train_dl.dataset, batch_size=32)  # shuffle=False
+    with pytest.warns(UserWarning, match="does not shuffle"):
+        w = GNSWidget(mlp(), dl, nn.CrossEntropyLoss(), **QUICK)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # no help from Python's once-per-line registry
+        assert w.start()
+        assert w.wait(timeout=120) is not None
+    assert not [c for c in caught if "does not shuffle" in str(c.message)]
+    with pytest.warns(UserWarning, match="does not shuffle"):  # another loader is told anew
+        GNSWidget(mlp(), DataLoader(train_dl.dataset, batch_size=16), nn.CrossEntropyLoss(), **QUICK)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import warnings
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from ..loaders import shuffles
 from .base import Target, user_stacklevel
-from .fastai import learner_target, warn_unrun_callbacks
+from .fastai import learner_target, unrun_callbacks_warning
 from .torch import module_target
 
 __all__ = ["Target", "as_target"]
@@ -37,12 +38,33 @@ def as_target(target: Any, train_dl: Any = None, loss_func: Any = None, *, opt: 
     if not measuring:
         return tgt
     if isinstance(target, Learner) and batch_fn is None and loss_func is None:  # either: the step was made to match
-        warn_unrun_callbacks(target)
+        _warn_once(target, unrun_callbacks_warning(target))
     if shuffles(tgt.train_dl) is False:
         # the estimator's batches are random draws from the training set: a fixed order (sorted, grouped or
         # time-ordered data) biases it, and the same few windows repeat every epoch
-        warnings.warn("train_dl does not shuffle: the noise scale assumes every batch is a random draw from the "
-                      "training set, so batches in a fixed order (sorted, grouped or time-ordered data) bias it, "
-                      "and the same windows come back every epoch. Measure on the shuffled loader you train with: "
-                      "DataLoader(dataset, batch_size=..., shuffle=True), in fastai too", stacklevel=user_stacklevel())
+        _warn_once(tgt.train_dl, "train_dl does not shuffle: the noise scale assumes every batch is a random draw "
+                   "from the training set, so batches in a fixed order (sorted, grouped or time-ordered data) bias "
+                   "it, and the same windows come back every epoch. Measure on the shuffled loader you train with: "
+                   "DataLoader(dataset, batch_size=..., shuffle=True), in fastai too")
     return tgt
+
+
+# the measurement warnings already given, by the object they are about (a loader, a Learner)
+_WARNED: WeakKeyDictionary[Any, set[str]] = WeakKeyDictionary()
+
+
+def _warn_once(about: Any, message: str | None) -> None:
+    """Give a measurement warning once per object it is about, as Python gives one once per line of code.
+
+    The panel builds its target when it is made, where the warning shows under the cell, and again on every
+    Start, from a worker thread whose output lands wherever the kernel puts it: said once is enough.
+    """
+    if message is None:
+        return
+    try:
+        seen = _WARNED.setdefault(about, set())
+    except TypeError:  # not weakly referenceable or not hashable: say it every time
+        seen = set()
+    if message not in seen:
+        seen.add(message)
+        warnings.warn(message, stacklevel=user_stacklevel())

@@ -6,12 +6,11 @@ with all its transforms, split into inputs and targets with `dls.n_inp` as fasta
 Each step is a plain training step, not `learn.fit`: the Learner's callbacks do not run, so
 those that would change the batch, the prediction, the loss or the gradients (MixUp,
 GradientAccumulation, BnFreeze, a user's `before_batch`) are named in a warning
-(`warn_unrun_callbacks`, issued by `as_target` for a measurement). While a run trains the Learner's model,
+(`unrun_callbacks_warning`, issued by `as_target` for a measurement). While a run trains the Learner's model,
 `learn.fit` on it is refused (its training would be undone when the run restores the weights).
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,10 +20,10 @@ from fastai.learner import Learner
 
 from ..guard import FinderBusyError
 from ..loaders import current_batch_size, dataset_len
-from .base import BatchFn, Target, check_device, check_loss, check_model, default_device, user_stacklevel
+from .base import BatchFn, Target, check_device, check_loss, check_model, default_device
 from .torch import module_target
 
-__all__ = ["learner_target", "warn_unrun_callbacks"]
+__all__ = ["learner_target", "unrun_callbacks_warning"]
 
 
 def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = None, opt: Any = None,
@@ -56,8 +55,9 @@ _STEP_EVENTS = ("before_train", "before_batch", "after_pred", "after_loss", "bef
                 "before_step")
 
 
-def warn_unrun_callbacks(learn: Learner) -> None:
-    """Name the Learner's callbacks that would shape a training step but do not run in the finder's.
+def unrun_callbacks_warning(learn: Learner) -> str | None:
+    """The warning that names the Learner's callbacks that would shape a training step but do not run in the
+    finder's (None when there are none).
 
     Without the warning MixUp's mixed batches, GradientAccumulation's bigger steps or a `before_batch` that
     reshapes the input would be silently left out of the measurement. fastai's own bookkeeping, MixedPrecision
@@ -76,17 +76,16 @@ def warn_unrun_callbacks(learn: Learner) -> None:
     unrun = [cb for cb in learn.cbs if not isinstance(cb, harmless) and not type(cb).__module__.startswith("gns_widget")
              and any(getattr(type(cb), e, None) is not None for e in _STEP_EVENTS)]
     if not unrun:
-        return
+        return None
     names = ", ".join(type(cb).__name__ for cb in unrun)
     acc = next((cb for cb in unrun if isinstance(cb, GradientAccumulation)), None)
     extra = (f" GradientAccumulation steps once per {acc.n_acc} examples, but the advice is for the loader's "
              f"batch size {learn.dls.train.bs}." if acc is not None else "")
-    warnings.warn(f"bs_find runs plain training steps on learn.dls.train (learn.model, then learn.loss_func), not "
-                  f"learn.fit, so these callbacks of the Learner take no part in the measurement: {names}. Where one "
-                  "changes the batch, the prediction, the loss or the gradients, the noise scale is that of training "
-                  f"without it.{extra} Do the same change in bs_find's batch_fn= or loss_func= (either one silences "
-                  "this), or measure during real training with learn.fit(..., cbs=GNSCallback()), which runs them all",
-                  stacklevel=user_stacklevel())
+    return (f"bs_find runs plain training steps on learn.dls.train (learn.model, then learn.loss_func), not "
+            f"learn.fit, so these callbacks of the Learner take no part in the measurement: {names}. Where one "
+            "changes the batch, the prediction, the loss or the gradients, the noise scale is that of training "
+            f"without it.{extra} Do the same change in bs_find's batch_fn= or loss_func= (either one silences "
+            "this), or measure during real training with learn.fit(..., cbs=GNSCallback()), which runs them all")
 
 
 class _FinderRunning(Callback):
