@@ -5,7 +5,7 @@
 # package index (../shared/GPU.md); its device time is short (minutes), so everything it needs is made
 # here and carried:
 #
-#   benchmarks/gpu_check.sh prepare    # here, once after `make install`: .whl/ and .data/ (git-ignored)
+#   benchmarks/gpu_check.sh prepare    # here, once after `make install`: .whl/ and .data/ (in .gitignore)
 #
 # then, with the device tool (carry [".whl", ".data"]), from the project root:
 #
@@ -44,7 +44,6 @@ prepare() {
     .data/ISLP/data/
   echo '"Only data/Bikeshare.csv of ISLP 0.6.0, carried to the GPU machine by benchmarks/gpu_check.sh."' \
     > .data/ISLP/__init__.py
-  grep -qx '/.data/' .git/info/exclude 2>/dev/null || echo '/.data/' >> .git/info/exclude
   du -sh .whl .data
   echo "carry both (64 MiB at most): $(du -sch .whl .data | tail -1 | cut -f1)"
 }
