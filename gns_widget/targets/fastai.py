@@ -37,13 +37,13 @@ def learner_target(learn: Learner, *, train_dl: Any = None, loss_func: Any = Non
         return b[:i], b[i:]
 
     device = check_device(device if device is not None else (learn.dls.device or default_device()))
-    check_loss(loss_func or learn.loss_func)
-    if opt is not None:  # the user's own optimizer: the same rules as for a plain module
-        tgt = module_target(learn.model, dl, loss_func or learn.loss_func, opt=opt, device=device,
-                            batch_fn=batch_fn or split)
+    loss_func = loss_func or learn.loss_func
+    if opt is not None:  # the user's own optimizer: the same rules as for a plain module (check_loss included)
+        tgt = module_target(learn.model, dl, loss_func, opt=opt, device=device, batch_fn=batch_fn or split)
         tgt.during_run = lambda: _refusing_fit(learn)
         return tgt
-    return Target(model=learn.model, train_dl=dl, loss_func=loss_func or learn.loss_func,
+    check_loss(loss_func)
+    return Target(model=learn.model, train_dl=dl, loss_func=loss_func,
                   split_batch=batch_fn or split,
                   make_opt=lambda lr: learn.opt_func(learn.splitter(learn.model), lr=lr), user_opt=None,
                   device=device, batch_size=current_batch_size(dl), n_train=dataset_len(dl),
