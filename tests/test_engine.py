@@ -83,6 +83,25 @@ def test_fixed_mode_steps_once_per_window_and_sequential_every_batch(mlp, digits
     assert counts == {"fixed": 4, "sequential": 20}
 
 
+@pytest.mark.parametrize("as_factory", [False, True])
+def test_the_lr_sets_the_top_group_and_other_groups_keep_their_ratio(mlp, digits_dl, as_factory):
+    "Discriminative lrs are part of how the user trains: the body at 1/100 of the head, a group held still at 0."
+    made = []
+
+    def make(params=None):
+        made.append(torch.optim.SGD([{"params": [mlp[0].weight], "lr": 1e-3}, {"params": [mlp[0].bias], "lr": 0.0},
+                                     {"params": list(mlp[1:].parameters()), "lr": 0.1}]))
+        return made[-1]
+    opt = make if as_factory else make()
+    bias, seen = mlp[0].bias.detach().clone(), []
+    bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0.5, num_it=10, n_batch=5, opt=opt,
+            on_update=lambda r: seen.append([g["lr"] for g in made[-1].param_groups]
+                                            + [torch.equal(mlp[0].bias.cpu(), bias)]))
+    assert seen and all(s == [pytest.approx(5e-3), 0.0, 0.5, True] for s in seen)
+    assert [g["lr"] for g in made[0].param_groups] == ([1e-3, 0.0, 0.1] if not as_factory else
+                                                      [pytest.approx(5e-3), 0.0, 0.5])  # the user's come back
+
+
 def test_lr_zero_measures_without_moving_weights(mlp, digits_dl):
     w0 = {k: v.clone() for k, v in mlp.state_dict().items() if "running" not in k and "num_batches" not in k}
     moved = []

@@ -44,10 +44,16 @@ def _device_for(model: nn.Module) -> torch.device:
 
 
 def _with_lr(opt: Any, lr: float) -> Any:
-    "The finder's lr replaces the optimizer's for the run (the user's value comes back on restore)."
+    """The finder's lr becomes the largest group's for the run; the other groups keep their ratio to it.
+
+    Discriminative lrs (a body at 1e-5 under a head at 1e-3, a group held still at lr 0) are part of how the
+    user trains: flattened to one lr, the mock run would train the body 100x too fast. The user's values come
+    back on restore.
+    """
     if not hasattr(opt, "param_groups"):
         raise ValueError(f"opt: the factory returned {type(opt).__name__}, not an optimizer; it must return one, "
                          "e.g. opt=lambda params: torch.optim.Adam(params, lr=1e-3)")
+    top = max((float(g["lr"]) for g in opt.param_groups), default=0.0)
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * float(group["lr"]) / top if top > 0 else lr
     return opt
