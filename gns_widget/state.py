@@ -9,7 +9,8 @@ What counts as the user's: every parameter and buffer of the model (non-persiste
 included, which `state_dict` leaves out) and of a loss module, every parameter the user's
 optimizer steps (a learnable temperature outside the model, say), their gradients, the
 optimizer's state, each module's train/eval mode, the global RNGs, and the random generators a
-loader and its samplers own (torch, numpy and Python ones).
+loader and its samplers own (torch, numpy and Python ones). Persistent loader workers the run
+started are shut down, so the user's next epoch starts them afresh from the restored RNG.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class UserState:
         self.opt_state = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
         self.rng = _rng_state()
         self.loader_rngs = _owned_generators(loader)
+        self.loader_workers = getattr(loader, "_iterator", None)
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -69,6 +71,22 @@ class UserState:
         for owner, name, gen, state in self.loader_rngs:
             setattr(owner, name, gen)  # fastai swaps its Random for a new one every epoch: put the original back
             _set_generator_state(gen, state)
+        self._drop_run_workers()
+
+    def _drop_run_workers(self) -> None:
+        """Shut down persistent workers (`persistent_workers=True`) that the run started.
+
+        Each worker seeds its RNGs once, when it starts, and the run's batches advanced them: left alive, they
+        would give the user's first epoch other augmentations than it would have had. Started afresh by the
+        user's next epoch, they are seeded from the restored global RNG, as without the run. Workers that were
+        running before the run cannot be rewound; they are left as they are.
+        """
+        workers = getattr(self.loader, "_iterator", None)
+        if workers is not None and workers is not self.loader_workers:
+            shutdown = getattr(workers, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self.loader._iterator = None
 
 
 def _copy(t: Tensor) -> Tensor:

@@ -71,6 +71,35 @@ def test_loss_parameters_buffers_and_sampler_generators_come_back(digits_dl):
     assert loss.log_t.grad is None
 
 
+class _Augmented(torch.utils.data.Dataset):
+    "Random noise drawn in the worker, as an augmentation is: from the RNG each worker seeds when it starts."
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(self.x.shape[1:]), self.y[i]
+
+
+def test_persistent_workers_the_run_started_do_not_shift_the_users_first_epoch(digits_dl):
+    "Each worker seeds its RNG when it starts: kept alive after the run, it gave the first epoch other noise."
+    x, y = digits_dl.dataset.tensors
+
+    def first_epoch(find: bool):
+        torch.manual_seed(0)
+        dl = DataLoader(_Augmented(x[:256], y[:256]), batch_size=32, shuffle=True, num_workers=2,
+                        persistent_workers=True)
+        model = nn.Linear(64, 10)
+        if find:
+            bs_find(model, dl, nn.CrossEntropyLoss(), lr=0.01, num_it=20, n_batch=5, device="cpu")
+        return torch.cat([xb for xb, _ in dl])
+
+    assert torch.equal(first_epoch(False), first_epoch(True))
+
+
 def _slow_loader(x, y, started: threading.Event):
     class Slow:
         def __iter__(self):
