@@ -235,6 +235,8 @@ class PerExampleNorms:
             return out
         if func is F.batch_norm and bind(args, kwargs, _BN_ARGS)[5]:
             raise ValueError(f"batch_norm in training mode mixes the examples of a batch: {_FIXED}")
+        if func in _EMBEDDINGS:
+            self._refuse_embedding_flags(func, args, kwargs)
         if not torch.is_grad_enabled():
             return self._without_grad(func, args, kwargs)
         if not bdims:
@@ -266,6 +268,17 @@ class PerExampleNorms:
             if out is not _NO_RULE:
                 return out
         return self._replayed(func, args, kwargs, bdims, None)
+
+    def _refuse_embedding_flags(self, func: Callable, args: tuple, kwargs: dict) -> None:
+        "`sparse=True` and `scale_grad_by_freq=True` of `embedding` and `embedding_bag`, refused before they run."
+        names, defaults = _EMBEDDINGS[func]
+        got = dict(zip(names, bind(args, kwargs, names, defaults)))
+        if got["sparse"]:  # p.grad would be sparse: crashed inside the replay's vmap, or when norming p.grad
+            raise ValueError(f"{_name(func)}(sparse=True) gives the parameter {self._named_in(args, kwargs)} a sparse "
+                             "gradient, which no method can measure: use dense gradients (sparse=False) to measure it")
+        if got["scale_grad_by_freq"]:
+            raise ValueError(f"{_name(func)}(scale_grad_by_freq=True) scales each gradient by token counts over the "
+                             f"whole batch, so examples interact: {_FIXED}")
 
     def _without_grad(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         out = func(*args, **kwargs)
@@ -411,14 +424,10 @@ class PerExampleNorms:
         return out
 
     def _embedding(self, args: tuple, kwargs: dict) -> Any:
-        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-        idx, w, padding_idx, *_, by_freq, _ = bind(args, kwargs, names, (None, None, 2.0, False, False))
+        idx, w, padding_idx = bind(args, kwargs, *_EMBEDDINGS[F.embedding])[:3]
         use = self._direct(w)
         if use is None or idx not in self._batched:
             return _NO_RULE
-        if by_freq:
-            raise ValueError("embedding(scale_grad_by_freq=True) scales each gradient by token counts over the whole "
-                             f"batch, so examples interact: {_FIXED}")
         out = F.embedding(*args, **kwargs)
         saved = _plain(idx.detach())
         self._hook([out], 0, {id(w)},
@@ -609,6 +618,13 @@ _RULES: dict[Callable, Callable] = {
 }
 if hasattr(F, "rms_norm"):
     _RULES[F.rms_norm] = lambda self, a, k: self._norm(a, k, rms=True)
+_EMBEDDINGS = {  # argument names and the defaults of the optional ones
+    F.embedding: (("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+                  (None, None, 2.0, False, False)),
+    F.embedding_bag: (("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+                       "per_sample_weights", "include_last_offset", "padding_idx"),
+                      (None, None, 2, False, "mean", False, None, False, None)),
+}
 _FACTORIES = {"zeros", "ones", "full", "empty", "randn", "rand", "randint", "normal"}
 _EXPANDS = {torch.Tensor.expand, torch.Tensor.repeat, torch.broadcast_to, torch.Tensor.broadcast_to}
 
