@@ -245,7 +245,7 @@ class PerExampleNorms:
                 out = func(*args, **kwargs)
                 self._mark_derived(func, args, kwargs, out)
                 return out
-            return self._replayed(func, args, kwargs, [], one)
+            return self._replayed(func, args, kwargs, [], (one, kwargs))
         if func in _RNNS:
             return self._rnn(func, args, kwargs, bdims)
         if func is F.multi_head_attention_forward:
@@ -267,7 +267,7 @@ class PerExampleNorms:
             out = rule(self, args, kwargs)
             if out is not _NO_RULE:
                 return out
-        return self._replayed(func, args, kwargs, bdims, None)
+        return self._replayed(func, args, kwargs, bdims, _replay_args(func, args, kwargs))
 
     def _refuse_embedding_flags(self, func: Callable, args: tuple, kwargs: dict) -> None:
         "`sparse=True` and `scale_grad_by_freq=True` of `embedding` and `embedding_bag`, refused before they run."
@@ -347,12 +347,13 @@ class PerExampleNorms:
                                  f"mixed, so per-example gradients do not exist; {_FIXED}")
 
     # --- rules --------------------------------------------------------------------------------------------------
-    def _replayed(self, func: Callable, args: tuple, kwargs: dict, bdims: list, one_sizes: tuple | None,
+    def _replayed(self, func: Callable, args: tuple, kwargs: dict, bdims: list, replay: tuple[tuple, dict] | None,
                   out_bdims: tuple[int, ...] | None = None) -> Any:
         """Any call: replay it on each example with torch.func, through the parameter-derived tensors it uses.
 
         Each batched input keeps the batch where it has it; the outputs have it where the inputs do, or at
-        `out_bdims` (one for each output, for calls that know where theirs go)."""
+        `out_bdims` (one for each output, for calls that know where theirs go). `replay` is (args, kwargs) for the
+        replay when they differ from the call's (one example's sizes, no side effects)."""
         bdim = bdims[0] if bdims else 0
         slots: dict[int, _Slot] = {}
         batched, in_bdims = [], []
@@ -361,8 +362,7 @@ class PerExampleNorms:
                 slots[id(t)] = _Slot(len(batched))
                 batched.append(_plain(t.detach().clone() if _inplace(func) else t.detach()))
                 in_bdims.append(self._batched[t])
-        t_args = self._template(one_sizes if one_sizes is not None else args, slots)
-        t_kwargs = self._template(kwargs, slots)
+        t_args, t_kwargs = self._template(replay if replay is not None else (args, kwargs), slots)
         pids = set(_params_in((t_args, t_kwargs)))
         out = func(*args, **kwargs)
         flat = list(_flat_out(out))
@@ -610,6 +610,7 @@ def _params_in(obj: Any) -> Iterator[int]:
 # --- small helpers ------------------------------------------------------------------------------------------------
 _NO_RULE = object()
 _KEEP = object()
+_IN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _RULES: dict[Callable, Callable] = {
     F.linear: PerExampleNorms._linear,
@@ -693,6 +694,22 @@ def _one_example_sizes(func: Callable, args: tuple, batch: int | None) -> tuple 
         return None
     one = (1, *sizes[1:])
     return (args[0], one) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else (args[0], *one)
+
+
+def _replay_args(func: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The arguments of a call's replay, without what the call does in place besides computing its output (None: the
+    call's own). The replay runs again in backward: `embedding_bag(max_norm=...)` would renormalise the table again
+    (vmap refuses it), `instance_norm` with running statistics would update them again (vmap refuses that too)."""
+    if func is F.embedding_bag:
+        got = bind(args, kwargs, *_EMBEDDINGS[func])
+        got[3] = None  # max_norm: the forward renormalised the rows it used, the replay reads them as they are
+        return tuple(got), {}
+    if func is F.instance_norm:
+        got = bind(args, kwargs, _IN_ARGS, (None, None, None, None, True, 0.1, 1e-5))
+        if got[5]:  # use_input_stats: the output does not read the running statistics, it only updates them
+            got[1] = got[2] = None
+        return tuple(got), {}
+    return None
 
 
 def _moved_bdim(func: Callable, args: tuple, kwargs: dict, bd: int | None) -> Any:
