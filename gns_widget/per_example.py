@@ -26,12 +26,16 @@ per-example gradient, as factors (`per_example_rules.py`):
 A parameter used several times (tied weights, a layer called twice) is exact: its uses' parts are
 added before norming.
 The loss is followed too (`in_loss`): a parameter it uses (a head applied there) is measured the same way.
+A replay leaves out what the call does in place besides its output (InstanceNorm's running statistics,
+EmbeddingBag's max_norm renormalisation): the forward did it once. torch.compile'd models run eagerly while
+measured (`torch.compiler.set_stance('force_eager')` inside the `with` block): the tracer must see every call.
 
 Supported: every model whose examples do not interact and whose parameters are used only by torch
 operations run with gradients enabled, on tensors whose batch dimension is tracked (the first
 dimension, or moved by transpose/permute/unsqueeze/indexing).
 Refused with a ValueError naming the problem (use method='fixed' instead):
-- BatchNorm in training mode (examples interact), `embedding(scale_grad_by_freq=True)`;
+- BatchNorm in training mode (examples interact), `embedding`/`embedding_bag(scale_grad_by_freq=True)`;
+- `sparse=True` embeddings (no method measures sparse gradients: use sparse=False);
 - a parameter meeting a tensor whose batch dimension was lost or merged (`x.view(-1, d)` before a
   layer, a reduction over the batch) or a call whose output has no batch dimension;
 - a parameter used with gradients disabled inside the forward (a custom `autograd.Function`, a
@@ -107,10 +111,16 @@ class PerExampleNorms:
         self.params = list(self._params.values())  # what is measured: the big-batch norm must be of these too
         self._handles: list[Any] = []
         self._mode: _Tracer | None = None
+        self._stance: Any = None
         self._reset()
 
     def __enter__(self) -> PerExampleNorms:
         self._refuse_gradient_hooks()
+        # torch.compile'd code runs eagerly inside the block: the tracer must see every call, and dynamo would
+        # otherwise compile it for each call's signature until its recompile limit (warnings, minutes), then run
+        # it eagerly all the same (`model.compile()` compiles the forward hooks, so this holds for the whole block)
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        self._stance = set_stance("force_eager") if set_stance is not None else None
         self._handles = [self.model.register_forward_pre_hook(self._start, with_kwargs=True),
                          self.model.register_forward_hook(self._stop, always_call=True)]
         self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm) for m in self.model.modules()
@@ -122,6 +132,9 @@ class PerExampleNorms:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)  # the stance the block started with
+            self._stance = None
         self._reset()
 
     @contextmanager
