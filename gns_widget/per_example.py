@@ -26,12 +26,16 @@ per-example gradient, as factors (`per_example_rules.py`):
 A parameter used several times (tied weights, a layer called twice) is exact: its uses' parts are
 added before norming.
 The loss is followed too (`in_loss`): a parameter it uses (a head applied there) is measured the same way.
+A replay leaves out what the call does in place besides its output (InstanceNorm's running statistics,
+EmbeddingBag's max_norm renormalisation): the forward did it once. torch.compile'd models run eagerly while
+measured (`torch.compiler.set_stance('force_eager')` inside the `with` block): the tracer must see every call.
 
 Supported: every model whose examples do not interact and whose parameters are used only by torch
 operations run with gradients enabled, on tensors whose batch dimension is tracked (the first
 dimension, or moved by transpose/permute/unsqueeze/indexing).
 Refused with a ValueError naming the problem (use method='fixed' instead):
-- BatchNorm in training mode (examples interact), `embedding(scale_grad_by_freq=True)`;
+- BatchNorm in training mode (examples interact), `embedding`/`embedding_bag(scale_grad_by_freq=True)`;
+- `sparse=True` embeddings (no method measures sparse gradients: use sparse=False);
 - a parameter meeting a tensor whose batch dimension was lost or merged (`x.view(-1, d)` before a
   layer, a reduction over the batch) or a call whose output has no batch dimension;
 - a parameter used with gradients disabled inside the forward (a custom `autograd.Function`, a
@@ -107,10 +111,16 @@ class PerExampleNorms:
         self.params = list(self._params.values())  # what is measured: the big-batch norm must be of these too
         self._handles: list[Any] = []
         self._mode: _Tracer | None = None
+        self._stance: Any = None
         self._reset()
 
     def __enter__(self) -> PerExampleNorms:
         self._refuse_gradient_hooks()
+        # torch.compile'd code runs eagerly inside the block: the tracer must see every call, and dynamo would
+        # otherwise compile it for each call's signature until its recompile limit (warnings, minutes), then run
+        # it eagerly all the same (`model.compile()` compiles the forward hooks, so this holds for the whole block)
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        self._stance = set_stance("force_eager") if set_stance is not None else None
         self._handles = [self.model.register_forward_pre_hook(self._start, with_kwargs=True),
                          self.model.register_forward_hook(self._stop, always_call=True)]
         self._handles += [m.register_forward_pre_hook(self._refuse_batch_norm) for m in self.model.modules()
@@ -122,6 +132,9 @@ class PerExampleNorms:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)  # the stance the block started with
+            self._stance = None
         self._reset()
 
     @contextmanager
@@ -235,6 +248,8 @@ class PerExampleNorms:
             return out
         if func is F.batch_norm and bind(args, kwargs, _BN_ARGS)[5]:
             raise ValueError(f"batch_norm in training mode mixes the examples of a batch: {_FIXED}")
+        if func in _EMBEDDINGS:
+            self._refuse_embedding_flags(func, args, kwargs)
         if not torch.is_grad_enabled():
             return self._without_grad(func, args, kwargs)
         if not bdims:
@@ -243,7 +258,7 @@ class PerExampleNorms:
                 out = func(*args, **kwargs)
                 self._mark_derived(func, args, kwargs, out)
                 return out
-            return self._replayed(func, args, kwargs, [], one)
+            return self._replayed(func, args, kwargs, [], (one, kwargs))
         if func in _RNNS:
             return self._rnn(func, args, kwargs, bdims)
         if func is F.multi_head_attention_forward:
@@ -265,7 +280,18 @@ class PerExampleNorms:
             out = rule(self, args, kwargs)
             if out is not _NO_RULE:
                 return out
-        return self._replayed(func, args, kwargs, bdims, None)
+        return self._replayed(func, args, kwargs, bdims, _replay_args(func, args, kwargs))
+
+    def _refuse_embedding_flags(self, func: Callable, args: tuple, kwargs: dict) -> None:
+        "`sparse=True` and `scale_grad_by_freq=True` of `embedding` and `embedding_bag`, refused before they run."
+        names, defaults = _EMBEDDINGS[func]
+        got = dict(zip(names, bind(args, kwargs, names, defaults)))
+        if got["sparse"]:  # p.grad would be sparse: crashed inside the replay's vmap, or when norming p.grad
+            raise ValueError(f"{_name(func)}(sparse=True) gives the parameter {self._named_in(args, kwargs)} a sparse "
+                             "gradient, which no method can measure: use dense gradients (sparse=False) to measure it")
+        if got["scale_grad_by_freq"]:
+            raise ValueError(f"{_name(func)}(scale_grad_by_freq=True) scales each gradient by token counts over the "
+                             f"whole batch, so examples interact: {_FIXED}")
 
     def _without_grad(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         out = func(*args, **kwargs)
@@ -334,12 +360,13 @@ class PerExampleNorms:
                                  f"mixed, so per-example gradients do not exist; {_FIXED}")
 
     # --- rules --------------------------------------------------------------------------------------------------
-    def _replayed(self, func: Callable, args: tuple, kwargs: dict, bdims: list, one_sizes: tuple | None,
+    def _replayed(self, func: Callable, args: tuple, kwargs: dict, bdims: list, replay: tuple[tuple, dict] | None,
                   out_bdims: tuple[int, ...] | None = None) -> Any:
         """Any call: replay it on each example with torch.func, through the parameter-derived tensors it uses.
 
         Each batched input keeps the batch where it has it; the outputs have it where the inputs do, or at
-        `out_bdims` (one for each output, for calls that know where theirs go)."""
+        `out_bdims` (one for each output, for calls that know where theirs go). `replay` is (args, kwargs) for the
+        replay when they differ from the call's (one example's sizes, no side effects)."""
         bdim = bdims[0] if bdims else 0
         slots: dict[int, _Slot] = {}
         batched, in_bdims = [], []
@@ -348,8 +375,7 @@ class PerExampleNorms:
                 slots[id(t)] = _Slot(len(batched))
                 batched.append(_plain(t.detach().clone() if _inplace(func) else t.detach()))
                 in_bdims.append(self._batched[t])
-        t_args = self._template(one_sizes if one_sizes is not None else args, slots)
-        t_kwargs = self._template(kwargs, slots)
+        t_args, t_kwargs = self._template(replay if replay is not None else (args, kwargs), slots)
         pids = set(_params_in((t_args, t_kwargs)))
         out = func(*args, **kwargs)
         flat = list(_flat_out(out))
@@ -411,14 +437,10 @@ class PerExampleNorms:
         return out
 
     def _embedding(self, args: tuple, kwargs: dict) -> Any:
-        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-        idx, w, padding_idx, *_, by_freq, _ = bind(args, kwargs, names, (None, None, 2.0, False, False))
+        idx, w, padding_idx = bind(args, kwargs, *_EMBEDDINGS[F.embedding])[:3]
         use = self._direct(w)
         if use is None or idx not in self._batched:
             return _NO_RULE
-        if by_freq:
-            raise ValueError("embedding(scale_grad_by_freq=True) scales each gradient by token counts over the whole "
-                             f"batch, so examples interact: {_FIXED}")
         out = F.embedding(*args, **kwargs)
         saved = _plain(idx.detach())
         self._hook([out], 0, {id(w)},
@@ -601,6 +623,7 @@ def _params_in(obj: Any) -> Iterator[int]:
 # --- small helpers ------------------------------------------------------------------------------------------------
 _NO_RULE = object()
 _KEEP = object()
+_IN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 _RULES: dict[Callable, Callable] = {
     F.linear: PerExampleNorms._linear,
@@ -609,6 +632,13 @@ _RULES: dict[Callable, Callable] = {
 }
 if hasattr(F, "rms_norm"):
     _RULES[F.rms_norm] = lambda self, a, k: self._norm(a, k, rms=True)
+_EMBEDDINGS = {  # argument names and the defaults of the optional ones
+    F.embedding: (("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+                  (None, None, 2.0, False, False)),
+    F.embedding_bag: (("input", "weight", "offsets", "max_norm", "norm_type", "scale_grad_by_freq", "mode", "sparse",
+                       "per_sample_weights", "include_last_offset", "padding_idx"),
+                      (None, None, 2, False, "mean", False, None, False, None)),
+}
 _FACTORIES = {"zeros", "ones", "full", "empty", "randn", "rand", "randint", "normal"}
 _EXPANDS = {torch.Tensor.expand, torch.Tensor.repeat, torch.broadcast_to, torch.Tensor.broadcast_to}
 
@@ -677,6 +707,22 @@ def _one_example_sizes(func: Callable, args: tuple, batch: int | None) -> tuple 
         return None
     one = (1, *sizes[1:])
     return (args[0], one) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else (args[0], *one)
+
+
+def _replay_args(func: Callable, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The arguments of a call's replay, without what the call does in place besides computing its output (None: the
+    call's own). The replay runs again in backward: `embedding_bag(max_norm=...)` would renormalise the table again
+    (vmap refuses it), `instance_norm` with running statistics would update them again (vmap refuses that too)."""
+    if func is F.embedding_bag:
+        got = bind(args, kwargs, *_EMBEDDINGS[func])
+        got[3] = None  # max_norm: the forward renormalised the rows it used, the replay reads them as they are
+        return tuple(got), {}
+    if func is F.instance_norm:
+        got = bind(args, kwargs, _IN_ARGS, (None, None, None, None, True, 0.1, 1e-5))
+        if got[5]:  # use_input_stats: the output does not read the running statistics, it only updates them
+            got[1] = got[2] = None
+        return tuple(got), {}
+    return None
 
 
 def _moved_bdim(func: Callable, args: tuple, kwargs: dict, bd: int | None) -> Any:
