@@ -90,6 +90,7 @@ def test_result_advice_uses_the_memory_plan_at_the_advised_size(digits_result):
     assert a.micro_batch_size * a.accumulation_steps >= a.batch_size > 10
 
 
+@pytest.mark.filterwarnings(r"ignore:bs=\d+ leaves:UserWarning")
 def test_apply_rebuilds_a_plain_batch_sampler():
     "DataLoader(batch_sampler=BatchSampler(...)) is an ordinary batched loader: rebuild it, sampler and drop_last kept."
     sampler = RandomSampler(DS, generator=torch.Generator().manual_seed(0))
@@ -99,6 +100,7 @@ def test_apply_rebuilds_a_plain_batch_sampler():
     assert len(new) == 3 and len(next(iter(new))[0]) == 32
 
 
+@pytest.mark.filterwarnings(r"ignore:bs=\d+ leaves:UserWarning")
 def test_apply_keeps_a_weighted_sampler_and_worker_settings():
     weights = torch.ones(100)
     sampler = WeightedRandomSampler(weights, 100)
