@@ -87,7 +87,8 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
         why = (f"the noise scale suggests {suggested_bs}, but {n_train:,} training examples would give "
                f"{n_train / suggested_bs:.2g} optimizer steps per epoch")
         if suggested_bs > batch_size >= cap:  # the cap must not turn a bigger suggestion into a smaller batch
-            parts.append(f"{why}: a batch bigger than {batch_size} leaves fewer than {MIN_STEPS_PER_EPOCH}")
+            parts.append(f"{why}: a batch bigger than {batch_size} would leave fewer than {MIN_STEPS_PER_EPOCH} steps "
+                         "per epoch")
             bs = batch_size
         else:
             parts.append(f"{why}: capped at {cap} (≥ {MIN_STEPS_PER_EPOCH} steps per epoch)")
