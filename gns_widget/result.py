@@ -62,7 +62,8 @@ class GNSResult:
         self.n_dropped = n_dropped  # windows left out whole because such a batch was found at their end
         self._interval = noise_scale_interval(self.history.noise_raw, self.history.scale_raw, self.decay,
                                               weights=self.history.n_batch)
-        self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval)
+        self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval,
+                                                         trained=isinstance(lr, (int, float)) and lr > 0)
         self.memory_plan: MemoryPlan | None = None  # set when the suggestion was checked against device memory
 
     @property

@@ -4,6 +4,7 @@ Each test is a case where following the advice (or the README's recipe) hurt or 
 """
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from gns_widget.advice import MIN_STEPS_PER_EPOCH, advise
 from gns_widget.datasets import digits_loaders
 from gns_widget.loaders import current_batch_size
 from gns_widget.memory_plan import plan_batch
-from gns_widget.suggest import lr_factor
+from gns_widget.suggest import lr_factor, suggest_batch_size
 
 DS = TensorDataset(torch.arange(100).float(), torch.arange(100))
 
@@ -124,3 +125,31 @@ def test_apply_warns_when_an_epoch_keeps_too_few_steps():
         warnings.simplefilter("error")
         apply_batch_size(dl, 100 // MIN_STEPS_PER_EPOCH)  # exactly the advice's minimum: no warning
         apply_batch_size(DataLoader(DS, batch_size=32), 32)  # as few steps as before: not the change's doing
+
+
+def _losses_history(losses, noise_scale=5.0):
+    n = len(losses)
+    return pd.DataFrame({"iteration": [10 * (i + 1) for i in range(n)], "noise_scale": [noise_scale] * n,
+                         "noise": [1.0] * n, "scale": [1 / noise_scale] * n, "loss": losses})
+
+
+def test_a_run_whose_loss_rose_gives_no_suggestion():
+    "Trained at an lr the model cannot take, the loss rises and the noise scale is tiny, yet its interval is narrow."
+    rose = _losses_history([2.3, 3.7, 3.3, 1.9, 2.1, 2.0, 2.3, 2.0, 2.4, 2.5, 2.4, 2.6])
+    s = suggest_batch_size(rose, n_train=1438, trained=True)
+    assert s.bs is None and "loss rose" in s.reason and "lower lr" in s.reason and "lr=0" in s.reason
+    assert suggest_batch_size(rose, n_train=1438).bs == 4  # at lr=0 the loss is the windows' noise, not a trend
+    fell = _losses_history([2.3, 2.2, 2.1, 2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3, 1.2])
+    flat = _losses_history([0.30, 0.31, 0.29, 0.32, 0.30, 0.31, 0.30, 0.32, 0.31, 0.30, 0.31, 0.32])  # converged
+    for ok in (fell, flat):
+        assert suggest_batch_size(ok, n_train=1438, trained=True).bs == 4
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_digits_at_an_lr_it_cannot_train_with_gets_no_suggestion(seed):
+    "SGD at lr 2 on digits stays at chance (8–11% accuracy); seed 0 suggested bs 4 from a noise scale of 5.0 (4.3–6.2)."
+    torch.manual_seed(seed)
+    dl, _ = digits_loaders(bs=32, seed=seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    res = bs_find(model, dl, nn.CrossEntropyLoss(), lr=2.0, num_it=400, n_batch=10)
+    assert res.suggested_bs is None and res.advice().batch_size is None, res.reason
