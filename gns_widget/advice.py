@@ -13,9 +13,14 @@ so guards sit between the formulas and the numbers a user applies:
   chance at ×3.1 despite a warm-up, Bikeshare's loss rose 14% at ×2.5 (`benchmarks/advice.py`).
   The noise scale grows as training goes on, so a further step is for a new measurement at the
   new batch size;
-- **learning rate**: ε(B) ∝ 1/(1 + B_noise/B), linear for SGD, square root for Adam;
+  A cap never turns a bigger suggestion into a smaller batch: on a dataset too small for the
+  suggestion the user's batch size is kept (the noise scale says bigger, the step cap says no bigger);
+- **learning rate**: ε(B) ∝ 1/(1 + B_noise/B), linear for SGD, square root for Adam, named with the
+  batch size it is for (the lr of another batch size is wrong for it);
 - **epochs**: E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise), the paper's examples-to-reach-
   the-same-loss ratio, so a bigger batch gets the extra epochs it needs.
+- **memory**: when the device fits less than the advised batch in one step (the memory probe's
+  `max_fit`), how to accumulate it: the micro-batch to load, the steps, and the torch and fastai lines.
 """
 from __future__ import annotations
 
