@@ -145,11 +145,10 @@ def test_a_run_whose_loss_rose_gives_no_suggestion():
         assert suggest_batch_size(ok, n_train=1438, trained=True).bs == 4
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_digits_at_an_lr_it_cannot_train_with_gets_no_suggestion(seed):
-    "SGD at lr 2 on digits stays at chance (8–11% accuracy); seed 0 suggested bs 4 from a noise scale of 5.0 (4.3–6.2)."
-    torch.manual_seed(seed)
-    dl, _ = digits_loaders(bs=32, seed=seed)
+def test_digits_at_an_lr_it_cannot_train_with_gets_no_suggestion():
+    "SGD at lr 2 on digits stays at chance (8–11% accuracy); this seed suggested bs 4 from noise scale 5 (4.1–6.6)."
+    torch.manual_seed(0)
+    dl, _ = digits_loaders(bs=32, seed=0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     res = bs_find(model, dl, nn.CrossEntropyLoss(), lr=2.0, num_it=400, n_batch=10)
     assert res.suggested_bs is None and res.advice().batch_size is None, res.reason
