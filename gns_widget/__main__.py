@@ -50,9 +50,8 @@ def demo(args: argparse.Namespace) -> int:
                   beta=args.beta, method=args.method, on_update=progress)
     progress.close()
     print(f"{res}\n({time.perf_counter() - start:.1f}s)")
-    advice = res.lr_advice(rule="sgd") if args.lr > 0 else None
-    if advice is not None:
-        print(advice.text)
+    if res.reliable:  # the batch size, and the lr at that batch size (SGD: linear)
+        print(res.advice(args.lr if args.lr > 0 else None, rule="sgd").text)
     res.plot().savefig(args.out, dpi=90)
     print(f"plot saved to {args.out}")
     return 0

@@ -13,9 +13,14 @@ so guards sit between the formulas and the numbers a user applies:
   chance at ×3.1 despite a warm-up, Bikeshare's loss rose 14% at ×2.5 (`benchmarks/advice.py`).
   The noise scale grows as training goes on, so a further step is for a new measurement at the
   new batch size;
-- **learning rate**: ε(B) ∝ 1/(1 + B_noise/B), linear for SGD, square root for Adam;
+  A cap never turns a bigger suggestion into a smaller batch: on a dataset too small for the
+  suggestion the user's batch size is kept (the noise scale says bigger, the step cap says no bigger);
+- **learning rate**: ε(B) ∝ 1/(1 + B_noise/B), linear for SGD, square root for Adam, named with the
+  batch size it is for (the lr of another batch size is wrong for it);
 - **epochs**: E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise), the paper's examples-to-reach-
   the-same-loss ratio, so a bigger batch gets the extra epochs it needs.
+- **memory**: when the device fits less than the advised batch in one step (the memory probe's
+  `max_fit`), how to accumulate it: the micro-batch to load, the steps, and the torch and fastai lines.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 from .interval import Interval
+from .memory_plan import plan_batch
 from .suggest import lr_factor
 
 __all__ = ["BatchAdvice", "advise", "check_epochs", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR"]
@@ -34,6 +40,9 @@ MAX_LR_FACTOR = 2.0  # the batch size grows only while the paper's lr factor sta
 @dataclass(frozen=True)
 class BatchAdvice:
     """What to train with next, and why. `batch_size` is None when the measurement is not reliable.
+
+    `batch_size` is the (effective) batch the lr and epochs are for; when the device does not fit it
+    in one step, load `micro_batch_size` and accumulate `accumulation_steps` of them (`.text` says how).
 
     `lr_factor` is the applied ε(B) multiplier; `suggested_bs` the noise scale's power of two
     before the caps; `time_factor` is the (low, high) expected wall-time ratio: low if a step costs
@@ -51,6 +60,8 @@ class BatchAdvice:
     suggested_bs: int | None = None
     time_factor: tuple[float, float] | None = None
     lr_text: str = ""
+    micro_batch_size: int | None = None  # the batch to load per step: `batch_size` unless it must accumulate
+    accumulation_steps: int = 1  # micro-batches accumulated per optimizer step (see `max_fit` in `advise`)
 
     def __str__(self) -> str:
         return self.text
@@ -58,10 +69,13 @@ class BatchAdvice:
 
 def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_train: int | None = None,
            lr: float | None = None, epochs: int | None = None, rule: str = "sgd",
-           interval: Interval | None = None, reason: str = "") -> BatchAdvice:
+           interval: Interval | None = None, reason: str = "", max_fit: int | None = None,
+           lr_from_run: bool = False) -> BatchAdvice:
     """The advice for moving from `batch_size` to the suggestion `suggested_bs` (None: not reliable, `reason` why).
 
-    `lr` and `epochs` are the user's at `batch_size`; without them the advice gives factors only.
+    `lr` and `epochs` are the user's at `batch_size` (`lr_from_run`: the lr is the finder run's, not
+    one the user gave); without them the advice gives factors only. `max_fit` is the most examples
+    the device fits in one step (the memory probe's): above it the advice says how to accumulate.
     """
     if rule not in ("sgd", "adam"):
         raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
@@ -75,10 +89,15 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
     bs, parts = suggested_bs, []
     if n_train and n_train // bs < MIN_STEPS_PER_EPOCH:
         cap = 2 ** max(0, int(math.log2(max(1, n_train // MIN_STEPS_PER_EPOCH))))
-        parts.append(f"the noise scale suggests {suggested_bs}, but {n_train:,} training examples would give "
-                     f"{n_train / suggested_bs:.2g} optimizer steps per epoch: capped at {cap} "
-                     f"(≥ {MIN_STEPS_PER_EPOCH} steps per epoch)")
-        bs = cap
+        why = (f"the noise scale suggests {suggested_bs}, but {n_train:,} training examples would give "
+               f"{n_train / suggested_bs:.2g} optimizer steps per epoch")
+        if suggested_bs > batch_size >= cap:  # the cap must not turn a bigger suggestion into a smaller batch
+            parts.append(f"{why}: a batch bigger than {batch_size} would leave fewer than {MIN_STEPS_PER_EPOCH} steps "
+                         "per epoch")
+            bs = batch_size
+        else:
+            parts.append(f"{why}: capped at {cap} (≥ {MIN_STEPS_PER_EPOCH} steps per epoch)")
+            bs = cap
     followed = _lr_can_follow(batch_size, bs, noise_scale, rule)
     if followed < bs:
         parts.append(f"{bs} would need lr ×{lr_factor(batch_size, bs, noise_scale, rule):.2g}, and above "
@@ -87,25 +106,55 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
                      f"batch size {followed} to go further (the noise scale grows as training goes on)")
         bs = followed
     steps_per_epoch = math.ceil(n_train / bs) if n_train else None
-    factor = lr_factor(batch_size, bs, noise_scale, rule)
-    how = "linear (SGD)" if rule == "sgd" else "square-root (Adam)"
-    new_epochs = math.ceil(epochs * _examples_ratio(batch_size, bs, noise_scale) - 1e-9) if epochs else None
-    now = f"lr {lr:.3g} → {lr * factor:.3g} (×{factor:.3g}, " if lr else f"lr ×{factor:.3g} ("
-    lr_text = f"{now}{how} scaling, ε(B) ∝ 1/(1 + B_noise/B))"
-    parts = [f"batch size {batch_size} → {bs} (noise scale {shown})", *parts, lr_text]
-    time_factor = None
+    factor = 1.0 if bs == batch_size else lr_factor(batch_size, bs, noise_scale, rule)
+    head = (f"keep batch size {bs} (noise scale {shown})" if bs == batch_size
+            else f"batch size {batch_size} → {bs} (noise scale {shown})")
+    lr_text = _lr_text(lr, factor, bs, batch_size, rule, lr_from_run)
+    parts = [head, *parts, lr_text]
+    ratio = 1.0 if bs == batch_size else _examples_ratio(batch_size, bs, noise_scale)
+    new_epochs, time_factor = None, None
     if epochs:
-        ratio = new_epochs / epochs
-        step_ratio = ratio * batch_size / bs
-        time_factor = (step_ratio, ratio)
-        parts.append(f"epochs {epochs} → {new_epochs} (the paper's trade-off: ×{ratio:.2g} the examples, "
-                     f"×{step_ratio:.2g} the steps to reach the same loss); wall time ×{step_ratio:.2g} if a step "
-                     f"costs the same at both sizes, ×{ratio:.2g} if time is per example")
-    else:
-        parts.append(f"train ×{_examples_ratio(batch_size, bs, noise_scale):.2g} the epochs (the paper's trade-off: "
-                     "the examples needed to reach the same loss; pass epochs= for a number)")
+        new_epochs = math.ceil(epochs * ratio - 1e-9)
+        parts.append(_epochs_text(epochs, new_epochs, ratio, batch_size / bs))
+        time_factor = (new_epochs / epochs * batch_size / bs, new_epochs / epochs)
+    elif bs != batch_size:
+        parts.append(f"train ×{ratio:.2g} the epochs (the paper's trade-off: the examples needed to reach the same "
+                     "loss; pass epochs= for a number)")
+    micro, steps = bs, 1
+    if max_fit is not None and bs > max_fit:
+        plan = plan_batch(bs, max_fit)
+        micro, steps = plan.batch_size, plan.accumulation_steps
+        parts.append(f"the device fits {max_fit} per step: load batches of {micro} and accumulate {steps} of them per "
+                     f"optimizer step (effective {micro * steps}, what the lr and epochs are for): in a torch loop "
+                     f"divide the loss by {steps} and step the optimizer every {steps} batches; with fastai add "
+                     f"cbs=GradientAccumulation(n_acc={micro * steps}) (n_acc counts examples)")
     return BatchAdvice(bs, lr * factor if lr else None, new_epochs, "; ".join(parts), batch_size, shown, rule,
-                       factor, steps_per_epoch, suggested_bs, time_factor, lr_text)
+                       factor, steps_per_epoch, suggested_bs, time_factor, lr_text, micro, steps)
+
+
+def _lr_text(lr: float | None, factor: float, bs: int, old_bs: int, rule: str, from_run: bool) -> str:
+    "The lr part of the advice, naming the batch size it is for (the lr of another batch size is wrong for it)."
+    source = " (the finder run's lr: pass lr= the one you train with)" if lr and from_run else ""
+    if bs == old_bs:
+        return f"lr {lr:.3g}{source} unchanged" if lr else "lr unchanged"
+    how = "linear (SGD)" if rule == "sgd" else "square-root (Adam)"
+    now = f"lr {lr:.3g}{source} → {lr * factor:.3g} at batch size {bs} (×{factor:.3g}, " if lr else \
+        f"lr ×{factor:.3g} at batch size {bs} ("
+    return f"{now}{how} scaling, ε(B) ∝ 1/(1 + B_noise/B); every parameter group's lr, a one-cycle's max lr too)"
+
+
+def _epochs_text(epochs: int, new_epochs: int, ratio: float, step_per_example: float) -> str:
+    "Epochs with the paper's ratio, the whole-epoch rounding when it changes the cost, and the wall-time range."
+    if new_epochs == epochs:
+        return f"epochs {epochs} unchanged"
+    text = (f"epochs {epochs} → {new_epochs} (the paper's trade-off: ×{ratio:.2g} the examples, "
+            f"×{ratio * step_per_example:.2g} the steps to reach the same loss")
+    rounded = new_epochs / epochs
+    if not math.isclose(rounded, ratio, rel_tol=0.05):
+        text += (f"; rounded up to whole epochs: ×{rounded:.2g} the examples, "
+                 f"×{rounded * step_per_example:.2g} the steps")
+    return (f"{text}); wall time ×{rounded * step_per_example:.2g} if a step costs the same at both sizes, "
+            f"×{rounded:.2g} if time is per example")
 
 
 def check_epochs(epochs: object) -> None:

@@ -7,7 +7,9 @@ workers, pin_memory, drop_last and the rest.
 """
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from typing import Any
 
 from torch.utils.data import (
@@ -97,7 +99,9 @@ def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:
     set in place and the same object is returned; the validation loader is left alone, as
     its batch size does not change training. torch `DataLoader`: a new loader is returned
     with the same dataset, sampler, collate_fn, workers, pin_memory, drop_last and other
-    settings; the old one is untouched.
+    settings (a plain `BatchSampler` passed as `batch_sampler` is rebuilt around its sampler);
+    the old one is untouched. A UserWarning says when an epoch would keep fewer than
+    `MIN_STEPS_PER_EPOCH` optimizer steps (`res.suggested_bs` on a small dataset; `res.advice()` caps it).
     """
     if bs is None:  # apply_batch_size(dls, res.suggested_bs) after a run without a suggestion
         raise ValueError("bs is None: the finder made no suggestion (its result's .reason says why and what to "
@@ -105,7 +109,7 @@ def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:
     if isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1:
         raise ValueError(f"bs must be a positive integer, got {bs!r}")
     bs = int(bs)
-    _check_not_empty(dls_or_loader, bs)
+    _check_steps(dls_or_loader, bs)
     if _is_fastai_dls(dls_or_loader):
         dls_or_loader.train.bs = bs
         return dls_or_loader
@@ -118,35 +122,61 @@ def apply_batch_size(dls_or_loader: Any, bs: int) -> Any:
                     f"got {type(dls_or_loader).__name__}")
 
 
-def _check_not_empty(dls_or_loader: Any, bs: int) -> None:
-    "A loader that drops its last incomplete batch yields nothing at all once bs exceeds the dataset: refuse that."
+def _drops_last(dl: Any) -> bool:
+    "Whether the loader drops its last incomplete batch (its own flag, or its BatchSampler's)."
+    return bool(getattr(dl, "drop_last", False) or getattr(getattr(dl, "batch_sampler", None), "drop_last", False))
+
+
+def _check_steps(dls_or_loader: Any, bs: int) -> None:
+    """Refuse a batch size that leaves an epoch with no batch at all (drop_last and bs > N); warn when the
+    change leaves it fewer than MIN_STEPS_PER_EPOCH (a schedule and the noise that helps generalisation need steps)."""
+    from .advice import MIN_STEPS_PER_EPOCH  # a constant of the advice; loaders sit below it
+
     dl = dls_or_loader.train if _is_fastai_dls(dls_or_loader) else dls_or_loader
     n = dataset_len(dl)
-    if getattr(dl, "drop_last", False) and n is not None and bs > n:
+    if n is None:
+        return
+    drop = _drops_last(dl)
+    if drop and bs > n:
         raise ValueError(f"bs={bs} is larger than the training set ({n} examples) and the loader drops its last "
                          f"incomplete batch (drop_last=True), so it would yield no batch at all: use bs <= {n}")
+    old = current_batch_size(dl)
+
+    def steps(b: int) -> int:
+        return n // b if drop else math.ceil(n / b)
+
+    if steps(bs) < MIN_STEPS_PER_EPOCH and (old is None or steps(bs) < steps(old)):
+        k = steps(bs)
+        warnings.warn(f"bs={bs} leaves {k} optimizer step{'' if k == 1 else 's'} per epoch of the {n:,} training "
+                      f"examples{' (drop_last)' if drop else ''}: too few for a learning-rate schedule and the "
+                      f"noise that helps generalisation; res.advice() caps the batch so an epoch keeps at least "
+                      f"{MIN_STEPS_PER_EPOCH}", UserWarning, stacklevel=3)
 
 
 def _rebuild(dl: DataLoader, bs: int) -> DataLoader:
-    if dl.batch_size is None:
-        if dl.batch_sampler is None:
-            raise ValueError("this DataLoader has automatic batching disabled (batch_size=None): its batch size "
-                             "is set by the dataset, so change it there")
-        raise ValueError(f"this DataLoader uses a custom batch_sampler ({type(dl.batch_sampler).__name__}), whose "
-                         "batch size only it knows: rebuild the loader with your batch_sampler at the new size")
-    if type(dl.batch_sampler) is not BatchSampler:
-        raise ValueError(f"this DataLoader uses a custom batch_sampler ({type(dl.batch_sampler).__name__}): "
-                         "rebuild it with your batch_sampler at the new size")
     kwargs: dict[str, Any] = dict(
-        batch_size=bs, num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory,
-        drop_last=dl.drop_last, timeout=dl.timeout, worker_init_fn=dl.worker_init_fn,
+        num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory,
+        timeout=dl.timeout, worker_init_fn=dl.worker_init_fn,
         multiprocessing_context=dl.multiprocessing_context, generator=dl.generator,
         persistent_workers=dl.persistent_workers, pin_memory_device=dl.pin_memory_device,
     )
-    if not isinstance(dl.dataset, IterableDataset):
-        kwargs["sampler"] = dl.sampler  # the same sampler object: shuffling and its generator carry over
     if dl.num_workers > 0:
         kwargs["prefetch_factor"] = dl.prefetch_factor
     if hasattr(dl, "in_order"):
         kwargs["in_order"] = dl.in_order
-    return DataLoader(dl.dataset, **kwargs)
+    if dl.batch_size is None:
+        if dl.batch_sampler is None:
+            raise ValueError("this DataLoader has automatic batching disabled (batch_size=None): its batch size "
+                             "is set by the dataset, so change it there")
+        if type(dl.batch_sampler) is not BatchSampler:
+            raise ValueError(f"this DataLoader uses a custom batch_sampler ({type(dl.batch_sampler).__name__}), "
+                             "whose batch size only it knows: rebuild the loader with your batch_sampler at the "
+                             "new size")
+        old = dl.batch_sampler  # DataLoader(batch_sampler=BatchSampler(...)): the same batching, rebuilt at bs
+        return DataLoader(dl.dataset, batch_sampler=BatchSampler(old.sampler, bs, old.drop_last), **kwargs)
+    if type(dl.batch_sampler) is not BatchSampler:
+        raise ValueError(f"this DataLoader uses a custom batch_sampler ({type(dl.batch_sampler).__name__}): "
+                         "rebuild it with your batch_sampler at the new size")
+    if not isinstance(dl.dataset, IterableDataset):
+        kwargs["sampler"] = dl.sampler  # the same sampler object: shuffling and its generator carry over
+    return DataLoader(dl.dataset, batch_size=bs, drop_last=dl.drop_last, **kwargs)

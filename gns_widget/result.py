@@ -62,7 +62,8 @@ class GNSResult:
         self.n_dropped = n_dropped  # windows left out whole because such a batch was found at their end
         self._interval = noise_scale_interval(self.history.noise_raw, self.history.scale_raw, self.decay,
                                               weights=self.history.n_batch)
-        self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval)
+        self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval,
+                                                         trained=isinstance(lr, (int, float)) and lr > 0)
         self.memory_plan: MemoryPlan | None = None  # set when the suggestion was checked against device memory
 
     @property
@@ -101,12 +102,16 @@ class GNSResult:
 
         `lr` and `epochs` are what you train with at the current batch size (lr defaults to the
         run's when it trained); `rule` is "sgd" (linear lr scaling, the default) or "adam" (square
-        root). `.batch_size` is None when the measurement is not reliable. See `advice.py`.
+        root). `.batch_size` is None when the measurement is not reliable; when the memory probe found
+        that it does not fit, `.micro_batch_size` and `.accumulation_steps` say how to reach it. See `advice.py`.
         """
-        if lr is None and self.lr > 0:
+        from_run = lr is None and self.lr > 0
+        if from_run:
             lr = self.lr
+        plan = self.memory_plan  # probed for the raw suggestion: its per-step batch fits, re-planned for the advice's
         return advise(self.noise_scale, self.suggested_bs, self.batch_size, n_train=self.n_train, lr=lr,
-                      epochs=epochs, rule=rule or "sgd", interval=self._interval, reason=self.reason)
+                      epochs=epochs, rule=rule or "sgd", interval=self._interval, reason=self.reason,
+                      max_fit=plan.batch_size if plan is not None else None, lr_from_run=from_run)
 
     def lr_advice(self, lr: float | None = None, rule: str = "sgd") -> LRAdvice | None:
         "The learning-rate part of `advice()`: `lr` (default: the run's) at the advised batch size."

@@ -18,11 +18,13 @@ import pandas as pd
 from .interval import MIN_WINDOWS, WIDEN_TO, Interval
 
 __all__ = ["Suggestion", "LRAdvice", "suggest_batch_size", "stable_power_of_two", "lr_factor", "scale_lr",
-           "tradeoff", "MIN_ESTIMATES", "MAX_DRIFT", "MAX_HALFWIDTH"]
+           "tradeoff", "MIN_ESTIMATES", "MAX_DRIFT", "MAX_HALFWIDTH",
+           "MAX_LOSS_RISE"]
 
 MIN_ESTIMATES = MIN_WINDOWS  # windows needed before the estimate and its interval mean anything
 MAX_DRIFT = 0.25  # relative change over the run's last quarter above which it is "still moving"
 MAX_HALFWIDTH = 0.25  # the 90% interval's half-width, relative to the value, above which it is "uncertain"
+MAX_LOSS_RISE = 1.5  # while training, a window's loss this many times the first one's, and no fall after: lr too high
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,12 @@ class LRAdvice:
 
 
 def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None,
-                       interval: Interval | None = None) -> Suggestion:
+                       interval: Interval | None = None, trained: bool = False) -> Suggestion:
     """A power of two near the late-run noise scale, capped by `n_train`, or None with the reason.
 
     `interval` (from `interval.noise_scale_interval`) makes the verdict and the rounding use the
-    measurement's uncertainty; without it only the drift rule judges reliability.
+    measurement's uncertainty; without it only the drift rule judges reliability. `trained`: the run
+    took optimizer steps (lr > 0), so a loss that rose means the lr was more than the model can take.
     """
     n = len(history)
     if n == 0:
@@ -61,6 +64,11 @@ def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None,
         need = MIN_ESTIMATES * int(history.iteration.iloc[0])
         return Suggestion(None, f"only {n} estimate(s), {MIN_ESTIMATES} needed: increase num_it to at least "
                                 f"{need} or lower n_batch")
+    if trained and "loss" in history and (rose := _loss_rose(history.loss)):
+        return Suggestion(None, f"the training loss rose during the run ({rose}): at this lr the model does not "
+                                f"train, and the noise scale of weights that bounce ({float(last.noise_scale):.3g}) "
+                                "says nothing about the batch size; lower lr (to the one you train with, or "
+                                "lr_find's), or measure at lr=0", interval)
     if interval is not None and not interval.rel_halfwidth <= MAX_HALFWIDTH:
         why = ("|G|² is not distinguishable from its noise" if math.isinf(interval.hi)
                else f"±{interval.rel_halfwidth:.0%}, ≤±{MAX_HALFWIDTH:.0%} needed")
@@ -107,6 +115,17 @@ def stable_power_of_two(value: float, interval: Interval | None = None) -> int:
     if interval is not None and j > 0 and interval.lo < 2 ** (j - 0.5):
         j -= 1
     return 2**j
+
+
+def _loss_rose(loss: pd.Series) -> str:
+    """'first → peak, late' when a window's loss reached MAX_LOSS_RISE × the first window's and the last quarter's
+    mean is still not below it (a run that diverged and never came back), else ''. A converged model's flat loss
+    and a training run's falling one never reach the peak."""
+    first, peak = float(loss.iloc[0]), float(loss.max())
+    late = float(loss.iloc[-max(1, len(loss) // 4):].mean())
+    if peak > MAX_LOSS_RISE * first and late >= first:
+        return f"{first:.3g} in the first window, up to {peak:.3g}, {late:.3g} over the last quarter"
+    return ""
 
 
 def _late_drift(noise_scale: pd.Series) -> float:

@@ -558,35 +558,38 @@ def _patched_run(monkeypatch, change):
     monkeypatch.setattr(runner, "bs_find", run)
 
 
-def test_apply_uses_the_advice_capped_by_the_dataset_size(train_dl, monkeypatch):
-    "300 training examples at the suggested 64 is 4 steps an epoch: the advice caps at 16, and Apply applies 16."
+def test_apply_is_disabled_when_the_dataset_is_too_small_for_a_bigger_batch(train_dl, monkeypatch):
+    "300 training examples at the suggested 64 is 4 steps an epoch: the advice keeps 32 (it capped at 16 before)."
     _patched_run(monkeypatch, lambda res: setattr(res, "n_train", 300))
     w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
     w.start()
     res = w.wait(60)
     advice = res.advice(rule=w.rule)
-    assert res.suggested_bs == 64 and advice.batch_size == 16
-    assert "capped at 16" in w.result_box.value and not w.apply_button.disabled
-    assert current_batch_size(w.apply()) == 16
-    assert "train batch size 32 → 16" in w.status.value and "accumulation" not in w.status.value
+    assert res.suggested_bs == 64 and advice.batch_size == 32 and advice.lr_factor == 1
+    assert "keep batch size 32" in w.result_box.value and w.apply_button.disabled
+    assert w.apply() is None and "no batch size to apply: keep batch size 32" in w.status.value
+    assert current_batch_size(w.train_dl) == 32
 
 
 def test_apply_replans_accumulation_for_a_capped_advice(train_dl, monkeypatch):
-    "The memory plan was made for 64 with 10 fitting; the advice caps at 32: 4 steps of 8, not 7 of 10."
+    "The memory plan was made for 128 with 10 fitting; the advice caps at 64: 7 steps of 10, not 13."
     from gns_widget.memory_plan import plan_batch
+    from gns_widget.suggest import Suggestion
 
     def change(res):
-        res.n_train = 320  # 5 steps an epoch at 64: capped at 32
+        res.suggestion = Suggestion(128, "the test says so", res.interval)
+        res.n_train = 640  # 5 steps an epoch at 128: capped at 64
         res.memory_plan = plan_batch(res.suggested_bs, 10)
 
     _patched_run(monkeypatch, change)
     w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
     w.start()
     res = w.wait(60)
-    assert (res.memory_plan.batch_size, res.memory_plan.accumulation_steps) == (10, 7)
-    assert w.advice().batch_size == 32
-    assert current_batch_size(w.apply()) == 8
-    assert "train batch size 32 → 8, with gradient accumulation 4" in w.status.value
+    assert (res.memory_plan.batch_size, res.memory_plan.accumulation_steps) == (10, 13)
+    advice = w.advice()
+    assert (advice.batch_size, advice.micro_batch_size, advice.accumulation_steps) == (64, 10, 7)
+    assert current_batch_size(w.apply()) == 10
+    assert "train batch size 32 → 10, with gradient accumulation 7" in w.status.value
 
 
 def test_apply_is_disabled_with_the_reason_when_the_advice_keeps_the_batch_size(train_dl, monkeypatch):

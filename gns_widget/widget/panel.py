@@ -484,7 +484,7 @@ class GNSWidget(ipw.VBox):
             self._set_status(f"no reliable suggestion to apply ({why})", "error")
             return None
         advice = self.advice()
-        if advice.batch_size is None:
+        if advice.batch_size in (None, advice.old_batch_size):  # unreliable, or the advice keeps it
             self._set_status(f"no batch size to apply: {advice.text}", "error")
             return None
         loader = self._loader()
@@ -595,7 +595,7 @@ class GNSWidget(ipw.VBox):
                 advice = self._advice_for(result)
                 self.result_box.value = self._result_html(result, done, total, advice)
                 self._shown = (done, total)
-            self.apply_button.disabled = advice is None or advice.batch_size is None
+            self.apply_button.disabled = advice is None or advice.batch_size in (None, advice.old_batch_size)
             self.apply_button.tooltip = (_APPLY_TIP if not self.apply_button.disabled else
                                          "nothing to apply: " + (advice.text if advice is not None else "no result"))
         except Exception as e:  # the worker thread has nobody else to report to

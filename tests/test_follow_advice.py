@@ -1,0 +1,154 @@
+"""Advice followed blindly: what a user applies must be what the advice's lr and epochs were computed for.
+
+Each test is a case where following the advice (or the README's recipe) hurt or misled before.
+"""
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+
+from gns_widget import apply_batch_size, bs_find
+from gns_widget.advice import MIN_STEPS_PER_EPOCH, advise
+from gns_widget.datasets import digits_loaders
+from gns_widget.loaders import current_batch_size
+from gns_widget.memory_plan import plan_batch
+from gns_widget.suggest import lr_factor, suggest_batch_size
+
+DS = TensorDataset(torch.arange(100).float(), torch.arange(100))
+
+
+@pytest.fixture(scope="module")
+def digits_result():
+    "A reliable finder run on digits at lr=0.05, like the README's (the lr the advice defaults to)."
+    torch.manual_seed(0)
+    train_dl, _ = digits_loaders(bs=32, seed=0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    res = bs_find(model, train_dl, nn.CrossEntropyLoss(), lr=0.05, num_it=600, n_batch=10)
+    assert res.reliable, res.reason
+    return res
+
+
+def test_a_bigger_suggestion_never_shrinks_the_batch_of_a_small_dataset():
+    "200 examples at bs 32, noise scale 300: the step cap (16) fell below the user's 32 and advised halving it."
+    a = advise(300.0, 256, 32, n_train=200, lr=0.1, epochs=10)
+    assert a.batch_size == 32 and a.lr == 0.1 and a.lr_factor == 1 and a.epochs == 10
+    assert "keep batch size 32" in a.text and "200 training examples" in a.text and "→ 16" not in a.text
+    assert a.time_factor == (1, 1)
+
+
+def test_a_suggestion_equal_to_the_batch_size_says_keep():
+    a = advise(45.0, 32, 32, n_train=5000, lr=0.1, epochs=10)
+    assert (a.batch_size, a.lr, a.epochs) == (32, 0.1, 10)
+    assert a.text.startswith("keep batch size 32") and "32 → 32" not in a.text
+
+
+def test_the_lr_text_names_the_batch_size_it_is_for(digits_result):
+    "README applied res.suggested_bs and the lr of lr_advice, which is for the advice's (capped) batch size."
+    res = digits_result
+    a = res.advice(lr=0.05)
+    assert f"at batch size {a.batch_size}" in res.lr_advice(0.05).text
+
+
+def test_the_run_lr_is_marked_as_the_finders():
+    "advice() without lr= scales the finder run's lr: say so, a user training at another lr must pass theirs."
+    a = advise(90.0, 64, 32, n_train=5000, lr=1e-3, lr_from_run=True)
+    assert "the finder run's lr" in a.text and "pass lr=" in a.text
+    assert "finder run's" not in advise(90.0, 64, 32, n_train=5000, lr=1e-3).text
+
+
+def test_epochs_text_gives_the_papers_ratio_not_the_rounded_one():
+    "1 epoch at 32 → 2 at 64: the paper asks ×1.26 the examples, the ×2 is rounding up to whole epochs."
+    a = advise(90.0, 64, 32, n_train=50_000, lr=0.1, epochs=1)
+    ratio = (1 + 64 / 90) / (1 + 32 / 90)
+    assert a.epochs == 2 and f"×{ratio:.2g} the examples" in a.text and "rounded up" in a.text
+    assert a.time_factor == pytest.approx((1.0, 2.0))
+
+
+def test_accumulation_plan_is_for_the_advised_batch_and_says_how():
+    "The device fits 40 per step: the advice's 64 is trained as 2 × 32, with the lines for torch and fastai."
+    a = advise(90.0, 64, 32, n_train=50_000, lr=0.1, epochs=8, max_fit=40)
+    assert a.batch_size == 64 and a.lr == pytest.approx(0.1 * lr_factor(32, 64, 90.0))
+    assert (a.micro_batch_size, a.accumulation_steps) == (32, 2)
+    assert "GradientAccumulation(n_acc=64)" in a.text and "divide the loss by 2" in a.text
+    fits = advise(90.0, 64, 32, n_train=50_000, lr=0.1, max_fit=64)
+    assert (fits.micro_batch_size, fits.accumulation_steps) == (64, 1) and "accumulat" not in fits.text
+    assert advise(90.0, 64, 32, n_train=50_000).micro_batch_size == 64
+
+
+def test_result_advice_uses_the_memory_plan_at_the_advised_size(digits_result):
+    "The probe planned for the raw suggestion; the advice re-plans for its own (capped) batch size."
+    res = digits_result
+    a0 = res.advice(lr=0.05)
+    res.memory_plan = plan_batch(res.suggested_bs, 10)
+    try:
+        a = res.advice(lr=0.05)
+    finally:
+        res.memory_plan = None
+    assert a.batch_size == a0.batch_size and a.micro_batch_size <= 10
+    assert a.micro_batch_size * a.accumulation_steps >= a.batch_size > 10
+
+
+@pytest.mark.filterwarnings(r"ignore:bs=\d+ leaves:UserWarning")
+def test_apply_rebuilds_a_plain_batch_sampler():
+    "DataLoader(batch_sampler=BatchSampler(...)) is an ordinary batched loader: rebuild it, sampler and drop_last kept."
+    sampler = RandomSampler(DS, generator=torch.Generator().manual_seed(0))
+    dl = DataLoader(DS, batch_sampler=BatchSampler(sampler, 10, drop_last=True))
+    new = apply_batch_size(dl, 32)
+    assert current_batch_size(new) == 32 and new.batch_sampler.sampler is sampler and new.batch_sampler.drop_last
+    assert len(new) == 3 and len(next(iter(new))[0]) == 32
+
+
+@pytest.mark.filterwarnings(r"ignore:bs=\d+ leaves:UserWarning")
+def test_apply_keeps_a_weighted_sampler_and_worker_settings():
+    weights = torch.ones(100)
+    sampler = WeightedRandomSampler(weights, 100)
+    dl = DataLoader(DS, batch_size=8, sampler=sampler, num_workers=1, persistent_workers=True, prefetch_factor=3,
+                    worker_init_fn=_init)
+    new = apply_batch_size(dl, 16)
+    assert new.sampler is sampler and new.num_workers == 1 and new.persistent_workers and new.prefetch_factor == 3
+    assert new.worker_init_fn is _init
+
+
+def _init(_worker_id):
+    pass
+
+
+def test_apply_warns_when_an_epoch_keeps_too_few_steps():
+    "res.suggested_bs on 100 examples: 64 gives 2 steps an epoch (1 with drop_last): say so, and what advice() does."
+    dl = DataLoader(DS, batch_size=8, shuffle=True, drop_last=True)
+    with pytest.warns(UserWarning, match="1 optimizer step per epoch.*advice"):
+        apply_batch_size(dl, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_batch_size(dl, 100 // MIN_STEPS_PER_EPOCH)  # exactly the advice's minimum: no warning
+        apply_batch_size(DataLoader(DS, batch_size=32), 32)  # as few steps as before: not the change's doing
+
+
+def _losses_history(losses, noise_scale=5.0):
+    n = len(losses)
+    return pd.DataFrame({"iteration": [10 * (i + 1) for i in range(n)], "noise_scale": [noise_scale] * n,
+                         "noise": [1.0] * n, "scale": [1 / noise_scale] * n, "loss": losses})
+
+
+def test_a_run_whose_loss_rose_gives_no_suggestion():
+    "Trained at an lr the model cannot take, the loss rises and the noise scale is tiny, yet its interval is narrow."
+    rose = _losses_history([2.3, 3.7, 3.3, 1.9, 2.1, 2.0, 2.3, 2.0, 2.4, 2.5, 2.4, 2.6])
+    s = suggest_batch_size(rose, n_train=1438, trained=True)
+    assert s.bs is None and "loss rose" in s.reason and "lower lr" in s.reason and "lr=0" in s.reason
+    assert suggest_batch_size(rose, n_train=1438).bs == 4  # at lr=0 the loss is the windows' noise, not a trend
+    fell = _losses_history([2.3, 2.2, 2.1, 2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.4, 1.3, 1.2])
+    flat = _losses_history([0.30, 0.31, 0.29, 0.32, 0.30, 0.31, 0.30, 0.32, 0.31, 0.30, 0.31, 0.32])  # converged
+    for ok in (fell, flat):
+        assert suggest_batch_size(ok, n_train=1438, trained=True).bs == 4
+
+
+def test_digits_at_an_lr_it_cannot_train_with_gets_no_suggestion():
+    "SGD at lr 2 on digits stays at chance (8–11% accuracy); this seed suggested bs 4 from noise scale 5 (4.1–6.6)."
+    torch.manual_seed(0)
+    dl, _ = digits_loaders(bs=32, seed=0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    res = bs_find(model, dl, nn.CrossEntropyLoss(), lr=2.0, num_it=400, n_batch=10)
+    assert res.suggested_bs is None and res.advice().batch_size is None, res.reason
