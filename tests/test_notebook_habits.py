@@ -79,7 +79,7 @@ def test_close_during_a_run_returns_with_the_model_restored_and_free(train_dl):
     assert not w.running and active_run(model) is None
     assert same_weights(model, before)
     assert "the panel was closed" in w.status.value
-    assert not w.start() and "closed" in w.status.value and not w.running  # a closed panel starts nothing
+    assert not w.start() and "build a new one" in w.status.value and not w.running  # a closed panel starts nothing
     assert not [t for t in threading.enumerate() if t.name.startswith("GNSWidget run")]
 
 
