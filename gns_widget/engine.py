@@ -287,17 +287,19 @@ def _read(steps: list[tuple]) -> list[tuple]:
 
 
 class _WeightWatch:
-    """Notices when something other than this run changes the model's weights during the run.
+    """Notices when something other than this run changes the model's weights or its train mode during the run.
 
     Training the same model in another cell (or thread) while the panel runs would be silently
     undone by the restore at the end, and mixes two trainings meanwhile. Every in-place change of
-    a tensor bumps its version counter; the run's own optimizer steps are accounted for.
+    a tensor bumps its version counter; the run's own optimizer steps are accounted for. An
+    evaluation in another cell (`model.eval()`) would leave the rest of the run measuring in eval mode.
     """
 
     def __init__(self, model: torch.nn.Module, others: _OtherSteps):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.others = others
         self.version = self._sum()
+        self.model, self.training = model, model.training  # the mode the run set: eval elsewhere would measure eval
 
     def _sum(self) -> int:
         return sum(p._version for p in self.params)
@@ -320,6 +322,12 @@ class _WeightWatch:
                                f"{self.others.refused!r}: training in another cell?). That step was refused with a "
                                "FinderBusyError where it was called, and this run stopped and put the weights back "
                                "as they were before it started: run the finder and your training one after the other")
+        if self.model.training != self.training:
+            raise RuntimeError("the model was switched to eval mode by something other than the finder during the "
+                               "run (model.eval() or an evaluation in another cell or thread?): the rest of the run "
+                               "would have measured it without dropout and with BatchNorm's running statistics, "
+                               "another noise scale. The run stopped and put the model back as it was before it "
+                               "started, its train/eval mode too: evaluate before or after the run")
         if self._sum() != self.version:
             raise RuntimeError("the model's weights were changed by something other than the finder during the run "
                                "(training in another cell or thread?). The run stopped and put the weights back as "

@@ -276,3 +276,17 @@ def test_negative_epochs_are_an_inline_error(train_dl):
     assert not w.start() and "epochs must be" in w.status.value
     w.epochs_text.value = 0
     assert w.error_label.value == "" and not w.start_button.disabled
+
+
+def test_evaluating_in_another_cell_during_a_run_stops_it(train_dl):
+    """`model.eval()` in another cell (to check accuracy) while the panel runs: the rest of the run measured the
+    model in eval mode (no dropout, BatchNorm's running statistics), silently another noise scale."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.2), nn.Linear(128, 10))
+    before = snapshot(model)
+    w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), **LONG)
+    assert w.start() and wait_for(lambda: w.progress.value > 0)
+    model.eval()
+    assert w.wait(30) is None and not w.running
+    assert "switched to eval mode" in w.status.value and "evaluate before or after the run" in w.status.value
+    assert model.training and same_weights(model, before)  # as it was before the run
