@@ -647,9 +647,9 @@ class GNSWidget(ipw.VBox):
                 advice = self._advice_for(result)
                 self.result_box.value = self._result_html(result, done, total, advice)
                 self._shown = (done, total)
-            self.apply_button.disabled = advice is None or advice.batch_size is None
-            self.apply_button.tooltip = (_APPLY_TIP if not self.apply_button.disabled else
-                                         "nothing to apply: " + (advice.text if advice is not None else "no result"))
+            why = _nothing_to_apply(result, advice)
+            self.apply_button.disabled = why is not None
+            self.apply_button.tooltip = _APPLY_TIP if why is None else f"nothing to apply: {why}"
         except Exception as e:  # the worker thread has nobody else to report to
             status, kind = f"error: {type(e).__name__}: {e}", "error"
         finally:
@@ -682,6 +682,17 @@ class GNSWidget(ipw.VBox):
         if res.noise_scale > 0:
             rows.append(_tradeoff_html(res))
         return '<div class="gns-result-text">' + "<br>".join(rows) + "</div>"
+
+
+def _nothing_to_apply(result: GNSResult | None, advice: BatchAdvice | None) -> str | None:
+    "Why Apply has nothing to do after a run (None: it has), for its tooltip."
+    if result is None or advice is None:
+        return "no result"
+    if advice.batch_size is None:
+        return advice.text
+    if advice.batch_size == result.batch_size and result.memory_plan is None:  # the run after an Apply, often
+        return f"the run was measured at batch size {result.batch_size}, the size the advice keeps"
+    return None
 
 
 def _auto_end(auto: AutoStop) -> str:
