@@ -324,3 +324,16 @@ def test_two_runs_after_the_same_seed_agree_with_bs_find(train_dl):
     torch.manual_seed(8)
     w.start()
     assert not (w.wait(60).history.noise_scale.to_numpy() == direct).all()  # the seed decides: the check can fail
+
+
+def test_validate_in_another_cell_is_refused_and_says_why():
+    "learn.validate() while the panel runs was refused with a message about fitting, which the user did not do."
+    learn = digits_learner()
+    w = GNSWidget(learn, **LONG)
+    assert w.start() and wait_for(lambda: w.progress.value > 0)
+    busy = pytest.raises(FinderBusyError, match="validate or get_preds would switch the model to eval mode")
+    with busy, learn.no_bar(), learn.no_logging():
+        learn.validate()
+    assert w.running  # the refusal came before validate touched the model
+    w.stop()
+    assert w.wait(30) is not None
