@@ -337,3 +337,21 @@ def test_validate_in_another_cell_is_refused_and_says_why():
     assert w.running  # the refusal came before validate touched the model
     w.stop()
     assert w.wait(30) is not None
+
+
+def test_del_during_a_run_says_how_to_stop_the_run_left_behind(train_dl):
+    "`del w` mid-run: the run goes on (the widget registry holds the panel); the error says how to stop it."
+    import gc
+
+    model = mlp()
+    before = snapshot(model)
+    w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), **LONG)
+    progress = w.progress
+    assert w.start() and wait_for(lambda: progress.value > 0)
+    del w
+    gc.collect()
+    assert active_run(model) is not None
+    with pytest.raises(FinderBusyError, match="building a new GNSWidget for this model stops its run"):
+        gns_widget.bs_find(model, train_dl, nn.CrossEntropyLoss(), **QUICK)
+    GNSWidget(model, train_dl, nn.CrossEntropyLoss(), **QUICK)  # what the message says
+    assert active_run(model) is None and same_weights(model, before)
