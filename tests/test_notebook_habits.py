@@ -355,3 +355,14 @@ def test_del_during_a_run_says_how_to_stop_the_run_left_behind(train_dl):
         gns_widget.bs_find(model, train_dl, nn.CrossEntropyLoss(), **QUICK)
     GNSWidget(model, train_dl, nn.CrossEntropyLoss(), **QUICK)  # what the message says
     assert active_run(model) is None and same_weights(model, before)
+
+
+def test_stop_then_apply_in_one_cell_applies_the_partial_result(train_dl):
+    "`w.stop(); w.apply()`: Apply said 'cannot apply while running: Stop…' right after Stop."
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **LONG)
+    assert w.start() and wait_for(lambda: w.progress.value >= 200)  # enough estimates for a suggestion
+    w.stop()
+    new = w.apply()
+    assert not w.running and w.result.stopped and w.result.reliable
+    assert new is w.train_dl and current_batch_size(new) == w.advice().batch_size
+    assert "train batch size 32 →" in w.status.value

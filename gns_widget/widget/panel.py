@@ -412,10 +412,8 @@ class GNSWidget(ipw.VBox):
         if self._closed:
             self._set_status("error: this panel was closed: build a new one to run again", "error")
             return False
-        if self.running:
-            if not self._runner.stop_event.is_set():
-                return False  # a double click
-            self._runner.wait()  # Stop then Start: the stopped run ends at its next step, its model restored
+        if self._still_running():
+            return False  # a double click
         model = self.target.model if _is_learner(self.target) else self.target
         if model is not self.model:  # learn.model was replaced since the panel was built: claim the one that trains
             self.model, self._runner = model, Runner(model)
@@ -466,6 +464,13 @@ class GNSWidget(ipw.VBox):
             self._runner.stop()
             self._set_status("stopping…", "running", only_while_running=True)
 
+    def _still_running(self) -> bool:
+        """Whether a run is going on, after waiting for one that was asked to stop (Stop, then Start or Apply in the
+        same cell): it ends at its next step with its model restored, and Apply can use its partial result."""
+        if self.running and self._runner.stop_event.is_set():
+            self._runner.wait()
+        return self.running
+
     def wait(self, timeout: float | None = None) -> GNSResult | None:
         """Block until the run ends (or `timeout` s pass); the result, None if it failed or is still running.
 
@@ -509,7 +514,7 @@ class GNSWidget(ipw.VBox):
         is applied instead and the status says how many steps to accumulate (re-planned for the
         advice's size when the advice caps it).
         """
-        if self.running:
+        if self._still_running():
             self._set_status("cannot apply while running: Stop or wait for the run to finish", "error")
             return None
         res = self.result
