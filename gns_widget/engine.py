@@ -22,15 +22,16 @@ import numbers
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .ddp import allreduce_norms, is_distributed
 from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
-from .guard import claim
+from .guard import FinderBusyError, RunInfo, claim
 from .interval import AutoStop
 from .loaders import population_size
 from .memory import fitting_batch_size, plan_batch
@@ -115,9 +116,10 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     with claim(tgt.model, "bs_find", stop_event) as held, tgt.during_run():
         stop_event = held.stop_event  # one the user passed, or the guard's: a new panel can stop this run
         state = UserState(tgt.model, tgt.user_opt, tgt.train_dl, tgt.loss_func)
-        run = _Run(lr, method, amp, LossScale(amp == torch.float16), on_update, stop_event, n_batch, auto)
+        others = _OtherSteps(tgt.model, held)
+        run = _Run(lr, method, amp, LossScale(amp == torch.float16), on_update, stop_event, n_batch, others, auto)
         try:
-            with torch.inference_mode(False), torch.enable_grad():  # called under no_grad, it still trains
+            with torch.inference_mode(False), torch.enable_grad(), others:  # called under no_grad, it still trains
                 recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
         finally:
             state.restore()
@@ -150,6 +152,7 @@ class _Run:
     on_update: Callable[[GNSRecord], None] | None
     stop_event: threading.Event
     n_batch: int
+    others: _OtherSteps  # refuses other optimizers' steps on the model while the run trains it
     auto: AutoStop | None = None  # num_it="auto": ends the run once the interval is narrow enough
     bad_streak: int = 0  # consecutive small batches whose gradients were not finite
 
@@ -177,7 +180,7 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
     step_every_batch = opt is not None and run.method == "sequential"
     scale = run.loss_scale
     recorder = RunRecorder(estimator, total)
-    watch = _WeightWatch(tgt.model)
+    watch = _WeightWatch(tgt.model, run.others)
     for inputs, targets, bs, epoch in _batches(tgt, total, run.stop_event):
         watch.check()
         loss = _forward_backward(tgt, inputs, targets, run)
@@ -217,7 +220,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
     opt = _prepare(tgt, run.lr)
     recorder = RunRecorder(estimator, total)
     model, scale = tgt.model, run.loss_scale
-    watch = _WeightWatch(model)
+    watch = _WeightWatch(model, run.others)
     every, pending = _read_every(opt, scale, run.n_batch), []
 
     def fold(steps: list[tuple]) -> bool:
@@ -284,16 +287,19 @@ def _read(steps: list[tuple]) -> list[tuple]:
 
 
 class _WeightWatch:
-    """Notices when something other than this run changes the model's weights during the run.
+    """Notices when something other than this run changes the model's weights or its train mode during the run.
 
     Training the same model in another cell (or thread) while the panel runs would be silently
     undone by the restore at the end, and mixes two trainings meanwhile. Every in-place change of
-    a tensor bumps its version counter; the run's own optimizer steps are accounted for.
+    a tensor bumps its version counter; the run's own optimizer steps are accounted for. An
+    evaluation in another cell (`model.eval()`) would leave the rest of the run measuring in eval mode.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, others: _OtherSteps):
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.others = others
         self.version = self._sum()
+        self.model, self.training = model, model.training  # the mode the run set: eval elsewhere would measure eval
 
     def _sum(self) -> int:
         return sum(p._version for p in self.params)
@@ -301,7 +307,8 @@ class _WeightWatch:
     def step(self, opt: Any) -> None:
         "The run's own optimizer step."
         self.check()
-        opt.step()
+        with self.others.own():
+            opt.step()
         self.rebase()
 
     def rebase(self) -> None:
@@ -310,11 +317,64 @@ class _WeightWatch:
         self.version = self._sum()
 
     def check(self) -> None:
+        if self.others.refused is not None:
+            raise RuntimeError(f"another optimizer stepped this model's weights during the run (in thread "
+                               f"{self.others.refused!r}: training in another cell?). That step was refused with a "
+                               "FinderBusyError where it was called, and this run stopped and put the weights back "
+                               "as they were before it started: run the finder and your training one after the other")
+        if self.model.training != self.training:
+            raise RuntimeError("the model was switched to eval mode by something other than the finder during the "
+                               "run (model.eval() or an evaluation in another cell or thread?): the rest of the run "
+                               "would have measured it without dropout and with BatchNorm's running statistics, "
+                               "another noise scale. The run stopped and put the model back as it was before it "
+                               "started, its train/eval mode too: evaluate before or after the run")
         if self._sum() != self.version:
             raise RuntimeError("the model's weights were changed by something other than the finder during the run "
                                "(training in another cell or thread?). The run stopped and put the weights back as "
                                "they were before it started, so changes made meanwhile are undone: run the finder "
                                "and your training one after the other")
+
+
+class _OtherSteps:
+    """While a run trains a model, refuses every optimizer step on its weights but the run's own.
+
+    The weight watch sees in-place changes between the run's steps, but not one that lands during its forward and
+    backward, which it must take for the model's own doing (`rebase`): a training loop in another cell would
+    then be measured as if it were the run's, and undone at its end. torch calls global step hooks from every
+    thread, so the other loop's first `opt.step()` fails in its own cell, before it changes anything.
+    """
+
+    def __init__(self, model: torch.nn.Module, held: RunInfo):
+        self.ids = {id(p) for p in model.parameters()}
+        self.held = held
+        self.refused: str | None = None  # the thread whose step was refused
+        self._local = threading.local()
+
+    def __enter__(self) -> _OtherSteps:
+        self._handle = register_optimizer_step_pre_hook(self._check)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+    @contextmanager
+    def own(self) -> Iterator[None]:
+        "The run's own step, on the run's thread."
+        self._local.own = True
+        try:
+            yield
+        finally:
+            self._local.own = False
+
+    def _check(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if getattr(self._local, "own", False):
+            return
+        if any(id(p) in self.ids for group in opt.param_groups for p in group["params"]):
+            self.refused = threading.current_thread().name
+            raise FinderBusyError(f"optimizer step refused: the model's weights would be changed by something other "
+                                  f"than the finder during its run ({self.held.describe()}), and the run puts them "
+                                  "back when it ends, so this training would be undone. The run stops now; train "
+                                  "once it has ended, or stop it first (its panel's Stop button, widget.stop())")
 
 
 def _unscale(model: torch.nn.Module, grad_scale: float | None) -> None:

@@ -60,10 +60,13 @@ def claim(model: nn.Module, owner: str, stop_event: threading.Event | None = Non
         if held is not None and held.thread_id == threading.get_ident():
             nested = True
         elif held is not None:
+            # `del w` leaves a panel's run going (the thread and the widget registry hold the panel): say how to stop it
+            lost = ("; a panel no longer in a variable: building a new GNSWidget for this model stops its run"
+                    if held.owner == "GNSWidget" else "")
             raise FinderBusyError(
                 f"a finder run is already using this model ({held.describe()}): one run per model at a time. "
-                "Stop it first (its panel's Stop button, widget.stop(), or set the stop_event you gave bs_find), "
-                "or wait for it to finish")
+                "Stop it first (its panel's Stop button, widget.stop(), or set the stop_event you gave bs_find"
+                f"{lost}), or wait for it to finish")
         else:
             nested = False
             held = RunInfo(owner, stop_event or threading.Event())

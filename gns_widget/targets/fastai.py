@@ -89,14 +89,15 @@ def unrun_callbacks_warning(learn: Learner) -> str | None:
 
 
 class _FinderRunning(Callback):
-    "Stops `learn.fit` before it starts while a finder run is training this Learner's model."
+    "Stops `learn.fit`, `validate` and `get_preds` (all fire before_fit) while a finder run trains the Learner's model."
 
     order = -100
 
     def before_fit(self):
-        raise FinderBusyError("a batch-size finder run is training this Learner's model right now; fitting at the "
-                              "same time would be undone when the run restores the weights. Stop the run first "
-                              "(its panel's Stop button or widget.stop()) or wait for it to finish")
+        raise FinderBusyError("a batch-size finder run is training this Learner's model right now: fit would be undone "
+                              "when the run restores the weights, and validate or get_preds would switch the model "
+                              "to eval mode under the run. Stop the run first (its panel's Stop button or "
+                              "widget.stop()) or wait for it to finish")
 
 
 @contextmanager

@@ -90,7 +90,8 @@ def _guarded(handler: Callable) -> Callable:
         try:
             return handler(self, *args)
         except Exception as e:
-            self._set_status(f"error: {type(e).__name__}: {e}", "error")
+            if e is not self._reported:  # else its own, fuller line is in the status already
+                self._set_status(f"error: {type(e).__name__}: {e}", "error")
             return None
 
     return wrapper
@@ -176,13 +177,15 @@ class GNSWidget(ipw.VBox):
             num_it = 0 if self._check_num_it(0, n_batch) is None else self.least_num_it(n_batch)
         elif (msg := self._check_num_it(num_it, n_batch)) is not None:
             raise ValueError(msg)
-        self.rule, self.opt_name = optimizer_rule(target, opt)
         self._status_lock = threading.Lock()
         self._live = False  # a run is going and its final status is not written yet
         self._run_settings: dict[str, Any] = {}
         self._shown: tuple[int, int] | None = None  # (done, total) of the result the result box shows
         self._applied: tuple[int | None, int, bool, str] | None = None  # (old bs, new bs, in place, panel name)
         self._listener: ThrottledListener | None = None
+        self._lr_applied: tuple[GNSResult, float, float] | None = None  # (result, learn.lr before, lr Apply set)
+        self._reported: BaseException | None = None  # an error apply() has shown in the status line itself
+        self._closed = False
         old = runner_of(self.model)
         if old is not None:  # the panel cell was re-run during a run: no run may outlive its panel
             old.stop_and_wait("a new panel for this model took over")
@@ -241,7 +244,6 @@ class GNSWidget(ipw.VBox):
         self.start_button.on_click(self._click_start)
         self.stop_button.on_click(self._click_stop)
         self.apply_button.on_click(self._click_apply)
-        self._show_bs()
         self._set_status("idle", "idle")
         controls = ipw.GridBox(
             [self._with_help(self.n_batch_slider, _HELP["n_batch"]), self._with_help(self.beta_slider, _HELP["beta"]),
@@ -264,6 +266,15 @@ class GNSWidget(ipw.VBox):
         return ipw.VBox([control, _help_html(text)])
 
     # ---------------------------------------------------------------- state
+    @property
+    def rule(self) -> str:
+        "'adam' or 'sgd': how the advice scales the lr, from the optimizer that trains now (learn.opt_func may change)."
+        return optimizer_rule(self.target, self._extra["opt"])[0]
+
+    @property
+    def opt_name(self) -> str:
+        return optimizer_rule(self.target, self._extra["opt"])[1]
+
     @property
     def running(self) -> bool:
         return self._runner.running
@@ -349,6 +360,7 @@ class GNSWidget(ipw.VBox):
         "Check the controls; show the problem inline and refuse Start while there is one."
         s = self.settings()
         n_batch = s["n_batch"]
+        self._show_bs()  # the loader may have changed since (learn.dls replaced, dls.train.bs set by hand)
         epoch = loader_len(self._train_loader())
         epoch_text = f"; one epoch = {epoch} batches" if epoch is not None else ""
         per = "" if self._per_step else f" × n_batch {n_batch}"
@@ -367,6 +379,9 @@ class GNSWidget(ipw.VBox):
             msg = f"lr must be a finite number ≥ 0 (0 measures without training), got {s['lr']}"
         elif not auto:
             msg = self._check_num_it(self.num_it_text.value, n_batch)
+        if msg is None and self.epochs_text.value < 0:
+            msg = (f"epochs must be ≥ 0 (the epochs you train for at your batch size; 0: not given), "
+                   f"got {self.epochs_text.value}")
         self.error_label.value = f'<span style="color:{_COLORS["error"]}">{html.escape(msg)}</span>' if msg else ""
         if not self.running:
             self.start_button.disabled = msg is not None
@@ -374,6 +389,7 @@ class GNSWidget(ipw.VBox):
 
     def _on_epochs(self, change: dict) -> None:
         "A new epoch count re-words the finished run's advice (the epochs it advises follow it)."
+        self._validate()
         if self.result is not None and not self.running and self._shown is not None:
             self.result_box.value = self._result_html(self.result, *self._shown, self._advice_for(self.result))
 
@@ -388,11 +404,20 @@ class GNSWidget(ipw.VBox):
     def start(self) -> bool:
         """Start a run in the background; False if it cannot start.
 
-        A Start while this panel runs is ignored (a double click); any other reason (bad settings,
-        another run on the same model) is shown in the status line.
+        A Start while this panel runs is ignored (a double click), unless the run was asked to stop:
+        Stop then Start waits for it to end (one step) and starts the next. Any other reason (bad
+        settings, another run on the same model, a closed panel) is shown in the status line.
+        The Learner is read now, not when the panel was built: its model, dls and opt_func may have changed.
         """
-        if self.running:
+        if self._closed:
+            self._set_status("error: this panel was closed: build a new one to run again", "error")
             return False
+        if self._still_running():
+            return False  # a double click
+        model = self.target.model if _is_learner(self.target) else self.target
+        if model is not self.model:  # learn.model was replaced since the panel was built: claim the one that trains
+            self.model, self._runner = model, Runner(model)
+            self._per_step = self._extra["method"] == "per_example" or is_distributed(model)
         msg = self._validate()
         if msg is not None:
             self._set_status(f"error: {msg}", "error")
@@ -439,6 +464,13 @@ class GNSWidget(ipw.VBox):
             self._runner.stop()
             self._set_status("stopping…", "running", only_while_running=True)
 
+    def _still_running(self) -> bool:
+        """Whether a run is going on, after waiting for one that was asked to stop (Stop, then Start or Apply in the
+        same cell): it ends at its next step with its model restored, and Apply can use its partial result."""
+        if self.running and self._runner.stop_event.is_set():
+            self._runner.wait()
+        return self.running
+
     def wait(self, timeout: float | None = None) -> GNSResult | None:
         """Block until the run ends (or `timeout` s pass); the result, None if it failed or is still running.
 
@@ -451,6 +483,10 @@ class GNSWidget(ipw.VBox):
         "The lr the advice scales: a Learner's `lr` (what fit uses by default), else the run's when it trained."
         if _is_learner(self.target):
             lr = self.target.lr
+            if self._lr_applied is not None:
+                res, before, after = self._lr_applied
+                if res is self.result and lr == after:  # Apply set it from this advice: advise from the lr before
+                    lr = before
             return float(lr) if isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 else None
         return None  # GNSResult.advice falls back to the run's lr
 
@@ -470,12 +506,15 @@ class GNSWidget(ipw.VBox):
         The advice's batch size, not the raw suggestion: it may be capped so that an epoch keeps
         enough steps (`advice.py`). With "also set lr" ticked, a Learner's `lr` becomes the advised
         one. fastai DataLoaders change in place. A torch DataLoader cannot change its batch size, so
-        `train_dl` becomes a new loader (passed to `on_apply`), and the panel shows the line that
-        puts it in the user's variable. When the run found that the suggestion does not fit in
-        device memory, the per-step batch size of its plan is applied instead and the status says
-        how many steps to accumulate (re-planned for the advice's size when the advice caps it).
+        `train_dl` becomes a new loader (passed to `on_apply`, after the panel shows it: an exception
+        of the callback is shown and raised, the batch size stays applied), and the panel shows the line
+        that puts it in the user's variable. Applying the same advice again changes nothing: the lr is
+        scaled from the one the run was advised for, not again from the one Apply set. When the run
+        found that the suggestion does not fit in device memory, the per-step batch size of its plan
+        is applied instead and the status says how many steps to accumulate (re-planned for the
+        advice's size when the advice caps it).
         """
-        if self.running:
+        if self._still_running():
             self._set_status("cannot apply while running: Stop or wait for the run to finish", "error")
             return None
         res = self.result
@@ -493,23 +532,32 @@ class GNSWidget(ipw.VBox):
         if plan is not None and advice.batch_size != res.suggested_bs:  # capped: what fits still fits
             plan = plan_batch(advice.batch_size, plan.batch_size)
         new_bs = plan.batch_size if plan is not None else advice.batch_size
+        steps = plan.accumulation_steps if plan is not None else 1
+        accumulate = f", with gradient accumulation {steps}" if steps > 1 else ""
+        if old == new_bs:  # applied already (Apply pressed again): no loader to rebuild, no new one to announce
+            self.apply_button.disabled = True
+            self._set_status(f"train batch size already {new_bs}{accumulate}{self._apply_lr(advice)}", "finished")
+            return loader
         names = _names_of(loader)  # before the panel drops its reference to the old loader
         new_loader = apply_batch_size(loader, new_bs)
         in_place = new_loader is loader
+        self.apply_button.disabled = True  # done; the next run's suggestion enables it again
         if not self._uses_learner_dls():
             self.train_dl = new_loader
-            if self.on_apply is not None:
-                self.on_apply(new_loader)
         panel_names = _names_of(self)
         self._applied = (old, new_bs, in_place, panel_names[0] if panel_names else "w")
-        self._show_bs()
-        self._validate()  # one epoch is shorter at a bigger batch size
-        self.apply_button.disabled = True  # done; the next run's suggestion enables it again
-        steps = plan.accumulation_steps if plan is not None else 1
-        accumulate = f", with gradient accumulation {steps}" if steps > 1 else ""
-        self._set_status(f"train batch size {old} → {current_batch_size(new_loader)}{accumulate}"
-                         f"{self._apply_lr(advice)}", "finished")
+        self._validate()  # one epoch is shorter at a bigger batch size; shows the new batch size
+        done = f"train batch size {old} → {current_batch_size(new_loader)}{accumulate}{self._apply_lr(advice)}"
+        self._set_status(done, "finished")
         self.note_label.value = "" if in_place else _new_loader_note(old, new_bs, names, self._applied[3])
+        if self.on_apply is not None and not self._uses_learner_dls():
+            try:  # last: the panel is right whatever the user's callback does
+                self.on_apply(new_loader)
+            except Exception as e:
+                self._reported = e
+                self._set_status(f"error: on_apply raised {type(e).__name__}: {e}. The batch size was applied "
+                                 f"({done}): {self._applied[3]}.train_dl is the new loader", "error")
+                raise
         return new_loader
 
     def _apply_lr(self, advice: BatchAdvice) -> str:
@@ -518,7 +566,11 @@ class GNSWidget(ipw.VBox):
             return ""
         if advice.lr is None:
             return "; learn.lr unchanged: it is not a single positive number, so there is nothing to scale"
-        old, self.target.lr = self.target.lr, advice.lr
+        old = self.target.lr
+        if old == advice.lr:
+            return f"; learn.lr already {old:.3g}"
+        self._lr_applied = (self.result, self.training_lr(), advice.lr)
+        self.target.lr = advice.lr
         text = f"; learn.lr {old:.3g} → {advice.lr:.3g} (fit and fit_one_cycle use it when called without an lr)"
         return text
 
@@ -535,9 +587,14 @@ class GNSWidget(ipw.VBox):
         self.apply()
 
     def close(self) -> None:
-        "Stop a run in progress so its thread does not outlive the panel, then close the widgets."
+        """Stop a run in progress and wait until its model is restored, then close the widgets.
+
+        Waiting (one step at most) lets the next line of the cell use the model: it is free and as it was.
+        """
         if hasattr(self, "_runner"):  # not there when __init__ refused its arguments
+            self._closed = True
             self._runner.stop("the panel was closed")
+            self._runner.wait()
             self.charts.close()
         super().close()
 
@@ -595,9 +652,9 @@ class GNSWidget(ipw.VBox):
                 advice = self._advice_for(result)
                 self.result_box.value = self._result_html(result, done, total, advice)
                 self._shown = (done, total)
-            self.apply_button.disabled = advice is None or advice.batch_size in (None, advice.old_batch_size)
-            self.apply_button.tooltip = (_APPLY_TIP if not self.apply_button.disabled else
-                                         "nothing to apply: " + (advice.text if advice is not None else "no result"))
+            why = _nothing_to_apply(result, advice)
+            self.apply_button.disabled = why is not None
+            self.apply_button.tooltip = _APPLY_TIP if why is None else f"nothing to apply: {why}"
         except Exception as e:  # the worker thread has nobody else to report to
             status, kind = f"error: {type(e).__name__}: {e}", "error"
         finally:
@@ -630,6 +687,17 @@ class GNSWidget(ipw.VBox):
         if res.noise_scale > 0:
             rows.append(_tradeoff_html(res))
         return '<div class="gns-result-text">' + "<br>".join(rows) + "</div>"
+
+
+def _nothing_to_apply(result: GNSResult | None, advice: BatchAdvice | None) -> str | None:
+    "Why Apply has nothing to do after a run (None: it has), for its tooltip."
+    if result is None or advice is None:
+        return "no result"
+    if advice.batch_size is None:
+        return advice.text
+    if advice.batch_size == advice.old_batch_size:  # the run after an Apply, often, or a small dataset
+        return f"the run was measured at batch size {advice.old_batch_size}, the size the advice keeps ({advice.text})"
+    return None
 
 
 def _auto_end(auto: AutoStop) -> str:

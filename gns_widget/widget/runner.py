@@ -90,12 +90,14 @@ class Runner:
 
         def work() -> None:
             try:
-                # the panel's claim; bs_find's own claim on this thread nests inside it
-                with claim(self.model, OWNER, self.stop_event):
-                    self.result = bs_find(*args, on_update=listener, stop_event=self.stop_event, **kwargs)
-            except Exception as e:  # shown in the panel: a worker has nobody else to tell
-                self.error = e
-            try:
+                try:
+                    # the panel's claim; bs_find's own claim on this thread nests inside it
+                    with claim(self.model, OWNER, self.stop_event):
+                        self.result = bs_find(*args, on_update=listener, stop_event=self.stop_event, **kwargs)
+                # shown in the panel: a worker has nobody else to tell. BaseException too: a sys.exit() in the
+                # user's loss ends only this thread, and the panel would say "running" and wait() block forever
+                except BaseException as e:
+                    self.error = e
                 done(self.result, self.error)
             finally:
                 self.finished.set()
