@@ -567,8 +567,8 @@ def test_apply_is_disabled_when_the_dataset_is_too_small_for_a_bigger_batch(trai
     advice = res.advice(rule=w.rule)
     assert res.suggested_bs == 64 and advice.batch_size == 32 and advice.lr_factor == 1
     assert "keep batch size 32" in w.result_box.value and w.apply_button.disabled
-    assert w.apply() is None and "no batch size to apply: keep batch size 32" in w.status.value
-    assert current_batch_size(w.train_dl) == 32
+    assert w.apply() is train_dl and "already 32, the size the advice keeps: keep batch size 32" in w.status.value
+    assert w.train_dl is train_dl and current_batch_size(train_dl) == 32
 
 
 def test_apply_replans_accumulation_for_a_capped_advice(train_dl, monkeypatch):

@@ -512,7 +512,8 @@ class GNSWidget(ipw.VBox):
         scaled from the one the run was advised for, not again from the one Apply set. When the run
         found that the suggestion does not fit in device memory, the per-step batch size of its plan
         is applied instead and the status says how many steps to accumulate (re-planned for the
-        advice's size when the advice caps it).
+        advice's size when the advice caps it). An advice that keeps the batch size returns the loader
+        unchanged; without a reliable advice (or while running) it returns None and the status says why.
         """
         if self._still_running():
             self._set_status("cannot apply while running: Stop or wait for the run to finish", "error")
@@ -523,10 +524,14 @@ class GNSWidget(ipw.VBox):
             self._set_status(f"no reliable suggestion to apply ({why})", "error")
             return None
         advice = self.advice()
-        if advice.batch_size in (None, advice.old_batch_size):  # unreliable, or the advice keeps it
+        if advice.batch_size is None:
             self._set_status(f"no batch size to apply: {advice.text}", "error")
             return None
         loader = self._loader()
+        if advice.batch_size == advice.old_batch_size:  # nothing to change: `train_dl = w.apply()` keeps its loader
+            self._set_status(f"train batch size already {advice.batch_size}, the size the advice keeps: "
+                             f"{advice.text}", "idle")
+            return loader
         old = current_batch_size(loader)
         plan = res.memory_plan
         if plan is not None and advice.batch_size != res.suggested_bs:  # capped: what fits still fits
