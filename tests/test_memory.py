@@ -315,7 +315,7 @@ def test_bs_find_plans_accumulation_when_the_suggestion_does_not_fit(digits_dl):
     plan = res.memory_plan
     assert plan == plan_batch(res.suggested_bs, 40)
     assert plan.batch_size <= 40 and plan.accumulation_steps > 1
-    assert plan.text in repr(res)
+    assert f"{plan.text} (for the raw suggestion: res.advice() gives" in repr(res)
     probed = bs_find(model, digits_dl, nn.CrossEntropyLoss(), lr=0.05, num_it=200, n_batch=5).memory_plan
     assert (probed is not None) == (torch.cuda.is_available())  # the default probes on CUDA only
 
