@@ -31,7 +31,7 @@ from .interval import Interval
 from .memory_plan import plan_batch
 from .suggest import lr_factor
 
-__all__ = ["BatchAdvice", "advise", "check_epochs", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR"]
+__all__ = ["BatchAdvice", "advise", "check_epochs", "check_lr", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR"]
 
 MIN_STEPS_PER_EPOCH = 10  # optimizer steps an epoch keeps at the advised batch size
 MAX_LR_FACTOR = 2.0  # the batch size grows only while the paper's lr factor stays at most this
@@ -49,7 +49,7 @@ class BatchAdvice:
     the same at both batch sizes (an unsaturated GPU), high if time is per example (a saturated device).
     """
     batch_size: int | None
-    lr: float | None
+    lr: float | slice | None  # a slice when the user's was one (fastai's discriminative lrs), both ends scaled
     epochs: int | None
     text: str
     old_batch_size: int | None = None
@@ -68,7 +68,7 @@ class BatchAdvice:
 
 
 def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_train: int | None = None,
-           lr: float | None = None, epochs: int | None = None, rule: str = "sgd",
+           lr: float | slice | None = None, epochs: int | None = None, rule: str = "sgd",
            interval: Interval | None = None, reason: str = "", max_fit: int | None = None,
            lr_from_run: bool = False) -> BatchAdvice:
     """The advice for moving from `batch_size` to the suggestion `suggested_bs` (None: not reliable, `reason` why).
@@ -80,8 +80,7 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
     if rule not in ("sgd", "adam"):
         raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
     check_epochs(epochs)
-    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0 or None, got {lr!r}")
+    check_lr(lr)
     shown = str(interval) if interval is not None else f"{noise_scale:.4g}"
     if suggested_bs is None or not batch_size:
         why = reason or "no batch size known for the run"
@@ -128,18 +127,45 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
                      f"optimizer step (effective {micro * steps}, what the lr and epochs are for): in a torch loop "
                      f"divide the loss by {steps} and step the optimizer every {steps} batches; with fastai add "
                      f"cbs=GradientAccumulation(n_acc={micro * steps}) (n_acc counts examples)")
-    return BatchAdvice(bs, lr * factor if lr else None, new_epochs, "; ".join(parts), batch_size, shown, rule,
-                       factor, steps_per_epoch, suggested_bs, time_factor, lr_text, micro, steps)
+    new_lr = _scaled(lr, factor) if lr is not None else None
+    return BatchAdvice(bs, new_lr, new_epochs, "; ".join(parts), batch_size, shown, rule, factor, steps_per_epoch,
+                       suggested_bs, time_factor, lr_text, micro, steps)
 
 
-def _lr_text(lr: float | None, factor: float, bs: int, old_bs: int, rule: str, from_run: bool) -> str:
+def check_lr(lr: object) -> None:
+    "A ValueError unless `lr` is None, a finite number > 0, or fastai's `slice(stop)` / `slice(start, stop)` of them."
+    ok = lr is None or _positive(lr) or (isinstance(lr, slice) and lr.step is None and _positive(lr.stop)
+                                          and (lr.start is None or _positive(lr.start)))
+    if not ok:
+        raise ValueError(f"lr must be a finite number > 0, a slice(start, stop) of them (fastai's discriminative "
+                         f"lrs), or None, got {lr!r}")
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _scaled(lr: float | slice, factor: float) -> float | slice:
+    "Every group's lr times the factor: a slice's ends both (fastai spreads the groups between them)."
+    if isinstance(lr, slice):
+        return slice(None if lr.start is None else lr.start * factor, lr.stop * factor)
+    return lr * factor
+
+
+def _shown(lr: float | slice) -> str:
+    if isinstance(lr, slice):
+        return f"slice({lr.stop:.3g})" if lr.start is None else f"slice({lr.start:.3g}, {lr.stop:.3g})"
+    return f"{lr:.3g}"
+
+
+def _lr_text(lr: float | slice | None, factor: float, bs: int, old_bs: int, rule: str, from_run: bool) -> str:
     "The lr part of the advice, naming the batch size it is for (the lr of another batch size is wrong for it)."
-    source = " (the finder run's lr: pass lr= the one you train with)" if lr and from_run else ""
+    source = " (the finder run's lr: pass lr= the one you train with)" if lr is not None and from_run else ""
     if bs == old_bs:
-        return f"lr {lr:.3g}{source} unchanged" if lr else "lr unchanged"
+        return f"lr {_shown(lr)}{source} unchanged" if lr is not None else "lr unchanged"
     how = "linear (SGD)" if rule == "sgd" else "square-root (Adam)"
-    now = f"lr {lr:.3g}{source} → {lr * factor:.3g} at batch size {bs} (×{factor:.3g}, " if lr else \
-        f"lr ×{factor:.3g} at batch size {bs} ("
+    now = (f"lr {_shown(lr)}{source} → {_shown(_scaled(lr, factor))} at batch size {bs} (×{factor:.3g}, "
+           if lr is not None else f"lr ×{factor:.3g} at batch size {bs} (")
     return f"{now}{how} scaling, ε(B) ∝ 1/(1 + B_noise/B); every parameter group's lr, a one-cycle's max lr too)"
 
 

@@ -97,13 +97,15 @@ class GNSResult:
     def reliable(self) -> bool:
         return self.suggestion.bs is not None
 
-    def advice(self, lr: float | None = None, epochs: int | None = None, rule: str | None = None) -> BatchAdvice:
+    def advice(self, lr: float | slice | None = None, epochs: int | None = None,
+               rule: str | None = None) -> BatchAdvice:
         """The batch size, learning rate and epochs to train with next; `.text` says why.
 
         `lr` and `epochs` are what you train with at the current batch size (lr defaults to the
-        run's when it trained); `rule` is "sgd" (linear lr scaling, the default) or "adam" (square
-        root). `.batch_size` is None when the measurement is not reliable; when the memory probe found
-        that it does not fit, `.micro_batch_size` and `.accumulation_steps` say how to reach it. See `advice.py`.
+        run's when it trained; fastai's `slice(body, head)` gets both ends scaled); `rule` is "sgd"
+        (linear lr scaling, the default) or "adam" (square root). `.batch_size` is None when the
+        measurement is not reliable; when the memory probe found that it does not fit,
+        `.micro_batch_size` and `.accumulation_steps` say how to reach it. See `advice.py`.
         """
         from_run = lr is None and self.lr > 0
         if from_run:
@@ -113,7 +115,7 @@ class GNSResult:
                       epochs=epochs, rule=rule or "sgd", interval=self._interval, reason=self.reason,
                       max_fit=plan.batch_size if plan is not None else None, lr_from_run=from_run)
 
-    def lr_advice(self, lr: float | None = None, rule: str = "sgd") -> LRAdvice | None:
+    def lr_advice(self, lr: float | slice | None = None, rule: str = "sgd") -> LRAdvice | None:
         "The learning-rate part of `advice()`: `lr` (default: the run's) at the advised batch size."
         a = self.advice(lr, rule=rule)
         if a.batch_size is None:

@@ -36,7 +36,7 @@ class Suggestion:
 
 @dataclass(frozen=True)
 class LRAdvice:
-    lr: float
+    lr: float | slice  # a slice for a slice of discriminative lrs
     factor: float
     rule: str  # "sgd" (linear) or "adam" (square root)
     text: str

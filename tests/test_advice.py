@@ -60,11 +60,25 @@ def test_unreliable_keeps_the_batch_size_and_says_why():
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"rule": "rmsprop"}, "rule must be"), ({"epochs": 0}, "epochs must be"), ({"epochs": 2.5}, "epochs must be"),
-    ({"lr": -1.0}, "lr must be"), ({"lr": math.inf}, "lr must be"),
+    ({"lr": -1.0}, "lr must be"), ({"lr": math.inf}, "lr must be"), ({"lr": slice(1e-5, -1.0)}, "lr must be"),
+    ({"lr": slice(0, 1e-3)}, "lr must be"), ({"lr": slice(1e-5, 1e-3, 2)}, "lr must be"),
+    ({"lr": "1e-3"}, "lr must be"),
 ])
 def test_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
         advise(100.0, 128, 32, **kwargs)
+
+
+def test_a_slice_of_discriminative_lrs_is_scaled_at_both_ends():
+    "fastai's fit_one_cycle(n, slice(body, head)): the advice's lr goes straight back into it."
+    a = advise(90.0, 64, 32, n_train=1438, lr=slice(1e-5, 1e-3), epochs=8, rule="adam")
+    f = a.lr_factor
+    assert f == pytest.approx(math.sqrt((1 + 90 / 32) / (1 + 90 / 64)))
+    assert isinstance(a.lr, slice) and (a.lr.start, a.lr.stop) == (pytest.approx(1e-5 * f), pytest.approx(1e-3 * f))
+    assert f"lr slice(1e-05, 0.001) → slice({1e-5 * f:.3g}, {1e-3 * f:.3g}) at batch size 64" in a.text
+    top_only = advise(90.0, 64, 32, n_train=1438, lr=slice(1e-3), rule="adam")  # fastai: the others at stop/10
+    assert top_only.lr.start is None and top_only.lr.stop == pytest.approx(1e-3 * f)
+    assert advise(90.0, 32, 32, n_train=1438, lr=slice(1e-5, 1e-3)).text.count("lr slice(1e-05, 0.001) unchanged") == 1
 
 
 def test_text_shows_the_interval():
