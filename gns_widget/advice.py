@@ -25,13 +25,14 @@ so guards sit between the formulas and the numbers a user applies:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from .interval import Interval
 from .memory_plan import plan_batch
 from .suggest import lr_factor
 
-__all__ = ["BatchAdvice", "advise", "check_epochs", "check_lr", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR"]
+__all__ = ["BatchAdvice", "advise", "check_epochs", "check_lr", "format_lr", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR"]
 
 MIN_STEPS_PER_EPOCH = 10  # optimizer steps an epoch keeps at the advised batch size
 MAX_LR_FACTOR = 2.0  # the batch size grows only while the paper's lr factor stays at most this
@@ -152,19 +153,20 @@ def _scaled(lr: float | slice, factor: float) -> float | slice:
     return lr * factor
 
 
-def _shown(lr: float | slice) -> str:
+def format_lr(lr: float | slice) -> str:
+    "An lr as the advice shows it: 0.00124, or slice(1.24e-05, 0.00124)."
     if isinstance(lr, slice):
         return f"slice({lr.stop:.3g})" if lr.start is None else f"slice({lr.start:.3g}, {lr.stop:.3g})"
-    return f"{lr:.3g}"
+    return f"{lr:.3g}" if isinstance(lr, numbers.Real) else repr(lr)  # a Learner's lr may be anything
 
 
 def _lr_text(lr: float | slice | None, factor: float, bs: int, old_bs: int, rule: str, from_run: bool) -> str:
     "The lr part of the advice, naming the batch size it is for (the lr of another batch size is wrong for it)."
     source = " (the finder run's lr: pass lr= the one you train with)" if lr is not None and from_run else ""
     if bs == old_bs:
-        return f"lr {_shown(lr)}{source} unchanged" if lr is not None else "lr unchanged"
+        return f"lr {format_lr(lr)}{source} unchanged" if lr is not None else "lr unchanged"
     how = "linear (SGD)" if rule == "sgd" else "square-root (Adam)"
-    now = (f"lr {_shown(lr)}{source} → {_shown(_scaled(lr, factor))} at batch size {bs} (×{factor:.3g}, "
+    now = (f"lr {format_lr(lr)}{source} → {format_lr(_scaled(lr, factor))} at batch size {bs} (×{factor:.3g}, "
            if lr is not None else f"lr ×{factor:.3g} at batch size {bs} (")
     return f"{now}{how} scaling, ε(B) ∝ 1/(1 + B_noise/B); every parameter group's lr, a one-cycle's max lr too)"
 

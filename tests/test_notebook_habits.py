@@ -181,6 +181,22 @@ def _try_step(opt, refused: list) -> None:
         refused.append(e)
 
 
+def test_a_learners_slice_lr_is_advised_and_set_as_a_slice():
+    "learn.lr = slice(body, head) (fit_one_cycle's default lr_max): advised from, and set, at both ends."
+    learn = digits_learner()
+    learn.lr = slice(1e-5, 1e-3)
+    w = GNSWidget(learn, **QUICK)
+    w.apply_lr_box.value = True
+    w.start()
+    res = w.wait(60)
+    assert res is not None and res.reliable, w.status.value
+    advice = w.advice()
+    f = advice.lr_factor
+    assert f != pytest.approx(1) and advice.lr == slice(pytest.approx(1e-5 * f), pytest.approx(1e-3 * f))
+    assert w.apply() is learn.dls and learn.lr == advice.lr
+    assert f"learn.lr slice(1e-05, 0.001) → slice({1e-5 * f:.3g}, {1e-3 * f:.3g})" in w.status.value
+
+
 def test_apply_twice_scales_the_lr_once():
     "Apply pressed again with 'also set lr' ticked compounded the lr (×1.25, then ×1.25 of that)."
     learn = digits_learner()

@@ -25,7 +25,7 @@ import ipywidgets as ipw
 import torch
 from torch import nn
 
-from ..advice import BatchAdvice, check_epochs
+from ..advice import BatchAdvice, check_epochs, check_lr, format_lr
 from ..ddp import is_distributed
 from ..engine import METHODS
 from ..estimator import NoiseScaleEstimator
@@ -479,15 +479,19 @@ class GNSWidget(ipw.VBox):
         """
         return self.result if self._runner.wait(timeout) else None
 
-    def training_lr(self) -> float | None:
-        "The lr the advice scales: a Learner's `lr` (what fit uses by default), else the run's when it trained."
+    def training_lr(self) -> float | slice | None:
+        "The lr the advice scales: a Learner's `lr` (what fit uses by default; a slice too), else the run's."
         if _is_learner(self.target):
             lr = self.target.lr
             if self._lr_applied is not None:
                 res, before, after = self._lr_applied
                 if res is self.result and lr == after:  # Apply set it from this advice: advise from the lr before
                     lr = before
-            return float(lr) if isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 else None
+            try:
+                check_lr(lr)
+            except ValueError:
+                return None
+            return lr if isinstance(lr, slice) else float(lr)
         return None  # GNSResult.advice falls back to the run's lr
 
     def advice(self) -> BatchAdvice | None:
@@ -570,13 +574,14 @@ class GNSWidget(ipw.VBox):
         if not (self.apply_lr_box.value and _is_learner(self.target)):
             return ""
         if advice.lr is None:
-            return "; learn.lr unchanged: it is not a single positive number, so there is nothing to scale"
+            return "; learn.lr unchanged: it is not a positive number or a slice of them, so there is nothing to scale"
         old = self.target.lr
         if old == advice.lr:
-            return f"; learn.lr already {old:.3g}"
+            return f"; learn.lr already {format_lr(old)}"
         self._lr_applied = (self.result, self.training_lr(), advice.lr)
         self.target.lr = advice.lr
-        text = f"; learn.lr {old:.3g} → {advice.lr:.3g} (fit and fit_one_cycle use it when called without an lr)"
+        text = (f"; learn.lr {format_lr(old)} → {format_lr(advice.lr)} (fit and fit_one_cycle use it when called "
+                "without an lr)")
         return text
 
     @_guarded
