@@ -28,3 +28,13 @@ def exact_noise_scale(model, loss_func, x, y) -> tuple[float, float, float]:
     tr_sigma = (g - G).square().sum(1).mean().item()
     g_sq = G.square().sum().item()
     return tr_sigma, g_sq, tr_sigma / g_sq
+
+
+def sq_norms_by_backward(model: nn.Module, loss_func, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    "(N,) |g_j|² of the trainable parameters, one backward pass per example: for models vmap cannot batch."
+    ps = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(y)):
+        gs = torch.autograd.grad(loss_func(model(x[i:i + 1]), y[i:i + 1]), ps, allow_unused=True)
+        rows.append(sum(g.double().square().sum() for g in gs if g is not None))
+    return torch.stack(rows)

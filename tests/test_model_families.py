@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gns_widget import bs_find
+from tests.exact import sq_norms_by_backward
 
 METHODS = ["fixed", "sequential", "per_example"]
 N = 16
@@ -57,16 +58,6 @@ def test_sparse_gradients_are_refused_clearly(make, name, method):
 
 
 # --- per-example norms against every example's own backward pass ----------------------------------------------------
-def _exact_sq_norms(model, loss_func, x, y):
-    "|g_j|² of the trainable parameters, from one backward pass per example (works for any model)."
-    ps = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(len(y)):
-        gs = torch.autograd.grad(loss_func(model(x[i:i + 1]), y[i:i + 1]), ps, allow_unused=True)
-        rows.append(sum(g.double().square().sum() for g in gs if g is not None))
-    return torch.stack(rows)
-
-
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -221,7 +212,7 @@ def test_per_example_norms_equal_exact_and_leave_the_state_a_step_leaves(family)
     torch.manual_seed(0)
     model, x, y = make_model(), make_x(), torch.randint(0, 3, (N,))
     start = _state(model)
-    expected = _exact_sq_norms(model, nn.CrossEntropyLoss(), x, y)
+    expected = sq_norms_by_backward(model, nn.CrossEntropyLoss(), x, y)
     model.load_state_dict(start)
     plain, _ = _one_step(model, x, y)
     model.load_state_dict(start)

@@ -20,17 +20,11 @@ from torch.utils.data import TensorDataset
 
 import gns_widget
 from gns_widget import GNSWidget
+from gns_widget.advice import BatchAdvice
 from gns_widget.datasets import digits, digits_loaders
 from gns_widget.guard import FinderBusyError, active_run
 from gns_widget.loaders import current_batch_size
-
-QUICK = dict(lr=0.0, num_it=200, n_batch=10, beta=0.99)  # digits at bs 32: reliable, suggests 64
-LONG = dict(lr=0.0, num_it=10**7, n_batch=10, beta=0.99)  # runs until stopped
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+from tests.test_widget import LONG, QUICK, mlp, same_weights, snapshot, wait_for
 
 
 def digits_learner(bs: int = 32) -> Learner:
@@ -44,23 +38,6 @@ def digits_learner(bs: int = 32) -> Learner:
 @pytest.fixture(scope="module")
 def train_dl():
     return digits_loaders(bs=32)[0]
-
-
-def wait_for(pred, timeout: float = 30.0) -> bool:
-    tick = threading.Event()
-    for _ in range(int(timeout / 0.02)):
-        if pred():
-            return True
-        tick.wait(0.02)
-    return False
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same_weights(model: nn.Module, before: dict) -> bool:
-    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def slow_loss(out, y):
@@ -181,16 +158,21 @@ def _try_step(opt, refused: list) -> None:
         refused.append(e)
 
 
-def test_a_learners_slice_lr_is_advised_and_set_as_a_slice():
-    "learn.lr = slice(body, head) (fit_one_cycle's default lr_max): advised from, and set, at both ends."
-    learn = digits_learner()
-    learn.lr = slice(1e-5, 1e-3)
+def _finished_with_also_set_lr(learn: Learner) -> tuple[GNSWidget, BatchAdvice]:
+    "A panel on `learn` with 'also set lr' ticked, after a reliable run; and its advice."
     w = GNSWidget(learn, **QUICK)
     w.apply_lr_box.value = True
     w.start()
     res = w.wait(60)
     assert res is not None and res.reliable, w.status.value
-    advice = w.advice()
+    return w, w.advice()
+
+
+def test_a_learners_slice_lr_is_advised_and_set_as_a_slice():
+    "learn.lr = slice(body, head) (fit_one_cycle's default lr_max): advised from, and set, at both ends."
+    learn = digits_learner()
+    learn.lr = slice(1e-5, 1e-3)
+    w, advice = _finished_with_also_set_lr(learn)
     f = advice.lr_factor
     assert f != pytest.approx(1) and advice.lr == slice(pytest.approx(1e-5 * f), pytest.approx(1e-3 * f))
     assert w.apply() is learn.dls and learn.lr == advice.lr
@@ -200,12 +182,7 @@ def test_a_learners_slice_lr_is_advised_and_set_as_a_slice():
 def test_apply_twice_scales_the_lr_once():
     "Apply pressed again with 'also set lr' ticked compounded the lr (×1.25, then ×1.25 of that)."
     learn = digits_learner()
-    w = GNSWidget(learn, **QUICK)
-    w.apply_lr_box.value = True
-    w.start()
-    res = w.wait(60)
-    assert res is not None and res.reliable, w.status.value
-    advice = w.advice()
+    w, advice = _finished_with_also_set_lr(learn)
     assert advice.lr != pytest.approx(1e-3)
     assert w.apply() is learn.dls
     assert learn.lr == pytest.approx(advice.lr) and learn.dls.train.bs == advice.batch_size

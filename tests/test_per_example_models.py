@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gns_widget import bs_find
 from gns_widget.per_example import PerExampleNorms, norm_layer_params
+from tests.exact import sq_norms_by_backward
 from tests.test_per_example import _Conv
 from tests.tiny_gpt import TinyGPT, markov_tokens, next_token_loss
 
@@ -35,12 +36,7 @@ def _exact_sq_norms(model, loss_func, x, y, vmapped=True):
     "|g_j|² of the trainable parameters: torch.func, or one backward per example where vmap cannot batch (GRU)."
     if vmapped:
         return _trainable_grads(model, loss_func, x, y).square().sum(1)
-    ps = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(len(x)):
-        gs = torch.autograd.grad(loss_func(model(x[i:i + 1]), y[i:i + 1]), ps, allow_unused=True)
-        rows.append(sum(g.double().square().sum() for g in gs if g is not None))
-    return torch.stack(rows)
+    return sq_norms_by_backward(model, loss_func, x, y)
 
 
 def _exact_noise_scale(model, loss_func, x, y) -> tuple[float, float]:
