@@ -32,7 +32,6 @@ from ..estimator import NoiseScaleEstimator
 from ..guard import FinderBusyError
 from ..interval import AutoStop
 from ..loaders import apply_batch_size, current_batch_size
-from ..memory_plan import plan_batch
 from ..precision import resolve_amp
 from ..result import GNSRecord, GNSResult
 from ..suggest import MIN_ESTIMATES
@@ -537,11 +536,7 @@ class GNSWidget(ipw.VBox):
                              f"{advice.text}", "idle")
             return loader
         old = current_batch_size(loader)
-        plan = res.memory_plan
-        if plan is not None and advice.batch_size != res.suggested_bs:  # capped: what fits still fits
-            plan = plan_batch(advice.batch_size, plan.batch_size)
-        new_bs = plan.batch_size if plan is not None else advice.batch_size
-        steps = plan.accumulation_steps if plan is not None else 1
+        new_bs, steps = advice.micro_batch_size, advice.accumulation_steps  # planned for the advice's batch size
         accumulate = f", with gradient accumulation {steps}" if steps > 1 else ""
         if old == new_bs:  # applied already (Apply pressed again): no loader to rebuild, no new one to announce
             self.apply_button.disabled = True
