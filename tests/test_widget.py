@@ -588,6 +588,7 @@ def test_apply_replans_accumulation_for_a_capped_advice(train_dl, monkeypatch):
     assert (res.memory_plan.batch_size, res.memory_plan.accumulation_steps) == (10, 13)
     advice = w.advice()
     assert (advice.batch_size, advice.micro_batch_size, advice.accumulation_steps) == (64, 10, 7)
+    assert "accumulation 13 (effective 130) (for the raw suggestion: the advice below plans" in w.result_box.value
     assert current_batch_size(w.apply()) == 10
     assert "train batch size 32 → 10, with gradient accumulation 7" in w.status.value
 

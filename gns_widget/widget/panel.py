@@ -679,7 +679,8 @@ class GNSWidget(ipw.VBox):
             rows.append(f"<b>suggested batch size</b>: {res.suggested_bs} (measured at batch size {res.batch_size}"
                         f"{partial}) — {html.escape(res.reason)}")
             if res.memory_plan is not None:
-                rows.append(f"<b>memory</b>: {html.escape(res.memory_plan.text)}")
+                rows.append(f"<b>memory</b>: {html.escape(res.memory_plan.text)} (for the raw suggestion: the advice "
+                            "below plans for the batch size it gives)")
             rule = ("scaled in proportion to the batch size (SGD-like optimizer" if self.rule == "sgd" else
                     "scaled by the square root of the batch-size ratio (Adam-like optimizer")
             rule += f" {html.escape(self.opt_name)})"
