@@ -63,6 +63,10 @@ class BatchAdvice:
     lr_text: str = ""
     micro_batch_size: int | None = None  # the batch to load per step: `batch_size` unless it must accumulate
     accumulation_steps: int = 1  # micro-batches accumulated per optimizer step (see `max_fit` in `advise`)
+    kind: str = "uncertain"  # "grow", "keep", "shrink" or "uncertain" (keep the batch size, measure longer)
+    speedup: float | None = None  # predicted wall time baseline / advised on this device; None when not measured
+    speedup_range: tuple[float, float] | None = None  # the same over the noise scale's 90% interval
+    headline: str = ""  # the advice in one plain line, for a title: what to do and the gain it predicts
 
     def __str__(self) -> str:
         return self.text
@@ -85,7 +89,8 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
     shown = str(interval) if interval is not None else f"{noise_scale:.4g}"
     if suggested_bs is None or not batch_size:
         why = reason or "no batch size known for the run"
-        return BatchAdvice(None, lr, epochs, f"keep batch size {batch_size}: {why}", batch_size, shown, rule)
+        return BatchAdvice(None, lr, epochs, f"keep batch size {batch_size}: {why}", batch_size, shown, rule,
+                           kind="uncertain", headline=f"Not sure yet: keep batch size {batch_size} ({why})")
     bs, parts = suggested_bs, []
     if n_train and n_train // bs < MIN_STEPS_PER_EPOCH:
         cap = 2 ** max(0, int(math.log2(max(1, n_train // MIN_STEPS_PER_EPOCH))))
@@ -129,8 +134,20 @@ def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_t
                      f"divide the loss by {steps} and step the optimizer every {steps} batches; with fastai add "
                      f"cbs=GradientAccumulation(n_acc={micro * steps}) (n_acc counts examples)")
     new_lr = _scaled(lr, factor) if lr is not None else None
+    kind = "keep" if bs == batch_size else "grow" if bs > batch_size else "shrink"
     return BatchAdvice(bs, new_lr, new_epochs, "; ".join(parts), batch_size, shown, rule, factor, steps_per_epoch,
-                       suggested_bs, time_factor, lr_text, micro, steps)
+                       suggested_bs, time_factor, lr_text, micro, steps, kind=kind,
+                       headline=_headline(kind, bs, new_lr, new_epochs, None))
+
+
+def _headline(kind: str, bs: int, lr: float | slice | None, epochs: int | None, speedup: float | None) -> str:
+    "The advice in one plain line: what to train with and the gain it predicts."
+    if kind == "keep":
+        return f"Keep batch size {bs}: a different batch size would not train faster here"
+    parts = [f"batch size {bs}"] + ([f"lr {format_lr(lr)}"] if lr is not None else [])
+    parts += [f"{epochs} epochs"] if epochs is not None else []
+    gain = f" — about {speedup:.2g}× faster on this machine" if speedup is not None else ""
+    return "Train with " + " · ".join(parts) + gain
 
 
 def check_lr(lr: object) -> None:
