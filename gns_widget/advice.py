@@ -1,53 +1,59 @@
-"""Advice that is safe to follow: batch size, learning rate and epochs together, from one noise scale.
+"""The advice: the batch size, learning rate and epochs that reach the same loss soonest on this device.
 
-The paper's formulas (McCandlish et al. 2018) assume each batch size trains with its own tuned
-learning rate and that the noise scale holds for the whole run. Followed blindly on a small
-dataset they ruin training (digits: bs 1024 for 1,438 images and lr ×20 ended at 35% accuracy),
-so guards sit between the formulas and the numbers a user applies:
+A batch size is worth changing only if training gets faster without getting worse, and that
+depends on two things: how many more examples a bigger batch needs (the noise scale, McCandlish
+et al.) and how many more examples per second this device gets through at it (measured by
+`throughput.py`). `goodput.py` combines them; this module turns the choice into numbers to train
+with and words that say why:
 
-- **batch size**: the suggestion, capped so an epoch keeps at least `MIN_STEPS_PER_EPOCH`
-  optimizer steps (a schedule and the noise that helps generalisation need steps), and grown
-  only as far as the learning rate can follow: to the largest power of two whose ε(B) factor
-  is at most `MAX_LR_FACTOR`. A bigger batch without the bigger lr only takes fewer steps, and a
-  bigger lr factor is where training breaks: Fashion-MNIST's conv net (SGD with momentum) went to
-  chance at ×3.1 despite a warm-up, Bikeshare's loss rose 14% at ×2.5 (`benchmarks/advice.py`).
-  The noise scale grows as training goes on, so a further step is for a new measurement at the
-  new batch size;
-  A cap never turns a bigger suggestion into a smaller batch: on a dataset too small for the
-  suggestion the user's batch size is kept (the noise scale says bigger, the step cap says no bigger);
-- **learning rate**: ε(B) ∝ 1/(1 + B_noise/B), linear for SGD, square root for Adam, named with the
-  batch size it is for (the lr of another batch size is wrong for it);
-- **epochs**: E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise), the paper's examples-to-reach-
-  the-same-loss ratio, so a bigger batch gets the extra epochs it needs.
-- **memory**: when the device fits less than the advised batch in one step (the memory probe's
-  `max_fit`), how to accumulate it: the micro-batch to load, the steps, and the torch and fastai lines.
+- **batch size**: among the sizes timed on the device, the one with the best predicted time to the
+  same loss at the noise scale's conservative end, if it gains at least ×GAIN_NEEDED; otherwise the
+  user's batch size is kept. A bigger batch must leave an epoch `MIN_STEPS_PER_EPOCH` optimizer steps
+  (a schedule and the noise that helps generalisation need steps) and an lr factor of at most
+  `MAX_LR_FACTOR` (beyond it training can break: a conv net with SGD and momentum went to chance at
+  ×3.1). The kind is "grow", "shrink", "keep", or "uncertain" when the interval straddles the
+  decision (a gain at the measured value, none at the conservative end, and an interval too wide
+  to tell): then the user's batch size is kept and a longer measurement decides;
+- **learning rate**: AdaScale's gain ε(B) ∝ 1/(1 + B_noise/B), linear for plain SGD and its square
+  root with momentum or an Adam-like optimizer (`detect_rule`), named with the batch size it is for;
+- **epochs**: ×E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise), the paper's examples to reach the same
+  loss, rounded up unless that adds a near-whole epoch (`goodput.round_epochs`): no rounding cliff;
+- **memory**: when the device fits less than the advised batch in one step (`max_fit`), how to
+  accumulate it. A batch timed on the device always fits, so this only arises without a timing.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
+from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR, conservative_end, examples_ratio, round_epochs, speedup
 from .interval import Interval
 from .memory_plan import plan_batch
-from .suggest import lr_factor
+from .suggest import MAX_HALFWIDTH, check_rule, lr_factor
+from .throughput import Throughput
 
-__all__ = ["BatchAdvice", "advise", "check_epochs", "check_lr", "format_lr", "MIN_STEPS_PER_EPOCH", "MAX_LR_FACTOR"]
+__all__ = ["BatchAdvice", "advise", "detect_rule", "check_epochs", "check_lr", "format_lr", "MIN_STEPS_PER_EPOCH",
+           "MAX_LR_FACTOR", "KINDS"]
 
 MIN_STEPS_PER_EPOCH = 10  # optimizer steps an epoch keeps at the advised batch size
-MAX_LR_FACTOR = 2.0  # the batch size grows only while the paper's lr factor stays at most this
+MAX_LR_FACTOR = 2.0  # the batch size grows only while the lr factor stays at most this
+KINDS = ("grow", "keep", "shrink", "uncertain")
+_ADAPTIVE = {"lamb", "ranger", "lion", "adafactor", "rmsprop", "adagrad", "adadelta", "sophia", "shampoo"}  # and *adam*
 
 
 @dataclass(frozen=True)
 class BatchAdvice:
-    """What to train with next, and why. `batch_size` is None when the measurement is not reliable.
+    """What to train with next, and why. `batch_size` is None when the advice is "uncertain".
 
-    `batch_size` is the (effective) batch the lr and epochs are for; when the device does not fit it
-    in one step, load `micro_batch_size` and accumulate `accumulation_steps` of them (`.text` says how).
-
-    `lr_factor` is the applied ε(B) multiplier; `suggested_bs` the noise scale's power of two
-    before the caps; `time_factor` is the (low, high) expected wall-time ratio: low if a step costs
-    the same at both batch sizes (an unsaturated GPU), high if time is per example (a saturated device).
+    `kind` is "grow", "keep", "shrink" or "uncertain". `speedup` is the predicted wall time at
+    the user's batch size over that at `batch_size`, to the same loss on the device it was measured
+    on (1 for keep; None when uncertain), `speedup_range` the same at the two ends of the noise
+    scale's interval. `batch_size` is the (effective) batch the lr and epochs are for; when the
+    device does not fit it in one step, load `micro_batch_size` and accumulate `accumulation_steps`.
+    `suggested_bs` is the raw measurement's power of two (`GNSResult.suggested_bs`), for reference.
     """
     batch_size: int | None
     lr: float | slice | None  # a slice when the user's was one (fastai's discriminative lrs), both ends scaled
@@ -55,11 +61,10 @@ class BatchAdvice:
     text: str
     old_batch_size: int | None = None
     noise_scale: str = ""  # the noise scale as shown, with its interval: "91 (80–104)"
-    rule: str = "sgd"
+    rule: str = "sgd"  # the lr rule: "sgd" (linear), "momentum" or "adam" (square root)
     lr_factor: float = 1.0
     steps_per_epoch: int | None = None
     suggested_bs: int | None = None
-    time_factor: tuple[float, float] | None = None
     lr_text: str = ""
     micro_batch_size: int | None = None  # the batch to load per step: `batch_size` unless it must accumulate
     accumulation_steps: int = 1  # micro-batches accumulated per optimizer step (see `max_fit` in `advise`)
@@ -67,87 +72,216 @@ class BatchAdvice:
     speedup: float | None = None  # predicted wall time baseline / advised on this device; None when not measured
     speedup_range: tuple[float, float] | None = None  # the same over the noise scale's 90% interval
     headline: str = ""  # the advice in one plain line, for a title: what to do and the gain it predicts
+    total_steps: int | None = None  # optimizer steps of the advised run (with `epochs`): for a loop that counts steps
 
     def __str__(self) -> str:
         return self.text
 
 
-def advise(noise_scale: float, suggested_bs: int | None, batch_size: int, *, n_train: int | None = None,
-           lr: float | slice | None = None, epochs: int | None = None, rule: str = "sgd",
-           interval: Interval | None = None, reason: str = "", max_fit: int | None = None,
-           lr_from_run: bool = False) -> BatchAdvice:
-    """The advice for moving from `batch_size` to the suggestion `suggested_bs` (None: not reliable, `reason` why).
+def detect_rule(opt: Any) -> str | None:
+    """The lr rule for an optimizer, an optimizer class or factory, or fastai's `opt_func`; None when unknown.
 
-    `lr` and `epochs` are the user's at `batch_size` (`lr_from_run`: the lr is the finder run's, not
-    one the user gave); without them the advice gives factors only. `max_fit` is the most examples
-    the device fits in one step (the memory probe's): above it the advice says how to accumulate.
+    "adam" for adaptive optimizers (Adam, AdamW, RAdam, LAMB, RMSprop, …), "momentum" for SGD with momentum
+    (torch's `momentum`, fastai's `mom`), "sgd" for plain SGD.
     """
-    if rule not in ("sgd", "adam"):
-        raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
+    if opt is None:
+        return None
+    func = opt.func if isinstance(opt, functools.partial) else opt
+    name = (getattr(func, "__name__", None) or type(func).__name__).lower()
+    if "adam" in name or name in _ADAPTIVE:
+        return "adam"
+    groups = getattr(opt, "param_groups", None) or getattr(opt, "hypers", None)  # torch / fastai optimizers
+    if groups:
+        if any("sqr_mom" in g or "betas" in g for g in groups):
+            return "adam"
+        mom = max(float(g.get("momentum", g.get("mom", 0)) or 0) for g in groups)
+        return "momentum" if mom > 0 else "sgd"
+    if isinstance(opt, functools.partial):
+        mom = opt.keywords.get("momentum", opt.keywords.get("mom", 0))
+        return "momentum" if mom else "sgd"
+    return "sgd" if name == "sgd" else None
+
+
+def advise(interval: Interval | None, batch_size: int, *, throughput: Throughput | None = None,
+           n_train: int | None = None, lr: float | slice | None = None, epochs: int | None = None,
+           rule: str = "sgd", reason: str = "", max_fit: int | None = None, lr_from_run: bool = False,
+           suggested_bs: int | None = None, trend: str = "") -> BatchAdvice:
+    """The advice for a run at `batch_size` whose noise scale was measured as `interval`.
+
+    `reason` non-empty says the measurement cannot be used (too short, the loss rose): the advice is
+    then "uncertain" with that reason. `throughput` is the device's speed at each batch size (without
+    it nothing can be predicted: "uncertain"). `lr` and `epochs` are the user's at `batch_size`
+    (`lr_from_run`: the lr is the finder run's, not one the user gave); without them the advice gives
+    factors. `max_fit` is the most examples the device fits in one step. `trend` says how the noise
+    scale moved during the run, for the text.
+    """
+    check_rule(rule)
     check_epochs(epochs)
     check_lr(lr)
-    shown = str(interval) if interval is not None else f"{noise_scale:.4g}"
-    if suggested_bs is None or not batch_size:
-        why = reason or "no batch size known for the run"
-        return BatchAdvice(None, lr, epochs, f"keep batch size {batch_size}: {why}", batch_size, shown, rule,
-                           kind="uncertain", headline=f"Not sure yet: keep batch size {batch_size} ({why})")
-    bs, parts = suggested_bs, []
-    if n_train and n_train // bs < MIN_STEPS_PER_EPOCH:
-        cap = 2 ** max(0, int(math.log2(max(1, n_train // MIN_STEPS_PER_EPOCH))))
-        why = (f"the noise scale suggests {suggested_bs}, but {n_train:,} training examples would give "
-               f"{n_train / suggested_bs:.2g} optimizer steps per epoch")
-        if suggested_bs > batch_size >= cap:  # the cap must not turn a bigger suggestion into a smaller batch
-            parts.append(f"{why}: a batch bigger than {batch_size} would leave fewer than {MIN_STEPS_PER_EPOCH} steps "
-                         "per epoch")
-            bs = batch_size
-        else:
-            parts.append(f"{why}: capped at {cap} (≥ {MIN_STEPS_PER_EPOCH} steps per epoch)")
-            bs = cap
-    followed = _lr_can_follow(batch_size, bs, noise_scale, rule)
-    if followed < bs:
-        parts.append(f"{bs} would need lr ×{lr_factor(batch_size, bs, noise_scale, rule):.2g}, and above "
-                     f"×{MAX_LR_FACTOR:g} training can break: {followed} for now (lr "
-                     f"×{lr_factor(batch_size, followed, noise_scale, rule):.2g}), then run the finder again at "
-                     f"batch size {followed} to go further (the noise scale grows as training goes on)")
-        bs = followed
-    steps_per_epoch = math.ceil(n_train / bs) if n_train else None
-    factor = 1.0 if bs == batch_size else lr_factor(batch_size, bs, noise_scale, rule)
-    head = (f"keep batch size {bs} (noise scale {shown})" if bs == batch_size
-            else f"batch size {batch_size} → {bs} (noise scale {shown})")
-    lr_text = _lr_text(lr, factor, bs, batch_size, rule, lr_from_run)
-    parts = [head, *parts, lr_text]
-    ratio = 1.0 if bs == batch_size else _examples_ratio(batch_size, bs, noise_scale)
-    new_epochs, time_factor = None, None
+    shown = str(interval) if interval is not None else "not measured"
+    if not reason and (interval is None or not interval.lo > 0):
+        reason = "no lower bound on the noise scale yet: increase num_it (or use num_it='auto')"
+    if not reason and throughput is None:
+        reason = ("this device's speed at other batch sizes was not measured: pass throughput=measure_throughput("
+                  "...) to advice()")
+    if reason:
+        return _uncertain(batch_size, lr, epochs, shown, rule, reason, suggested_bs, trend)
+    return _decide(interval, batch_size, throughput, n_train=n_train, lr=lr, epochs=epochs, rule=rule,
+                   max_fit=max_fit, lr_from_run=lr_from_run, suggested_bs=suggested_bs, trend=trend)
+
+
+def _uncertain(batch_size: int, lr: Any, epochs: int | None, shown: str, rule: str, why: str,
+               suggested_bs: int | None, trend: str, extra: str = "") -> BatchAdvice:
+    text = "; ".join(p for p in (f"keep batch size {batch_size} for now (noise scale {shown}): {why}", extra, trend)
+                     if p)
+    return BatchAdvice(None, lr, epochs, text, batch_size, shown, rule, suggested_bs=suggested_bs, kind="uncertain",
+                       headline=f"Not sure yet: keep batch size {batch_size}; {_first_clause(why)}")
+
+
+def _first_clause(why: str) -> str:
+    "The part of a reason that says what to do, for a headline: its last clause after a colon."
+    return why.rsplit(": ", 1)[-1]
+
+
+@dataclass(frozen=True)
+class _Option:
+    bs: int
+    noise_scale: float  # the conservative end it is planned with
+    speedup: float  # at that end
+    lr_factor: float
+
+
+def _options(interval: Interval, old_bs: int, tp: Throughput, epochs: int | None, rule: str,
+             max_fit: int | None) -> tuple[list[_Option], list[str]]:
+    "Each timed size's conservative speedup, and why sizes were left out."
+    options, left_out = [], []
+    for b in tp.batch_sizes:
+        if b == old_bs:
+            continue
+        if max_fit is not None and b > max_fit:
+            continue
+        ns = conservative_end(interval, grow=b > old_bs)
+        if not math.isfinite(ns):  # a smaller batch never pays when the noise scale may be unbounded
+            continue
+        if examples_ratio(old_bs, b, ns) > MAX_EXAMPLES_FACTOR:
+            left_out.append(f"{b} would need ×{examples_ratio(old_bs, b, ns):.2g} the examples (past the noise scale, "
+                            f"above ×{MAX_EXAMPLES_FACTOR:g} a bigger batch buys little time for much more compute)")
+            continue
+        factor = lr_factor(old_bs, b, ns, rule)
+        if factor > MAX_LR_FACTOR:
+            left_out.append(f"{b} would need lr ×{factor:.2g} (above ×{MAX_LR_FACTOR:g} training can break)")
+            continue
+        options.append(_Option(b, ns, speedup(old_bs, b, ns, tp, epochs), factor))
+    return options, left_out
+
+
+def _decide(interval: Interval, old_bs: int, tp: Throughput, *, n_train: int | None, lr: Any, epochs: int | None,
+            rule: str, max_fit: int | None, lr_from_run: bool, suggested_bs: int | None, trend: str) -> BatchAdvice:
+    shown = str(interval)
+    if old_bs not in tp.step_seconds:
+        raise ValueError(f"throughput must include the current batch size {old_bs}; it has {tp.batch_sizes}")
+    options, left_out = _options(interval, old_bs, tp, epochs, rule, max_fit)
+    best = max(options, key=lambda o: o.speedup, default=None)
+    speed = _speed_text(tp, old_bs)
+    if best is None or best.speedup < GAIN_NEEDED:
+        at_value = [speedup(old_bs, o.bs, interval.value, tp, epochs) for o in options]
+        if (at_value and max(at_value) >= GAIN_NEEDED and not interval.rel_halfwidth <= MAX_HALFWIDTH):
+            b = options[at_value.index(max(at_value))].bs
+            extra = (f"at the measured noise scale batch size {b} would be ×{max(at_value):.2g} faster, but not at "
+                     f"the interval's low end {interval.lo:.3g}")
+            return _uncertain(old_bs, lr, epochs, shown, rule, "the interval is too wide to decide: run longer "
+                              "(num_it='auto')", suggested_bs, trend, "; ".join([extra, speed]))
+        return _keep(old_bs, lr, epochs, shown, rule, best, speed, left_out, n_train, suggested_bs, trend, lr_from_run)
+    return _change(interval, old_bs, best, tp, n_train=n_train, lr=lr, epochs=epochs, rule=rule, max_fit=max_fit,
+                   lr_from_run=lr_from_run, suggested_bs=suggested_bs, trend=trend, left_out=left_out, speed=speed)
+
+
+def _speed_text(tp: Throughput, old_bs: int) -> str:
+    rows = ", ".join(f"{b}: {tp.examples_per_second(b):,.0f}" for b in tp.batch_sizes)
+    return f"measured on {tp.device}, examples per second by batch size: {rows}"
+
+
+def _keep(old_bs: int, lr: Any, epochs: int | None, shown: str, rule: str, best: _Option | None, speed: str,
+          left_out: list[str], n_train: int | None, suggested_bs: int | None, trend: str,
+          lr_from_run: bool) -> BatchAdvice:
+    if best is None:
+        why = "no other batch size could be faster here"
+        if n_train and n_train // (2 * old_bs) < MIN_STEPS_PER_EPOCH:
+            why = (f"{n_train:,} training examples: a bigger batch would leave fewer than {MIN_STEPS_PER_EPOCH} "
+                   "optimizer steps per epoch")
+    else:
+        why = (f"the best other size, {best.bs}, is predicted ×{best.speedup:.3g} as fast to the same loss "
+               f"(×{GAIN_NEEDED:g} needed to change)")
+    lr_text = _lr_text(lr, 1.0, old_bs, old_bs, rule, lr_from_run)
+    epochs_text = f"epochs {epochs} unchanged" if epochs else ""
+    text = "; ".join(p for p in (f"keep batch size {old_bs} (noise scale {shown}): {why}", *left_out, speed, lr_text,
+                                 epochs_text, trend) if p)
+    where = "here" if best is None else "on this machine"
+    return BatchAdvice(old_bs, lr, epochs, text, old_bs, shown, rule, 1.0, math.ceil(n_train / old_bs) if n_train
+                       else None, suggested_bs, lr_text, old_bs, 1, kind="keep", speedup=1.0, speedup_range=(1.0, 1.0),
+                       headline=f"Keep batch size {old_bs}: another batch size would not train faster {where}",
+                       total_steps=epochs * math.ceil(n_train / old_bs) if epochs and n_train else None)
+
+
+def _change(interval: Interval, old_bs: int, best: _Option, tp: Throughput, *, n_train: int | None, lr: Any,
+            epochs: int | None, rule: str, max_fit: int | None, lr_from_run: bool, suggested_bs: int | None,
+            trend: str, left_out: list[str], speed: str) -> BatchAdvice:
+    bs, ns = best.bs, best.noise_scale
+    kind = "grow" if bs > old_bs else "shrink"
+    ends = [speedup(old_bs, bs, v, tp, epochs) for v in (interval.lo, interval.hi) if math.isfinite(v)]
+    if math.isinf(interval.hi):  # an unbounded noise scale: the examples cost nothing more, the speed ratio is the cap
+        ends.append(tp.examples_per_second(bs) / tp.examples_per_second(old_bs))
+    spread = (min(ends), max(ends))
+    shown = str(interval)
+    ratio = examples_ratio(old_bs, bs, ns)
+    steps_ratio = ratio * old_bs / bs
+    head = f"batch size {old_bs} → {bs} (noise scale {shown})"
+    gain = (f"predicted ×{best.speedup:.2g} faster to the same loss on this device (×{spread[0]:.2g}–{spread[1]:.2g} "
+            f"over the interval), planned at the noise scale's {'low' if kind == 'grow' else 'high'} end {ns:.3g}: "
+            f"×{ratio:.2g} the examples, ×{steps_ratio:.2g} the optimizer steps")
+    lr_text = _lr_text(lr, best.lr_factor, bs, old_bs, rule, lr_from_run)
+    parts = [head, gain, *_why_not_bigger(old_bs, bs, tp, interval, n_train, left_out), speed, lr_text]
+    new_epochs = total_steps = None
     if epochs:
-        new_epochs = math.ceil(epochs * ratio - 1e-9)
-        parts.append(_epochs_text(epochs, new_epochs, ratio, batch_size / bs))
-        time_factor = (new_epochs / epochs * batch_size / bs, new_epochs / epochs)
-    elif bs != batch_size:
-        parts.append(f"train ×{ratio:.2g} the epochs (the paper's trade-off: the examples needed to reach the same "
-                     "loss; pass epochs= for a number)")
-    micro, steps = bs, 1
+        new_epochs = round_epochs(epochs * ratio)
+        parts.append(_epochs_text(epochs, new_epochs, epochs * ratio))
+        if n_train:
+            total_steps = math.ceil(epochs * ratio * n_train / bs)
+    else:
+        parts.append(f"train ×{ratio:.2g} the epochs (the examples needed to reach the same loss; give epochs for a "
+                     "number)")
+    micro, acc = bs, 1
     if max_fit is not None and bs > max_fit:
         plan = plan_batch(bs, max_fit)
-        micro, steps = plan.batch_size, plan.accumulation_steps
-        parts.append(f"the device fits {max_fit} per step: load batches of {micro} and accumulate {steps} of them per "
-                     f"optimizer step (effective {micro * steps}, what the lr and epochs are for): in a torch loop "
-                     f"divide the loss by {steps} and step the optimizer every {steps} batches; with fastai add "
-                     f"cbs=GradientAccumulation(n_acc={micro * steps}) (n_acc counts examples)")
-    new_lr = _scaled(lr, factor) if lr is not None else None
-    kind = "keep" if bs == batch_size else "grow" if bs > batch_size else "shrink"
-    return BatchAdvice(bs, new_lr, new_epochs, "; ".join(parts), batch_size, shown, rule, factor, steps_per_epoch,
-                       suggested_bs, time_factor, lr_text, micro, steps, kind=kind,
-                       headline=_headline(kind, bs, new_lr, new_epochs, None))
+        micro, acc = plan.batch_size, plan.accumulation_steps
+        parts.append(f"the device fits {max_fit} per step: load batches of {micro} and accumulate {acc} of them per "
+                     f"optimizer step (effective {micro * acc}, what the lr and epochs are for): in a torch loop "
+                     f"divide the loss by {acc} and step the optimizer every {acc} batches; with fastai add "
+                     f"cbs=GradientAccumulation(n_acc={micro * acc}) (n_acc counts examples)")
+    if trend:
+        parts.append(trend)
+    new_lr = _scaled(lr, best.lr_factor) if lr is not None else None
+    bits = [f"batch size {bs}"] + ([f"lr {format_lr(new_lr)}"] if new_lr is not None else [])
+    bits += [f"{new_epochs} epochs"] if new_epochs is not None else []
+    headline = "Train with " + " · ".join(bits) + f" — about {best.speedup:.2g}× faster on this machine"
+    return BatchAdvice(bs, new_lr, new_epochs, "; ".join(parts), old_bs, shown, rule, best.lr_factor,
+                       math.ceil(n_train / bs) if n_train else None, suggested_bs, lr_text, micro, acc, kind=kind,
+                       speedup=best.speedup, speedup_range=spread, headline=headline, total_steps=total_steps)
 
 
-def _headline(kind: str, bs: int, lr: float | slice | None, epochs: int | None, speedup: float | None) -> str:
-    "The advice in one plain line: what to train with and the gain it predicts."
-    if kind == "keep":
-        return f"Keep batch size {bs}: a different batch size would not train faster here"
-    parts = [f"batch size {bs}"] + ([f"lr {format_lr(lr)}"] if lr is not None else [])
-    parts += [f"{epochs} epochs"] if epochs is not None else []
-    gain = f" — about {speedup:.2g}× faster on this machine" if speedup is not None else ""
-    return "Train with " + " · ".join(parts) + gain
+def _why_not_bigger(old_bs: int, bs: int, tp: Throughput, interval: Interval, n_train: int | None,
+                    left_out: list[str]) -> list[str]:
+    "What stopped a bigger batch: the data, the lr cap, the device's memory or speed."
+    if bs < old_bs:
+        return []
+    notes = list(left_out)
+    if interval.lo > bs:
+        if n_train and n_train // (2 * bs) < MIN_STEPS_PER_EPOCH:
+            notes.append(f"as large as the data allows: {n_train:,} examples keep ≥ {MIN_STEPS_PER_EPOCH} optimizer "
+                         f"steps per epoch up to {bs}, and the noise scale is above it")
+        elif tp.max_fit is not None and bs == tp.max_fit:
+            notes.append(f"as large as fits on {tp.device} in one step ({tp.max_fit})")
+    return notes
 
 
 def check_lr(lr: object) -> None:
@@ -177,44 +311,31 @@ def format_lr(lr: float | slice) -> str:
     return f"{lr:.3g}" if isinstance(lr, numbers.Real) else repr(lr)  # a Learner's lr may be anything
 
 
+_RULE_NAMES = {"sgd": "linear (plain SGD)", "momentum": "square-root (SGD with momentum)",
+               "adam": "square-root (Adam-like)"}
+
+
 def _lr_text(lr: float | slice | None, factor: float, bs: int, old_bs: int, rule: str, from_run: bool) -> str:
     "The lr part of the advice, naming the batch size it is for (the lr of another batch size is wrong for it)."
     source = " (the finder run's lr: pass lr= the one you train with)" if lr is not None and from_run else ""
     if bs == old_bs:
         return f"lr {format_lr(lr)}{source} unchanged" if lr is not None else "lr unchanged"
-    how = "linear (SGD)" if rule == "sgd" else "square-root (Adam)"
     now = (f"lr {format_lr(lr)}{source} → {format_lr(_scaled(lr, factor))} at batch size {bs} (×{factor:.3g}, "
            if lr is not None else f"lr ×{factor:.3g} at batch size {bs} (")
-    return f"{now}{how} scaling, ε(B) ∝ 1/(1 + B_noise/B); every parameter group's lr, a one-cycle's max lr too)"
+    return (f"{now}{_RULE_NAMES[rule]} scaling of AdaScale's gain (1 + B_noise/B0)/(1 + B_noise/B); every parameter "
+            "group's lr, a one-cycle's max lr too)")
 
 
-def _epochs_text(epochs: int, new_epochs: int, ratio: float, step_per_example: float) -> str:
-    "Epochs with the paper's ratio, the whole-epoch rounding when it changes the cost, and the wall-time range."
-    if new_epochs == epochs:
+def _epochs_text(epochs: int, new_epochs: int, exact: float) -> str:
+    "Epochs with the paper's ratio and how they were rounded."
+    if new_epochs == epochs and math.isclose(exact, epochs, rel_tol=0.01):
         return f"epochs {epochs} unchanged"
-    text = (f"epochs {epochs} → {new_epochs} (the paper's trade-off: ×{ratio:.2g} the examples, "
-            f"×{ratio * step_per_example:.2g} the steps to reach the same loss")
-    rounded = new_epochs / epochs
-    if not math.isclose(rounded, ratio, rel_tol=0.05):
-        text += (f"; rounded up to whole epochs: ×{rounded:.2g} the examples, "
-                 f"×{rounded * step_per_example:.2g} the steps")
-    return (f"{text}); wall time ×{rounded * step_per_example:.2g} if a step costs the same at both sizes, "
-            f"×{rounded:.2g} if time is per example")
+    how = "rounded up" if new_epochs >= exact else f"rounded down (within {exact - new_epochs:.2g} of an epoch)"
+    return (f"epochs {epochs} → {new_epochs} ({exact:.3g} to see ×{exact / epochs:.2g} the examples, the paper's "
+            f"examples to reach the same loss; {how})")
 
 
 def check_epochs(epochs: object) -> None:
     "A ValueError unless `epochs` (what the user trains for at their batch size) is a positive integer or None."
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"epochs must be a positive integer (the epochs you train for) or None, got {epochs!r}")
-
-
-def _lr_can_follow(old_bs: int, bs: int, noise_scale: float, rule: str) -> int:
-    "`bs` halved until its lr factor is at most MAX_LR_FACTOR (a factor below a doubling's 2 always is)."
-    while bs > old_bs and lr_factor(old_bs, bs, noise_scale, rule) > MAX_LR_FACTOR:
-        bs //= 2
-    return bs
-
-
-def _examples_ratio(old_bs: int, new_bs: int, noise_scale: float) -> float:
-    "E(new)/E(old): examples to reach the same loss, E ∝ 1 + B/B_noise."
-    return (1 + new_bs / noise_scale) / (1 + old_bs / noise_scale)

@@ -34,6 +34,8 @@ from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
 from .guard import FinderBusyError, RunInfo, claim
 from .interval import AutoStop
 from .loaders import population_size
+from .advice import MIN_STEPS_PER_EPOCH, detect_rule
+from .goodput import sizes_worth_timing
 from .memory import fitting_batch_size, plan_batch
 from .per_example import PerExampleNorms
 from .precision import LossScale, resolve_amp
@@ -41,6 +43,7 @@ from .result import GNSRecord, GNSResult, RunRecorder
 from .state import UserState
 from .targets import Target, as_target
 from .targets.base import batch_size_of, loader_len, to_device
+from .throughput import probe_throughput
 
 __all__ = ["bs_find", "METHODS", "resolve_beta", "TRAINING_BETA"]
 
@@ -52,7 +55,7 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
             device: Any = None, method: str = "fixed", batch_fn: Callable | None = None,
             on_update: Callable[[GNSRecord], None] | None = None,
             stop_event: threading.Event | None = None, probe_memory: bool | None = None,
-            amp: torch.dtype | None = None) -> GNSResult:
+            amp: torch.dtype | None = None, measure_speed: bool = True) -> GNSResult:
     """Measure the gradient noise scale of `target` and suggest a batch size.
 
     `target` is a fastai `Learner` (its `dls.train` and `loss_func` are used) or an
@@ -86,6 +89,11 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     (`memory.max_batch_size`, capped at the suggestion) and, when it does not, plans gradient
     accumulation to reach it (`result.memory_plan`). None probes on CUDA only, where running
     out of memory is an error that can be caught; on the CPU it usually kills the process.
+
+    `measure_speed` times a few training steps at each batch size the advice could move to (the user's, and
+    the powers-of-two multiples or fractions of it that the noise scale's interval leaves worth it), so that
+    `result.advice()` predicts wall time on this device (`result.throughput`; `throughput.py`). It runs after
+    the measurement, only when the measurement can carry a decision, and costs a few seconds at most.
 
     `amp` runs forward passes under `torch.autocast` with this dtype (float16 with a dynamic
     loss scale whose overflowed batches are skipped, as GradScaler does); None follows a
@@ -125,11 +133,27 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
             state.restore()
         result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta, method=method,
                                  stopped=stop_event.is_set())
+        result.rule = _rule_of(target, tgt, opt)
         probe = tgt.device.type == "cuda" if probe_memory is None else probe_memory
         if probe and result.reliable and not distributed:
             fits = fitting_batch_size(tgt, limit=result.suggested_bs, amp=amp)
             result.memory_plan = plan_batch(result.suggested_bs, fits)
+        usable = result.suggestion.usable and result.interval is not None and result.interval.lo > 0
+        if measure_speed and usable and tgt.batch_size and not distributed and not stop_event.is_set():
+            sizes = sizes_worth_timing(tgt.batch_size, result.interval, tgt.n_train, MIN_STEPS_PER_EPOCH)
+            result.throughput = probe_throughput(tgt, sizes, amp, saturate_above=tgt.batch_size)
     return result
+
+
+def _rule_of(target: Any, tgt: Target, opt: Any) -> str | None:
+    """The lr rule of the optimizer the user trains with: the one given, a Learner's opt_func, else None (unknown:
+    bs_find's own SGD says nothing of the user's). A factory is called once to see what it builds."""
+    opt = getattr(target, "opt_func", None) if opt is None else opt
+    if opt is None:
+        return None
+    if tgt.user_opt is not None:
+        return detect_rule(tgt.user_opt)
+    return detect_rule(opt) or detect_rule(tgt.make_opt(1.0))
 
 
 TRAINING_BETA = 0.99  # the EMA decay beta=None picks while training (about the last 100 estimates)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,7 +23,8 @@ from .state import UserState
 from .targets import Target, as_target
 from .targets.base import batch_size_of, to_device
 
-__all__ = ["max_batch_size", "fitting_batch_size", "MemoryPlan", "plan_batch", "is_oom_error"]
+__all__ = ["max_batch_size", "fitting_batch_size", "MemoryPlan", "plan_batch", "is_oom_error", "ExamplePool",
+           "free_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def fitting_batch_size(tgt: Target, *, limit: int, amp: torch.dtype | None, star
     first = min(start if start is not None else (tgt.batch_size or 1), limit)
     with claim(tgt.model, "max_batch_size"):
         state = UserState(tgt.model, tgt.user_opt, tgt.train_dl, tgt.loss_func)
-        pool = _ExamplePool(tgt)
+        pool = ExamplePool(tgt)
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 prober = _Prober(tgt, pool, amp)
@@ -80,7 +82,7 @@ def fitting_batch_size(tgt: Target, *, limit: int, amp: torch.dtype | None, star
         finally:
             pool.close()
             state.restore()
-            _free_memory(tgt.device)
+            free_memory(tgt.device)
     if found == 0:
         raise RuntimeError(f"not even a batch of 1 fits in memory on {tgt.device} for one training step (forward, "
                            "backward, optimizer step): use a smaller model, mixed precision, or a bigger device")
@@ -120,7 +122,7 @@ def _search(fits: Callable[[int], bool], first: int, limit: int) -> int:
 class _Prober:
     "Calling it with `n` trains one step on `n` examples and says whether it fitted; it counts its probes."
 
-    def __init__(self, tgt: Target, pool: _ExamplePool, amp: torch.dtype | None):
+    def __init__(self, tgt: Target, pool: ExamplePool, amp: torch.dtype | None):
         self.tgt, self.pool, self.amp, self.probes = tgt, pool, amp, 0
         try:
             tgt.to_run_device()
@@ -130,7 +132,7 @@ class _Prober:
                                    "use a smaller model, lower precision, or a bigger device") from e
             raise
         tgt.model.train()
-        _free_memory(tgt.device)  # start from what the model itself needs
+        free_memory(tgt.device)  # start from what the model itself needs
         self.opt = tgt.make_opt(PROBE_LR)  # built once: its state stays allocated across steps, as in training
 
     def __call__(self, n: int) -> bool:
@@ -145,7 +147,7 @@ class _Prober:
         # Outside the except block, so the traceback (and the activations its frames hold) is already gone.
         self.tgt.model.zero_grad(set_to_none=True)
         if not ok:
-            _free_memory(self.tgt.device)
+            free_memory(self.tgt.device)
         log.debug("batch size %d: %s", n, "fits" if ok else "out of memory")
         return ok
 
@@ -157,16 +159,23 @@ class _Prober:
         self.opt.step()
 
 
-class _ExamplePool:
+class ExamplePool:
     """Real examples from the loader, kept on the host, served as batches of any size.
 
     Batches are drawn lazily, only as many as the biggest probe needs; a loader with fewer
     examples than that is repeated. Drawing stops at the first batch whose shapes differ
     from the first batch's (per-batch padding), so what is concatenated always matches.
+    `timed`: the loader's time per example is measured on the draws after the first (which
+    also starts the iterator and its workers), and at least `TIMED_BATCHES` of them are drawn.
     """
 
-    def __init__(self, tgt: Target):
+    TIMED_BATCHES = 4
+
+    def __init__(self, tgt: Target, timed: bool = False):
         self.tgt = tgt
+        self.timed = timed
+        self.load_seconds, self.load_examples = 0.0, 0  # the draws after the first
+        self.draws = 0
         self.batches: list[Any] = []
         self.joined: Any = None  # the batches concatenated, rebuilt only after a draw
         self.n = 0  # examples drawn
@@ -175,7 +184,7 @@ class _ExamplePool:
         self.done = False
 
     def batch(self, n: int) -> Any:
-        while self.n < n and not self.done:
+        while (self.n < n or (self.timed and self.draws <= self.TIMED_BATCHES)) and not self.done:
             self._draw()
         if not self.batches:
             raise ValueError("train_dl yielded no batches: give it a non-empty dataset")
@@ -188,11 +197,13 @@ class _ExamplePool:
     def _draw(self) -> None:
         if self.it is None:
             self.it = iter(self.tgt.train_dl)
+        t0 = time.perf_counter()
         try:
             b = _map_tensors(next(self.it), lambda t: t.detach().to("cpu"))  # blocking copy: safe to read at once
         except StopIteration:
             self.done = True
             return
+        seconds = time.perf_counter() - t0
         shapes = _shapes(b)
         if self.shapes is None:
             self.shapes = shapes
@@ -200,9 +211,18 @@ class _ExamplePool:
             self.done = True
             return
         inputs, targets = self.tgt.inputs_and_targets(b)
+        n = batch_size_of(targets, inputs)
+        if self.draws:
+            self.load_seconds += seconds
+            self.load_examples += n
+        self.draws += 1
         self.batches.append(b)
         self.joined = None
-        self.n += batch_size_of(targets, inputs)
+        self.n += n
+
+    def seconds_per_example(self) -> float:
+        "The loader's time per example over the draws after the first (0 when there were none)."
+        return self.load_seconds / self.load_examples if self.load_examples else 0.0
 
     def close(self) -> None:
         close = getattr(self.it, "close", None)
@@ -273,7 +293,7 @@ def _index(obj: Any, idx: torch.Tensor) -> Any:
     return obj
 
 
-def _free_memory(device: torch.device | str) -> None:
+def free_memory(device: torch.device | str) -> None:
     """Give a failed step's memory back to the device.
 
     On CPU, reference counting has already returned the tensors once the traceback is gone, and a full

@@ -11,14 +11,25 @@ import torch
 from torch import Tensor
 
 from .advice import BatchAdvice, advise
+from .suggest import check_rule
 from .estimator import NoiseScaleEstimator, WindowEstimate
 from .interval import Interval, noise_scale_interval
 from .suggest import LRAdvice, Suggestion, suggest_batch_size, tradeoff
 
 if TYPE_CHECKING:
     from .memory_plan import MemoryPlan
+    from .throughput import Throughput
 
 __all__ = ["GNSRecord", "GNSResult", "RunRecorder"]
+
+MIN_TREND_WINDOWS = 10  # windows in each half of a run before its trend is told
+GROWING = 1.25  # a second half this many times the first: still growing
+
+
+def _ratio_of_sums(h: pd.DataFrame) -> float:
+    "The noise scale of some windows: their weighted raw tr(Σ) over their weighted raw |G|²."
+    scale = float((h.scale_raw * h.n_batch).sum())
+    return float((h.noise_raw * h.n_batch).sum()) / scale if scale > 0 else math.nan
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,7 @@ class GNSResult:
 
     def __init__(self, records: list[GNSRecord], *, batch_size: int, n_train: int | None, lr: float,
                  n_batch: int, beta: float, method: str, stopped: bool = False, n_skipped: int = 0,
-                 n_dropped: int = 0, decay: float | None = None):
+                 n_dropped: int = 0, decay: float | None = None, rule: str | None = None):
         self.history = pd.DataFrame([asdict(r) for r in records], columns=COLUMNS)
         self.batch_size, self.n_train, self.lr = batch_size, n_train, lr
         self.n_batch, self.beta, self.method, self.stopped = n_batch, beta, method, stopped
@@ -65,6 +76,35 @@ class GNSResult:
         self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval,
                                                          trained=isinstance(lr, (int, float)) and lr > 0)
         self.memory_plan: MemoryPlan | None = None  # set when the suggestion was checked against device memory
+        self.throughput: Throughput | None = None  # this device's speed by batch size, set when bs_find timed it
+        self.rule = rule  # the lr rule of the optimizer the run used (`advice.detect_rule`), None when unknown
+
+    @property
+    def growth(self) -> float | None:
+        """How the noise scale moved while the run trained: its second half's value over its first half's (ratio of
+        the windows' summed raw estimates), None at lr=0 (nothing moved) or with too few windows."""
+        h = self.history
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0) or len(h) < 2 * MIN_TREND_WINDOWS:
+            return None
+        half = len(h) // 2
+        first, second = (_ratio_of_sums(part) for part in (h.iloc[:half], h.iloc[half:]))
+        return second / first if first > 0 and second > 0 else None
+
+    @property
+    def trend(self) -> str:
+        "How representative the noise scale is of the training ahead, in words for the advice."
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            return ("measured at one point of training (lr=0): the noise scale usually grows as training goes on, "
+                    "so a later measurement may allow a bigger batch")
+        g = self.growth
+        if g is None:
+            return ""
+        if g >= GROWING:
+            return (f"the noise scale grew ×{g:.2g} during the run and is still growing: measure again later in "
+                    "training to go further")
+        if g <= 1 / GROWING:
+            return f"the noise scale fell ×{1 / g:.2g} during the run: measure again later in training"
+        return f"the noise scale held steady during the run (×{g:.2g} from its first half to its second)"
 
     @property
     def noise_scale(self) -> float:
@@ -97,23 +137,29 @@ class GNSResult:
     def reliable(self) -> bool:
         return self.suggestion.bs is not None
 
-    def advice(self, lr: float | slice | None = None, epochs: int | None = None,
-               rule: str | None = None) -> BatchAdvice:
-        """The batch size, learning rate and epochs to train with next; `.text` says why.
+    def advice(self, lr: float | slice | None = None, epochs: int | None = None, rule: str | None = None,
+               throughput: Throughput | None = None) -> BatchAdvice:
+        """The batch size, learning rate and epochs that reach the same loss soonest on this device; `.text` says why.
 
         `lr` and `epochs` are what you train with at the current batch size (lr defaults to the
-        run's when it trained; fastai's `slice(body, head)` gets both ends scaled); `rule` is "sgd"
-        (linear lr scaling, the default) or "adam" (square root). `.batch_size` is None when the
-        measurement is not reliable; when the memory probe found that it does not fit,
-        `.micro_batch_size` and `.accumulation_steps` say how to reach it. See `advice.py`.
+        run's when it trained; fastai's `slice(body, head)` gets both ends scaled). `rule` is the lr
+        rule, "sgd" (linear), "momentum" or "adam" (square root); None takes the one of the optimizer
+        the run used (`self.rule`), and the square root when that is unknown. `throughput` is the
+        device's speed by batch size (default: what `bs_find` measured; `measure_throughput` for a
+        `GNSCallback`'s result). `.kind` says grow, keep, shrink or uncertain; see `advice.py`.
         """
+        if rule is not None:
+            check_rule(rule)
         from_run = lr is None and self.lr > 0
         if from_run:
             lr = self.lr
-        plan = self.memory_plan  # probed for the raw suggestion: its per-step batch fits, re-planned for the advice's
-        return advise(self.noise_scale, self.suggested_bs, self.batch_size, n_train=self.n_train, lr=lr,
-                      epochs=epochs, rule=rule or "sgd", interval=self._interval, reason=self.reason,
-                      max_fit=plan.batch_size if plan is not None else None, lr_from_run=from_run)
+        s = self.suggestion
+        usable = s.usable and self._interval is not None and self._interval.lo > 0
+        plan = self.memory_plan  # probed for the raw suggestion: its per-step batch fits
+        return advise(self._interval, self.batch_size, throughput=throughput or self.throughput, n_train=self.n_train,
+                      lr=lr, epochs=epochs, rule=rule or self.rule or "momentum", reason="" if usable else s.reason,
+                      max_fit=plan.batch_size if plan is not None else None, lr_from_run=from_run,
+                      suggested_bs=self.suggested_bs, trend=self.trend)
 
     def lr_advice(self, lr: float | slice | None = None, rule: str = "sgd") -> LRAdvice | None:
         "The learning-rate part of `advice()`: `lr` (default: the run's) at the advised batch size."

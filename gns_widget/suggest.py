@@ -17,7 +17,7 @@ import pandas as pd
 
 from .interval import MIN_WINDOWS, WIDEN_TO, Interval
 
-__all__ = ["Suggestion", "LRAdvice", "suggest_batch_size", "stable_power_of_two", "lr_factor", "scale_lr",
+__all__ = ["Suggestion", "LRAdvice", "RULES", "check_rule", "suggest_batch_size", "stable_power_of_two", "lr_factor", "scale_lr",
            "tradeoff", "MIN_ESTIMATES", "MAX_DRIFT", "MAX_HALFWIDTH",
            "MAX_LOSS_RISE"]
 
@@ -33,6 +33,7 @@ class Suggestion:
     bs: int | None  # None when the estimate is not reliable
     reason: str  # why `bs` is None, or what it rests on
     interval: Interval | None = None  # the noise scale's 90% interval, when one was computed
+    usable: bool = False  # the interval may carry a decision even without `bs` (too wide or still moving for one)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None,
     last = history.iloc[-1]
     if not last.scale > 0:
         return Suggestion(None, f"the |G|² estimate is not positive ({last.scale:.3g}): the gradient signal is "
-                                "still below the noise; increase num_it or n_batch, or raise beta")
+                                "still below the noise; increase num_it or n_batch, or raise beta", interval,
+                          usable=True)
     if not last.noise > 0:
         return Suggestion(None, f"the tr(Σ) estimate is not positive ({last.noise:.3g}); increase n_batch or num_it")
     if n < MIN_ESTIMATES:
@@ -74,12 +76,12 @@ def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None,
         why = ("|G|² is not distinguishable from its noise" if math.isinf(interval.hi)
                else f"±{interval.rel_halfwidth:.0%}, ≤±{MAX_HALFWIDTH:.0%} needed")
         return Suggestion(None, f"uncertain: noise scale {interval} (90% interval; {why}); "
-                                f"{_how_to_narrow(history, interval)}", interval)
+                                f"{_how_to_narrow(history, interval)}", interval, usable=True)
     drift = _late_drift(history.noise_scale)
     if drift > MAX_DRIFT:
         return Suggestion(None, f"still moving: the noise scale changed {drift:.0%} over the last quarter of the "
                                 f"run (≤{MAX_DRIFT:.0%} needed); increase num_it, or raise beta to smooth more",
-                          interval)
+                          interval, usable=True)
     ns = float(last.noise_scale)
     bs = stable_power_of_two(ns, interval)
     shown = str(interval) if interval is not None else f"{ns:.4g}"
@@ -89,7 +91,7 @@ def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None,
     if n_train and bs > n_train:
         bs = 2 ** int(math.log2(n_train))
         reason += f"; capped by the training set size ({n_train})"
-    return Suggestion(bs, reason, interval)
+    return Suggestion(bs, reason, interval, usable=True)
 
 
 def _how_to_narrow(history: pd.DataFrame, interval: Interval) -> str:
@@ -145,10 +147,19 @@ def _late_drift(noise_scale: pd.Series) -> float:
     return abs(end - ref) / abs(end) if end else math.inf
 
 
+RULES = ("sgd", "momentum", "adam")  # lr rules: linear for plain SGD, square root with momentum or adaptive steps
+
+
+def check_rule(rule: object) -> None:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))} (or None to detect it from the "
+                         f"optimizer), got {rule!r}")
+
+
 def lr_factor(old_bs: int, new_bs: int, noise_scale: float, rule: str = "sgd") -> float:
-    "The paper's ε(new_bs)/ε(old_bs), ε(B) ∝ 1/(1 + B_noise/B): as is for SGD, its square root for Adam."
-    if rule not in ("sgd", "adam"):
-        raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
+    """The paper's ε(new_bs)/ε(old_bs), ε(B) ∝ 1/(1 + B_noise/B) (AdaScale's gain): as is for plain SGD, its square
+    root with momentum or for Adam-like optimizers."""
+    check_rule(rule)
     if not (noise_scale > 0):
         raise ValueError(f"noise_scale must be positive to scale the learning rate, got {noise_scale!r}")
     ratio = (1 + noise_scale / old_bs) / (1 + noise_scale / new_bs)

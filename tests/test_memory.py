@@ -126,10 +126,10 @@ def test_memory_is_freed_on_accelerators(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
     monkeypatch.setattr(memory.gc, "collect", lambda: calls.append("collect"))
-    memory._free_memory(torch.device("cuda", 0))
+    memory.free_memory(torch.device("cuda", 0))
     assert calls == ["collect", "empty_cache"]
     calls.clear()
-    memory._free_memory("cpu")  # reference counting already freed the tensors: no costly full collection
+    memory.free_memory("cpu")  # reference counting already freed the tensors: no costly full collection
     assert calls == []
 
 
