@@ -9,17 +9,18 @@ with and words that say why:
 - **batch size**: among the sizes timed on the device, the one with the best predicted time to the
   same loss at the noise scale's conservative end, if it gains at least ×GAIN_NEEDED; otherwise the
   user's batch size is kept. A bigger batch must leave an epoch `MIN_STEPS_PER_EPOCH` optimizer steps
-  (a schedule and the noise that helps generalisation need steps) and an lr factor of at most
-  `MAX_LR_FACTOR` (beyond it training can break: a conv net with SGD and momentum went to chance at
-  ×3.1). The kind is "grow", "shrink", "keep", or "uncertain" when the interval straddles the
+  (a schedule and the noise that helps generalisation need steps), at most ×MAX_EXAMPLES_FACTOR the
+  examples, and the lr may change by at most ×`MAX_LR_FACTOR` either way (beyond it training can
+  break: a conv net with SGD and momentum went to chance at ×3.1). The kind is "grow", "shrink", "keep", or "uncertain" when the interval straddles the
   decision (a gain at the measured value, none at the conservative end, and an interval too wide
   to tell): then the user's batch size is kept and a longer measurement decides;
 - **learning rate**: AdaScale's gain ε(B) ∝ 1/(1 + B_noise/B), linear for plain SGD and its square
   root with momentum or an Adam-like optimizer (`detect_rule`), named with the batch size it is for;
 - **epochs**: ×E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise), the paper's examples to reach the same
   loss, rounded up unless that adds a near-whole epoch (`goodput.round_epochs`): no rounding cliff;
-- **memory**: when the device fits less than the advised batch in one step (`max_fit`), how to
-  accumulate it. A batch timed on the device always fits, so this only arises without a timing.
+- **memory**: only sizes that fit in one step are advised (`max_fit`, and the timing itself runs out
+  of memory above it): accumulating micro-batches gets through examples no faster than one
+  micro-batch does, and needs more of them, so it never reaches the same loss sooner.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ from typing import Any
 
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR, conservative_end, examples_ratio, round_epochs, speedup
 from .interval import Interval
-from .memory_plan import plan_batch
 from .suggest import MAX_HALFWIDTH, check_rule, lr_factor
 from .throughput import Throughput
 
@@ -66,8 +66,8 @@ class BatchAdvice:
     steps_per_epoch: int | None = None
     suggested_bs: int | None = None
     lr_text: str = ""
-    micro_batch_size: int | None = None  # the batch to load per step: `batch_size` unless it must accumulate
-    accumulation_steps: int = 1  # micro-batches accumulated per optimizer step (see `max_fit` in `advise`)
+    micro_batch_size: int | None = None  # the batch to load per step: `batch_size` (accumulation never pays)
+    accumulation_steps: int = 1  # micro-batches accumulated per optimizer step
     kind: str = "uncertain"  # "grow", "keep", "shrink" or "uncertain" (keep the batch size, measure longer)
     speedup: float | None = None  # predicted wall time baseline / advised on this device; None when not measured
     speedup_range: tuple[float, float] | None = None  # the same over the noise scale's 90% interval
@@ -152,14 +152,14 @@ class _Option:
 
 
 def _options(interval: Interval, old_bs: int, tp: Throughput, epochs: int | None, rule: str,
-             max_fit: int | None) -> tuple[list[_Option], list[str]]:
+             max_fit: int | None, n_train: int | None) -> tuple[list[_Option], list[str]]:
     "Each timed size's conservative speedup, and why sizes were left out."
     options, left_out = [], []
     for b in tp.batch_sizes:
-        if b == old_bs:
+        if b == old_bs or (max_fit is not None and b > max_fit):
             continue
-        if max_fit is not None and b > max_fit:
-            continue
+        if b > old_bs and n_train and n_train // b < MIN_STEPS_PER_EPOCH:
+            continue  # too few optimizer steps per epoch: said by _keep / _why_not_bigger
         ns = conservative_end(interval, grow=b > old_bs)
         if not math.isfinite(ns):  # a smaller batch never pays when the noise scale may be unbounded
             continue
@@ -171,6 +171,8 @@ def _options(interval: Interval, old_bs: int, tp: Throughput, epochs: int | None
         if factor > MAX_LR_FACTOR:
             left_out.append(f"{b} would need lr ×{factor:.2g} (above ×{MAX_LR_FACTOR:g} training can break)")
             continue
+        if factor < 1 / MAX_LR_FACTOR:  # the same bound down: a far smaller batch is a different training
+            continue
         options.append(_Option(b, ns, speedup(old_bs, b, ns, tp, epochs), factor))
     return options, left_out
 
@@ -180,7 +182,7 @@ def _decide(interval: Interval, old_bs: int, tp: Throughput, *, n_train: int | N
     shown = str(interval)
     if old_bs not in tp.step_seconds:
         raise ValueError(f"throughput must include the current batch size {old_bs}; it has {tp.batch_sizes}")
-    options, left_out = _options(interval, old_bs, tp, epochs, rule, max_fit)
+    options, left_out = _options(interval, old_bs, tp, epochs, rule, max_fit, n_train)
     best = max(options, key=lambda o: o.speedup, default=None)
     speed = _speed_text(tp, old_bs)
     if best is None or best.speedup < GAIN_NEEDED:
@@ -204,14 +206,12 @@ def _speed_text(tp: Throughput, old_bs: int) -> str:
 def _keep(old_bs: int, lr: Any, epochs: int | None, shown: str, rule: str, best: _Option | None, speed: str,
           left_out: list[str], n_train: int | None, suggested_bs: int | None, trend: str,
           lr_from_run: bool) -> BatchAdvice:
-    if best is None:
-        why = "no other batch size could be faster here"
-        if n_train and n_train // (2 * old_bs) < MIN_STEPS_PER_EPOCH:
-            why = (f"{n_train:,} training examples: a bigger batch would leave fewer than {MIN_STEPS_PER_EPOCH} "
-                   "optimizer steps per epoch")
-    else:
-        why = (f"the best other size, {best.bs}, is predicted ×{best.speedup:.3g} as fast to the same loss "
-               f"(×{GAIN_NEEDED:g} needed to change)")
+    why = ("no other batch size could be faster here" if best is None else
+           f"the best other size, {best.bs}, is predicted ×{best.speedup:.3g} as fast to the same loss "
+           f"(×{GAIN_NEEDED:g} needed to change)")
+    if n_train and n_train // (2 * old_bs) < MIN_STEPS_PER_EPOCH:
+        left_out = [f"{n_train:,} training examples: a bigger batch would leave fewer than {MIN_STEPS_PER_EPOCH} "
+                    "optimizer steps per epoch", *left_out]
     lr_text = _lr_text(lr, 1.0, old_bs, old_bs, rule, lr_from_run)
     epochs_text = f"epochs {epochs} unchanged" if epochs else ""
     text = "; ".join(p for p in (f"keep batch size {old_bs} (noise scale {shown}): {why}", *left_out, speed, lr_text,
@@ -250,14 +250,6 @@ def _change(interval: Interval, old_bs: int, best: _Option, tp: Throughput, *, n
     else:
         parts.append(f"train ×{ratio:.2g} the epochs (the examples needed to reach the same loss; give epochs for a "
                      "number)")
-    micro, acc = bs, 1
-    if max_fit is not None and bs > max_fit:
-        plan = plan_batch(bs, max_fit)
-        micro, acc = plan.batch_size, plan.accumulation_steps
-        parts.append(f"the device fits {max_fit} per step: load batches of {micro} and accumulate {acc} of them per "
-                     f"optimizer step (effective {micro * acc}, what the lr and epochs are for): in a torch loop "
-                     f"divide the loss by {acc} and step the optimizer every {acc} batches; with fastai add "
-                     f"cbs=GradientAccumulation(n_acc={micro * acc}) (n_acc counts examples)")
     if trend:
         parts.append(trend)
     new_lr = _scaled(lr, best.lr_factor) if lr is not None else None
@@ -265,7 +257,7 @@ def _change(interval: Interval, old_bs: int, best: _Option, tp: Throughput, *, n
     bits += [f"{new_epochs} epochs"] if new_epochs is not None else []
     headline = "Train with " + " · ".join(bits) + f" — about {best.speedup:.2g}× faster on this machine"
     return BatchAdvice(bs, new_lr, new_epochs, "; ".join(parts), old_bs, shown, rule, best.lr_factor,
-                       math.ceil(n_train / bs) if n_train else None, suggested_bs, lr_text, micro, acc, kind=kind,
+                       math.ceil(n_train / bs) if n_train else None, suggested_bs, lr_text, bs, 1, kind=kind,
                        speedup=best.speedup, speedup_range=spread, headline=headline, total_steps=total_steps)
 
 

@@ -65,6 +65,13 @@ def test_a_small_noise_scale_on_a_cpu_like_device_shrinks():
     assert a.speedup >= GAIN_NEEDED and "high end 12" in a.text
 
 
+def test_the_lr_changes_at_most_twofold_either_way():
+    "B_noise 10 at batch 64 on a per-example device: 8 would gain more, but lr ÷3.5 is another training; 32 is not."
+    a = advise(Interval(10.0, 8.0, 12.0), 64, throughput=cpu_like(), n_train=10_000, lr=0.1, epochs=10, rule="sgd")
+    assert a.kind == "shrink" and 1 / MAX_LR_FACTOR <= a.lr_factor < 1
+    assert lr_factor(64, a.batch_size // 2, 12.0, "sgd") < 1 / MAX_LR_FACTOR
+
+
 def test_uncertain_only_when_the_interval_straddles_the_decision():
     "A gain at the measured value but none at the low end, with a wide interval: keep and measure longer."
     tp = Throughput({32: 0.010, 64: 0.01538}, device="d")  # ×1.3 the examples per second at 64

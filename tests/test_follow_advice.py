@@ -15,10 +15,14 @@ from gns_widget import apply_batch_size, bs_find
 from gns_widget.advice import MIN_STEPS_PER_EPOCH, advise
 from gns_widget.datasets import digits_loaders
 from gns_widget.loaders import current_batch_size
-from gns_widget.memory_plan import plan_batch
+from gns_widget.interval import Interval
+from gns_widget.throughput import Throughput
 from gns_widget.suggest import MAX_LOSS_RISE, lr_factor, suggest_batch_size
 
 DS = TensorDataset(torch.arange(100).float(), torch.arange(100))
+SIZES = [2**k for k in range(13)]
+STEP_COSTS_THE_SAME = Throughput({b: 0.01 for b in SIZES}, device="gpu-like")
+TIME_PER_EXAMPLE = Throughput({b: 1e-4 * b for b in SIZES}, device="cpu-like")
 
 
 @pytest.fixture(scope="module")
@@ -34,62 +38,50 @@ def digits_result():
 
 def test_a_bigger_suggestion_never_shrinks_the_batch_of_a_small_dataset():
     "200 examples at bs 32, noise scale 300: the step cap (16) fell below the user's 32 and advised halving it."
-    a = advise(300.0, 256, 32, n_train=200, lr=0.1, epochs=10)
+    a = advise(Interval(300.0, 250.0, 350.0), 32, throughput=STEP_COSTS_THE_SAME, n_train=200, lr=0.1, epochs=10)
     assert a.batch_size == 32 and a.lr == 0.1 and a.lr_factor == 1 and a.epochs == 10
     assert "keep batch size 32" in a.text and "200 training examples" in a.text and "→ 16" not in a.text
-    assert a.time_factor == (1, 1)
+    assert a.speedup == 1 and a.kind == "keep"
 
 
-def test_a_suggestion_equal_to_the_batch_size_says_keep():
-    a = advise(45.0, 32, 32, n_train=5000, lr=0.1, epochs=10)
-    assert (a.batch_size, a.lr, a.epochs) == (32, 0.1, 10)
+def test_a_kept_batch_size_says_keep():
+    a = advise(Interval(450.0, 400.0, 500.0), 32, throughput=TIME_PER_EXAMPLE, n_train=5000, lr=0.1, epochs=10)
+    assert (a.batch_size, a.lr, a.epochs, a.kind) == (32, 0.1, 10, "keep")
     assert a.text.startswith("keep batch size 32") and "32 → 32" not in a.text
 
 
 def test_the_lr_text_names_the_batch_size_it_is_for(digits_result):
-    "README applied res.suggested_bs and the lr of lr_advice, which is for the advice's (capped) batch size."
+    "README applied res.suggested_bs and the lr of lr_advice, which is for the advice's batch size."
     res = digits_result
-    a = res.advice(lr=0.05)
-    assert f"at batch size {a.batch_size}" in res.lr_advice(0.05).text
+    a = res.advice(lr=0.05, throughput=STEP_COSTS_THE_SAME)
+    assert a.kind == "grow" and f"at batch size {a.batch_size}" in a.lr_text
 
 
 def test_the_run_lr_is_marked_as_the_finders():
     "advice() without lr= scales the finder run's lr: say so, a user training at another lr must pass theirs."
-    a = advise(90.0, 64, 32, n_train=5000, lr=1e-3, lr_from_run=True)
+    iv = Interval(90.0, 85.0, 95.0)
+    a = advise(iv, 32, throughput=STEP_COSTS_THE_SAME, n_train=5000, lr=1e-3, lr_from_run=True)
     assert "the finder run's lr" in a.text and "pass lr=" in a.text
-    assert "finder run's" not in advise(90.0, 64, 32, n_train=5000, lr=1e-3).text
+    assert "finder run's" not in advise(iv, 32, throughput=STEP_COSTS_THE_SAME, n_train=5000, lr=1e-3).text
 
 
-def test_epochs_text_gives_the_papers_ratio_not_the_rounded_one():
-    "1 epoch at 32 → 2 at 64: the paper asks ×1.26 the examples, the ×2 is rounding up to whole epochs."
-    a = advise(90.0, 64, 32, n_train=50_000, lr=0.1, epochs=1)
-    ratio = (1 + 64 / 90) / (1 + 32 / 90)
+def test_epochs_text_gives_the_papers_ratio_and_the_rounding():
+    "1 epoch at 32 → 64: the paper asks ×1.26 the examples; 1.26 epochs round up to 2, and the text says so."
+    a = advise(Interval(90.0, 90.0, 95.0), 32, throughput=STEP_COSTS_THE_SAME, n_train=50_000, lr=0.1, epochs=1,
+               rule="adam")
+    ratio = (1 + a.batch_size / 90) / (1 + 32 / 90)
     assert a.epochs == 2 and f"×{ratio:.2g} the examples" in a.text and "rounded up" in a.text
-    assert a.time_factor == pytest.approx((1.0, 2.0))
+    assert a.speedup == pytest.approx(a.batch_size / 32 / 2)  # the rounding is priced in
 
 
-def test_accumulation_plan_is_for_the_advised_batch_and_says_how():
-    "The device fits 40 per step: the advice's 64 is trained as 2 × 32, with the lines for torch and fastai."
-    a = advise(90.0, 64, 32, n_train=50_000, lr=0.1, epochs=8, max_fit=40)
-    assert a.batch_size == 64 and a.lr == pytest.approx(0.1 * lr_factor(32, 64, 90.0))
-    assert (a.micro_batch_size, a.accumulation_steps) == (32, 2)
-    assert "GradientAccumulation(n_acc=64)" in a.text and "divide the loss by 2" in a.text
-    fits = advise(90.0, 64, 32, n_train=50_000, lr=0.1, max_fit=64)
-    assert (fits.micro_batch_size, fits.accumulation_steps) == (64, 1) and "accumulat" not in fits.text
-    assert advise(90.0, 64, 32, n_train=50_000).micro_batch_size == 64
-
-
-def test_result_advice_uses_the_memory_plan_at_the_advised_size(digits_result):
-    "The probe planned for the raw suggestion; the advice re-plans for its own (capped) batch size."
-    res = digits_result
-    a0 = res.advice(lr=0.05)
-    res.memory_plan = plan_batch(res.suggested_bs, 10)
-    try:
-        a = res.advice(lr=0.05)
-    finally:
-        res.memory_plan = None
-    assert a.batch_size == a0.batch_size and a.micro_batch_size <= 10
-    assert a.micro_batch_size * a.accumulation_steps >= a.batch_size > 10
+def test_the_advice_never_exceeds_what_fits_in_one_step():
+    "Accumulating micro-batches is no faster per example than one micro-batch, and needs more examples."
+    a = advise(Interval(900.0, 850.0, 950.0), 32, throughput=STEP_COSTS_THE_SAME, n_train=50_000, lr=0.1, epochs=8,
+               max_fit=40, rule="adam")
+    assert a.batch_size == 32 and a.kind == "keep" and a.accumulation_steps == 1
+    fits = advise(Interval(900.0, 850.0, 950.0), 32, throughput=STEP_COSTS_THE_SAME, n_train=50_000, lr=0.1,
+                  max_fit=64, rule="adam")
+    assert (fits.batch_size, fits.micro_batch_size, fits.accumulation_steps) == (64, 64, 1)
 
 
 @pytest.mark.filterwarnings(r"ignore:bs=\d+ leaves:UserWarning")

@@ -1,4 +1,5 @@
 "max_batch_size finds what fits by simulated out-of-memory errors and leaves everything as it was; plan_batch."
+import copy
 import math
 import random
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gns_widget import memory
+from gns_widget import bs_find, memory
 from gns_widget.memory import MemoryPlan, is_oom_error, max_batch_size, plan_batch
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError: torch >= 2.5
@@ -320,17 +321,13 @@ def test_bs_find_plans_accumulation_when_the_suggestion_does_not_fit(digits_dl):
     assert (probed is not None) == (torch.cuda.is_available())  # the default probes on CUDA only
 
 
-def test_widget_applies_the_per_step_batch_of_the_plan(digits_dl):
-    from gns_widget import GNSWidget
-
+def test_the_speed_timing_stops_at_what_fits_and_the_advice_stays_below(digits_dl):
+    "The timing runs out of memory above 40: it records the last size that fitted, and the advice never passes it."
     torch.manual_seed(0)
     model = OOMAbove(_mlp(bn=False), 40)
-    w = GNSWidget(model, digits_dl, nn.CrossEntropyLoss(), lr=0.05, num_it=200, n_batch=5, probe_memory=True)
-    w.start()
-    w.wait()
-    plan = w.result.memory_plan
-    assert plan is not None and plan.accumulation_steps > 1
-    assert "memory" in w.result_box.value
-    w.apply()
-    assert w.train_dl.batch_size == plan.batch_size
-    assert f"gradient accumulation {plan.accumulation_steps}" in w.status.value
+    before = copy.deepcopy(model.state_dict())
+    res = bs_find(model, digits_dl, nn.CrossEntropyLoss(), lr=0, num_it=300, n_batch=5, probe_memory=True)
+    tp = res.throughput
+    assert tp is not None and tp.max_fit == 32 and max(tp.batch_sizes) == 32
+    assert res.advice(lr=0.05).batch_size <= 32
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
