@@ -5,19 +5,22 @@ problems of accuracy.py): for each seed, `bs_find(lr=0, num_it=1000)` and its 90
 (does it cover the exact value? its half-width), and `bs_find(lr=0, num_it="auto")` (its error
 and the steps it took).
 
-Part 2, **training**: each problem is trained three ways, per seed, and judged on a held-out set:
+Part 2, **training** (issue 18): each problem is trained three ways per seed, and judged on a held-out set:
 - baseline: the user's batch size, lr and epochs;
-- advice: `res.advice(lr, epochs, rule)` followed exactly (batch size, lr, epochs), from a
-  finder run on the same seed: digits as in the quickstart (while training from the start, lr 0.1,
-  1,000 and 30,000 steps); Fashion-MNIST and Bikeshare where a user would call it for a number to
-  act on: after one epoch of their own training, at those weights (lr=0, num_it="auto");
-- 2019: the write-up's rule, batch size = the noise scale rounded to a power of two, lr and
-  epochs unchanged.
-Training time excludes the finder (reported on its own). `--seeds 0 1 2 3 4` for five seeds.
+- control: the baseline again with another shuffle (same initial weights), so the seed noise is
+  measured, not guessed;
+- advice: `res.advice(lr, epochs)` followed exactly (batch size, lr, epochs; the lr rule detected
+  from the optimizer), from a finder run on the same seed that also timed this CPU at the sizes worth
+  it: digits as in the quickstart (while training from the start, lr 0.1); the others where a user
+  would call it for a number to act on: after one epoch of their own training, at those weights
+  (lr=0, num_it="auto").
+Differences are paired by seed; wall time (training only: the finder is reported on its own) and
+optimizer steps are both counted. `--seeds 0 1 2 3 4` for five seeds.
 """
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,7 +105,7 @@ class Task:
     train: tuple[torch.Tensor, ...]
     valid: tuple[torch.Tensor, ...]
     make_model: Callable[[], nn.Module]
-    opt: str  # "sgd" or "adam"
+    opt: str  # "sgd", "momentum" (SGD, nesterov momentum 0.9) or "adam"
     bs: int
     lr: float
     epochs: int
@@ -112,19 +115,22 @@ class Task:
     timing_repeats: int = 1  # trainings of well under a second are timed as the fastest of this many
 
 
-def _opt(task: Task, model: nn.Module, lr: float):
+def _opt(task: Task, params, lr: float):
     if task.opt == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9 if task.name.startswith("fashion") else 0)
-    return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.SGD(params, lr=lr)
+    if task.opt == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.Adam(params, lr=lr)
 
 
-def fit_torch(task: Task, bs: int, lr: float, epochs: int, seed: int) -> tuple[nn.Module, float, int]:
-    "Plain loop at constant lr: the model, seconds and steps."
+def fit_torch(task: Task, bs: int, lr: float, epochs: int, seed: int,
+              shuffle_seed: int | None = None) -> tuple[nn.Module, float, int]:
+    "Plain loop at constant lr: the model, seconds and steps. `shuffle_seed` (default `seed`) orders the batches."
     torch.manual_seed(seed)
     model = task.make_model()
-    opt = _opt(task, model, lr)
+    opt = _opt(task, model.parameters(), lr)
     dl = DataLoader(TensorDataset(*task.train), batch_size=bs, shuffle=True,
-                    generator=torch.Generator().manual_seed(seed))
+                    generator=torch.Generator().manual_seed(seed if shuffle_seed is None else shuffle_seed))
     step, t0 = 0, time.perf_counter()
     for _ in range(epochs):
         for x, y in dl:
@@ -135,23 +141,24 @@ def fit_torch(task: Task, bs: int, lr: float, epochs: int, seed: int) -> tuple[n
     return model, time.perf_counter() - t0, step
 
 
-def train_torch(task: Task, bs: int, lr: float, epochs: int, seed: int) -> dict:
+def train_torch(task: Task, bs: int, lr: float, epochs: int, seed: int, shuffle_seed: int | None = None) -> dict:
     "`fit_torch` (the fastest of `task.timing_repeats` identical runs), then the validation accuracy at the end."
-    model, seconds, steps = fit_torch(task, bs, lr, epochs, seed)
+    model, seconds, steps = fit_torch(task, bs, lr, epochs, seed, shuffle_seed)
     for _ in range(task.timing_repeats - 1):  # the same seed trains the same model: only the clock differs
-        seconds = min(seconds, fit_torch(task, bs, lr, epochs, seed)[1])
+        seconds = min(seconds, fit_torch(task, bs, lr, epochs, seed, shuffle_seed)[1])
     with torch.no_grad():
         x, y = task.valid
         acc = (model(x).argmax(1) == y).float().mean().item()
     return dict(metric=100 * acc, seconds=seconds, steps=steps)
 
 
-def train_fastai(df: pd.DataFrame, bs: int, lr: float, epochs: int, seed: int) -> dict:
+def train_fastai(df: pd.DataFrame, bs: int, lr: float, epochs: int, seed: int, shuffle_seed: int) -> dict:
     "fastai tabular_learner, fit_one_cycle (its own warm-up); the validation MSE of log1p(bikers)."
     from fastai.tabular.all import MSELossFlat, set_seed, tabular_learner
 
     set_seed(seed, reproducible=True)
     learn = tabular_learner(bikeshare_dls(bs, 0, df), layers=[200, 100], loss_func=MSELossFlat())
+    learn.dls.train.rng = random.Random(shuffle_seed)  # the same initial weights; the batches' order from shuffle_seed
     t0 = time.perf_counter()
     with learn.no_bar(), learn.no_logging():
         learn.fit_one_cycle(epochs, lr)
@@ -169,12 +176,6 @@ def finder_fastai(df: pd.DataFrame, seed: int, lr: float, finder: dict):
     with learn.no_bar(), learn.no_logging():
         learn.fit_one_cycle(1, lr)
         return learn.bs_find(show_plot=False, **finder)  # at lr=0: measured at the weights the user has
-
-
-def rule_2019(noise_scale: float, n_train: int) -> int:
-    "The 2019 write-up: the noise scale rounded to a power of two (at most the training set), lr unchanged."
-    bs = 2 ** max(0, round(math.log2(noise_scale))) if noise_scale > 0 else 1
-    return min(bs, 2 ** int(math.log2(n_train)))
 
 
 def digits_task(num_it: int, quick: bool) -> Task:
@@ -205,13 +206,80 @@ def fashion_tasks(quick: bool) -> list[Task]:
                  finder_after=1)]
 
 
+def breast_cancer_task(quick: bool) -> Task:
+    "A dataset under 1,000 rows (569): an MLP with Adam at bs 16 for 30 epochs, standardised features."
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    y = torch.tensor(y)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, va = idx[:400], idx[400:]
+    auto = dict(lr=0, num_it=AutoStop(max_it=300 if quick else 3000), n_batch=N_BATCH)
+    return Task("breast_cancer_mlp_adam", (x[tr], y[tr]), (x[va], y[va]),
+                lambda: nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 2)), "adam", 16, 1e-3,
+                3 if quick else 30, auto, finder_after=1)
+
+
+class CharGRU(nn.Module):
+    "A character-level GRU language model; logits as (N, vocab, T) so cross_entropy takes (N, T) targets."
+
+    def __init__(self, vocab: int, dim: int = 64):
+        super().__init__()
+        self.emb, self.gru, self.head = nn.Embedding(vocab, dim), nn.GRU(dim, dim, batch_first=True), nn.Linear(dim, vocab)
+
+    def forward(self, x):
+        return self.head(self.gru(self.emb(x))[0]).transpose(1, 2)
+
+
+def char_lm_task(quick: bool) -> Task:
+    "A language model on Python's own standard-library source (ships with Python): next-character accuracy."
+    import sysconfig
+    from pathlib import Path
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
+    text = "".join(f.read_text(errors="ignore") for f in files).encode("ascii", "ignore")
+    data = torch.tensor(list(text), dtype=torch.long).clamp(max=127)
+    seq, n, nv = 32, (2000 if quick else 12_000), 2000
+    starts = torch.randperm(len(data) - seq - 1, generator=torch.Generator().manual_seed(0))[:n + nv]
+    x = torch.stack([data[i:i + seq] for i in starts])
+    y = torch.stack([data[i + 1:i + seq + 1] for i in starts])
+    auto = dict(lr=0, num_it=AutoStop(max_it=300 if quick else 3000), n_batch=N_BATCH)
+    return Task("char_gru_stdlib_adam", (x[:n], y[:n]), (x[n:], y[n:]), lambda: CharGRU(128), "adam", 32, 3e-3,
+                1 if quick else 3, auto, finder_after=1)
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+def bn_resnet_task(quick: bool) -> Task:
+    "A BatchNorm ResNet on Fashion-MNIST with SGD and nesterov momentum 0.9 (the issue's −6.8-point case)."
+    x, y = datasets.fashion_mnist(train=True)
+    n, nv = (1500, 500) if quick else (6000, 2000)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    tr, va = idx[:n], idx[n:n + nv]
+
+    def model():
+        return nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                             _Block(16), nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32),
+                             nn.ReLU(), _Block(32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    auto = dict(lr=0, num_it=AutoStop(max_it=300 if quick else 2000), n_batch=N_BATCH)
+    return Task("bn_resnet_fashion_momentum", (x[tr], y[tr]), (x[va], y[va]), model, "momentum", 64, 0.05,
+                1 if quick else 3, auto, finder_after=1)
+
+
 def training_part(quick: bool, seeds: list[int] | None = None, only: list[str] | None = None) -> pd.DataFrame:
     seeds = seeds or ([0] if quick else [0, 1, 2])
-    tasks = [digits_task(300 if quick else 1000, quick)]
-    if not quick:
-        tasks.append(digits_task(30_000, quick))
+    tasks = [digits_task(300 if quick else 1000, quick), breast_cancer_task(quick), char_lm_task(quick)]
     try:
-        tasks += fashion_tasks(quick)[:1 if quick else 2]
+        tasks += fashion_tasks(quick)[:1 if quick else 2] + [bn_resnet_task(quick)]
     except FileNotFoundError as e:
         print(f"skipped the Fashion-MNIST problems: {e}")
     if only:
@@ -227,23 +295,29 @@ def training_part(quick: bool, seeds: list[int] | None = None, only: list[str] |
             dl = DataLoader(TensorDataset(*task.train), batch_size=task.bs, shuffle=True,
                             generator=torch.Generator().manual_seed(seed + 100))
             t0 = time.perf_counter()
-            res = bs_find(model, dl, nn.CrossEntropyLoss(), **task.finder)
+            res = bs_find(model, dl, nn.CrossEntropyLoss(), opt=lambda p, t=task: _opt(t, p, t.lr), **task.finder)
             find_s = time.perf_counter() - t0
-            a = res.advice(lr=task.lr, epochs=task.epochs, rule=task.opt)
-            old = rule_2019(res.noise_scale, len(task.train[0]))
-            common = dict(problem=task.name, seed=seed, noise_scale=str(res.interval), finder_seconds=find_s,
-                          finder_steps=int(res.history.iteration.iloc[-1]), reliable=res.reliable)
-            arms = [("baseline", task.bs, task.lr, task.epochs),
-                    ("advice", a.batch_size or task.bs, a.lr, a.epochs),  # no batch size: keep the user's
-                    ("2019", old, task.lr, task.epochs)]
-            for arm, bs, lr, epochs in arms:
-                out = train_torch(task, bs, lr, epochs, seed)
+            a = res.advice(lr=task.lr, epochs=task.epochs)  # the rule is detected from the optimizer
+            common = _common(task.name, seed, res, a, find_s)
+            arms = [("baseline", task.bs, task.lr, task.epochs, None),
+                    ("control", task.bs, task.lr, task.epochs, seed + 1000),  # another shuffle: the seed noise
+                    ("advice", a.batch_size or task.bs, a.lr or task.lr, a.epochs or task.epochs, None)]
+            for arm, bs, lr, epochs, shuffle in arms:
+                out = train_torch(task, bs, lr, epochs, seed, shuffle)
                 rows.append(dict(common, arm=arm, bs=bs, lr=lr, epochs=epochs, **out,
                                  text=a.text if arm == "advice" else ""))
         print(f"training: {task.name} done", flush=True)
     if not only or any(o in "bikeshare_tabular_fastai" for o in only):
         rows += bikeshare_rows(seeds, quick)
     return pd.DataFrame(rows)
+
+
+def _common(problem: str, seed: int, res, a, find_s: float) -> dict:
+    "What every arm of one seed shares: the finder's measurement and the advice's decision and prediction."
+    return dict(problem=problem, seed=seed, noise_scale=str(res.interval), finder_seconds=find_s,
+                finder_steps=int(res.history.iteration.iloc[-1]), kind=a.kind, rule=a.rule,
+                predicted_speedup=a.speedup, timed_sizes=" ".join(map(str, res.throughput.batch_sizes))
+                if res.throughput is not None else "")
 
 
 def bikeshare_rows(seeds: list[int], quick: bool) -> list[dict]:
@@ -256,19 +330,17 @@ def bikeshare_rows(seeds: list[int], quick: bool) -> list[dict]:
         df = df.sample(1500, random_state=0).reset_index(drop=True)
     bs, lr, epochs = 64, 1e-2, 2 if quick else 8
     finder = dict(lr=0, num_it=AutoStop(max_it=300 if quick else 3000), n_batch=N_BATCH)
-    n_train = int(0.8 * len(df))
     rows = []
     for seed in seeds:
         t0 = time.perf_counter()
         res = finder_fastai(df, seed, lr, finder)
         find_s = time.perf_counter() - t0
-        a = res.advice(lr=lr, epochs=epochs, rule="adam")
-        common = dict(problem="bikeshare_tabular_fastai", seed=seed, noise_scale=str(res.interval),
-                      finder_seconds=find_s, finder_steps=int(res.history.iteration.iloc[-1]), reliable=res.reliable)
-        arms = [("baseline", bs, lr, epochs), ("advice", a.batch_size or bs, a.lr or lr, a.epochs or epochs),
-                ("2019", rule_2019(res.noise_scale, n_train), lr, epochs)]
-        for arm, b, r, e in arms:
-            out = train_fastai(df, b, r, e, seed)
+        a = res.advice(lr=lr, epochs=epochs)  # the Learner's opt_func (Adam) gives the rule
+        common = _common("bikeshare_tabular_fastai", seed, res, a, find_s)
+        arms = [("baseline", bs, lr, epochs, seed), ("control", bs, lr, epochs, seed + 1000),
+                ("advice", a.batch_size or bs, a.lr or lr, a.epochs or epochs, seed)]
+        for arm, b, r, e, shuffle in arms:
+            out = train_fastai(df, b, r, e, seed, shuffle)
             rows.append(dict(common, arm=arm, bs=b, lr=r, epochs=e, **out,
                              text=a.text if arm == "advice" else ""))
     print("training: bikeshare done", flush=True)
@@ -276,14 +348,20 @@ def bikeshare_rows(seeds: list[int], quick: bool) -> list[dict]:
 
 
 def training_summary(df: pd.DataFrame) -> pd.DataFrame:
-    "Per problem and arm: medians over seeds; the metric change and time ratio against the baseline."
-    g = df.groupby(["problem", "arm"], sort=False).agg(
-        bs=("bs", lambda s: "/".join(str(v) for v in sorted(set(s)))), lr=("lr", "median"),
-        epochs=("epochs", "median"), metric=("metric", "median"), metric_min=("metric", "min"),
-        seconds=("seconds", "median")).reset_index()
-    base = g[g.arm == "baseline"].set_index("problem")
-    g["vs_baseline"] = [m - base.metric[p] for p, m in zip(g.problem, g.metric)]
-    g["time_ratio"] = [s / base.seconds[p] for p, s in zip(g.problem, g.seconds)]
+    """Per problem and arm, medians over seeds of the paired differences from the baseline (same seed): the metric,
+    the wall-time and optimizer-step ratios; the control arm's spread of metric differences is the seed noise."""
+    base = df[df.arm == "baseline"].set_index(["problem", "seed"])
+    d = df.copy()
+    key = list(zip(d.problem, d.seed))
+    d["delta"] = d.metric.to_numpy() - base.metric.reindex(key).to_numpy()
+    d["time_ratio"] = d.seconds.to_numpy() / base.seconds.reindex(key).to_numpy()
+    d["steps_ratio"] = d.steps.to_numpy() / base.steps.reindex(key).to_numpy()
+    g = d.groupby(["problem", "arm"], sort=False).agg(
+        bs=("bs", lambda s: "/".join(str(v) for v in sorted(set(s)))), kind=("kind", lambda s: "/".join(sorted(set(s)))),
+        epochs=("epochs", "median"), metric=("metric", "median"), vs_baseline=("delta", "median"),
+        worst=("delta", "min"), best=("delta", "max"), time_ratio=("time_ratio", "median"),
+        steps_ratio=("steps_ratio", "median"), predicted_speedup=("predicted_speedup", "median")).reset_index()
+    g["measured_speedup"] = 1 / g.time_ratio
     return g
 
 
@@ -294,12 +372,12 @@ def plot(summary: pd.DataFrame, path) -> None:
 
     probs = list(dict.fromkeys(summary.problem))
     fig, axs = plt.subplots(1, 2, figsize=(11, 3.4))
-    for i, arm in enumerate(["baseline", "advice", "2019"]):
+    for i, arm in enumerate(["baseline", "control", "advice"]):
         d = summary[summary.arm == arm].set_index("problem").reindex(probs)
         x = np.arange(len(probs)) + (i - 1) * 0.27
         axs[0].bar(x, d.vs_baseline, width=0.27, label=arm)
         axs[1].bar(x, d.time_ratio, width=0.27, label=arm)
-    for ax, t in zip(axs, ["validation metric − baseline (accuracy points; loss for bikeshare)",
+    for ax, t in zip(axs, ["paired Δ validation metric (accuracy points; loss for bikeshare)",
                            "training time / baseline"]):
         ax.set_xticks(range(len(probs)), [p.replace("_", "\n", 2) for p in probs], fontsize=7)
         ax.set_title(t, fontsize=9)

@@ -34,9 +34,11 @@ def _check_overhead(df: pd.DataFrame) -> None:
 
 
 def _check_advice(df: pd.DataFrame, out: Path) -> None:
-    "Three arms per problem, compared with the baseline; the interval part's coverage and auto-stop columns."
-    assert (df.groupby("problem").arm.apply(set) == {"baseline", "advice", "2019"}).all()
+    "Three arms per problem paired with the baseline, the advice's kind and steps; the interval part's columns."
+    assert (df.groupby("problem").arm.apply(set) == {"baseline", "control", "advice"}).all()
     assert df.metric.notna().all() and (df[df.arm == "baseline"].time_ratio == 1).all()
+    assert (df[df.arm == "baseline"].vs_baseline == 0).all() and df.steps_ratio.notna().all()
+    assert df[df.arm == "advice"].kind.str.match(r"^(grow|keep|shrink|uncertain)(/|$)").all()
     intervals = pd.read_csv(out / "advice_interval_summary_quick.csv")
     assert intervals.coverage.between(0, 1).all() and intervals["auto median steps"].notna().all()
 
