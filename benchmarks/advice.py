@@ -19,7 +19,6 @@ optimizer steps are both counted. `--seeds 0 1 2 3 4` for five seeds.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable

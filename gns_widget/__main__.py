@@ -50,8 +50,8 @@ def demo(args: argparse.Namespace) -> int:
                   beta=args.beta, method=args.method, on_update=progress)
     progress.close()
     print(f"{res}\n({time.perf_counter() - start:.1f}s)")
-    if res.reliable:  # the batch size, and the lr at that batch size (SGD: linear)
-        print(res.advice(args.lr if args.lr > 0 else None, rule="sgd").text)
+    advice = res.advice(args.lr if args.lr > 0 else None, rule="sgd")  # the demo's model trains with plain SGD
+    print(f"\n{advice.headline}\n  {advice.text}")
     res.plot().savefig(args.out, dpi=90)
     print(f"plot saved to {args.out}")
     return 0

@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .advice import MIN_STEPS_PER_EPOCH, detect_rule
 from .ddp import allreduce_norms, is_distributed
 from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
+from .goodput import sizes_worth_timing
 from .guard import FinderBusyError, RunInfo, claim
 from .interval import AutoStop
 from .loaders import population_size
-from .advice import MIN_STEPS_PER_EPOCH, detect_rule
-from .goodput import sizes_worth_timing
 from .memory import fitting_batch_size, plan_batch
 from .per_example import PerExampleNorms
 from .precision import LossScale, resolve_amp

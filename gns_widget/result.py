@@ -11,10 +11,9 @@ import torch
 from torch import Tensor
 
 from .advice import BatchAdvice, advise
-from .suggest import check_rule
 from .estimator import NoiseScaleEstimator, WindowEstimate
 from .interval import Interval, noise_scale_interval
-from .suggest import LRAdvice, Suggestion, suggest_batch_size, tradeoff
+from .suggest import LRAdvice, Suggestion, check_rule, suggest_batch_size, tradeoff
 
 if TYPE_CHECKING:
     from .memory_plan import MemoryPlan

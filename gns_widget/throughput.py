@@ -11,7 +11,6 @@ loader and RNG states are restored exactly afterwards, as after a finder run.
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterable

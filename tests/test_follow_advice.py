@@ -14,10 +14,10 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 from gns_widget import apply_batch_size, bs_find
 from gns_widget.advice import MIN_STEPS_PER_EPOCH, advise
 from gns_widget.datasets import digits_loaders
-from gns_widget.loaders import current_batch_size
 from gns_widget.interval import Interval
+from gns_widget.loaders import current_batch_size
+from gns_widget.suggest import MAX_LOSS_RISE, suggest_batch_size
 from gns_widget.throughput import Throughput
-from gns_widget.suggest import MAX_LOSS_RISE, lr_factor, suggest_batch_size
 
 DS = TensorDataset(torch.arange(100).float(), torch.arange(100))
 SIZES = [2**k for k in range(13)]
