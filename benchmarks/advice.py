@@ -225,7 +225,8 @@ class CharGRU(nn.Module):
 
     def __init__(self, vocab: int, dim: int = 64):
         super().__init__()
-        self.emb, self.gru, self.head = nn.Embedding(vocab, dim), nn.GRU(dim, dim, batch_first=True), nn.Linear(dim, vocab)
+        self.emb, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, vocab)
+        self.gru = nn.GRU(dim, dim, batch_first=True)
 
     def forward(self, x):
         return self.head(self.gru(self.emb(x))[0]).transpose(1, 2)
@@ -356,7 +357,8 @@ def training_summary(df: pd.DataFrame) -> pd.DataFrame:
     d["time_ratio"] = d.seconds.to_numpy() / base.seconds.reindex(key).to_numpy()
     d["steps_ratio"] = d.steps.to_numpy() / base.steps.reindex(key).to_numpy()
     g = d.groupby(["problem", "arm"], sort=False).agg(
-        bs=("bs", lambda s: "/".join(str(v) for v in sorted(set(s)))), kind=("kind", lambda s: "/".join(sorted(set(s)))),
+        bs=("bs", lambda s: "/".join(str(v) for v in sorted(set(s)))),
+        kind=("kind", lambda s: "/".join(sorted(set(s)))),
         epochs=("epochs", "median"), metric=("metric", "median"), vs_baseline=("delta", "median"),
         worst=("delta", "min"), best=("delta", "max"), time_ratio=("time_ratio", "median"),
         steps_ratio=("steps_ratio", "median"), predicted_speedup=("predicted_speedup", "median")).reset_index()

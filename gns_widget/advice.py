@@ -11,9 +11,10 @@ with and words that say why:
   user's batch size is kept. A bigger batch must leave an epoch `MIN_STEPS_PER_EPOCH` optimizer steps
   (a schedule and the noise that helps generalisation need steps), at most ×MAX_EXAMPLES_FACTOR the
   examples, and the lr may change by at most ×`MAX_LR_FACTOR` either way (beyond it training can
-  break: a conv net with SGD and momentum went to chance at ×3.1). The kind is "grow", "shrink", "keep", or "uncertain" when the interval straddles the
-  decision (a gain at the measured value, none at the conservative end, and an interval too wide
-  to tell): then the user's batch size is kept and a longer measurement decides;
+  break: a conv net with SGD and momentum went to chance at ×3.1). The kind is "grow", "shrink",
+  "keep", or "uncertain" when the interval straddles the decision (a gain at the measured value,
+  none at the conservative end, and an interval too wide to tell): then the user's batch size is
+  kept and a longer measurement decides;
 - **learning rate**: AdaScale's gain ε(B) ∝ 1/(1 + B_noise/B), linear for plain SGD and its square
   root with momentum or an Adam-like optimizer (`detect_rule`), named with the batch size it is for;
 - **epochs**: ×E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise), the paper's examples to reach the same

@@ -18,8 +18,8 @@ import math
 from .interval import Interval
 from .throughput import Throughput
 
-__all__ = ["GAIN_NEEDED", "EPOCH_SLACK", "MAX_EXAMPLES_FACTOR", "examples_ratio", "round_epochs", "speedup", "conservative_end",
-           "sizes_worth_timing"]
+__all__ = ["GAIN_NEEDED", "EPOCH_SLACK", "MAX_EXAMPLES_FACTOR", "examples_ratio", "round_epochs", "speedup",
+           "conservative_end", "sizes_worth_timing"]
 
 GAIN_NEEDED = 1.1  # a predicted wall-time gain below ×1.1 keeps the user's batch size: not worth a change
 # A bigger batch may at most double the examples to the same loss: at B = B_noise the paper's E and S are both twice

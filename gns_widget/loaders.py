@@ -22,7 +22,7 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["apply_batch_size", "current_batch_size", "dataset_len", "population_size", "shuffles"]
+__all__ = ["loader_at", "apply_batch_size", "current_batch_size", "dataset_len", "population_size", "shuffles"]
 
 
 def _is_fastai_dls(obj: Any) -> bool:
@@ -151,6 +151,20 @@ def _check_steps(dls_or_loader: Any, bs: int) -> None:
                       f"examples{' (drop_last)' if drop else ''}: too few for a learning-rate schedule and the "
                       f"noise that helps generalisation; res.advice() caps the batch so an epoch keeps at least "
                       f"{MIN_STEPS_PER_EPOCH}", UserWarning, stacklevel=3)
+
+
+def loader_at(dl: Any, bs: int) -> Any:
+    """A copy of a fastai or torch loader at batch size `bs` over the same data and settings, the user's loader
+    untouched (it may share its random generator: a caller that iterates the copy restores it); None when no
+    copy can be made (a custom batch sampler, another kind of loader)."""
+    if _is_fastai_dl(dl):
+        return dl.new(bs=bs)
+    if isinstance(dl, DataLoader):
+        try:
+            return _rebuild(dl, bs)
+        except ValueError:
+            return None
+    return None
 
 
 def _rebuild(dl: DataLoader, bs: int) -> DataLoader:

@@ -17,7 +17,8 @@ import pandas as pd
 
 from .interval import MIN_WINDOWS, WIDEN_TO, Interval
 
-__all__ = ["Suggestion", "LRAdvice", "RULES", "check_rule", "suggest_batch_size", "stable_power_of_two", "lr_factor", "scale_lr",
+__all__ = ["Suggestion", "LRAdvice", "RULES", "check_rule", "suggest_batch_size", "stable_power_of_two", "lr_factor",
+           "scale_lr",
            "tradeoff", "MIN_ESTIMATES", "MAX_DRIFT", "MAX_HALFWIDTH",
            "MAX_LOSS_RISE"]
 

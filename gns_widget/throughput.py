@@ -14,12 +14,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .guard import claim
+from .loaders import loader_at
 from .memory import PROBE_LR, ExamplePool, free_memory, is_oom_error
 from .memory_plan import check_positive_int
 from .precision import resolve_amp
@@ -41,12 +42,12 @@ class Throughput:
     """Measured seconds per optimizer step at each batch size on one device, the loader included.
 
     `step_seconds[b]` is the median time of a training step (forward, backward, optimizer step, the
-    batch's copy to the device) at batch size b; `load_seconds_per_example` is the loader's time per
-    example, which adds to a step when the loader runs in the training process (`overlapped` False) and
-    runs beside it in worker processes otherwise. `max_fit` is set when a size ran out of device memory.
+    batch's copy to the device) at batch size b; `load_seconds[b]` the loader's time for one batch of b,
+    which adds to a step when the loader runs in the training process (`overlapped` False) and runs
+    beside it in worker processes otherwise. `max_fit` is set when a size ran out of device memory.
     """
     step_seconds: dict[int, float]
-    load_seconds_per_example: float = 0.0
+    load_seconds: dict[int, float] = field(default_factory=dict)
     overlapped: bool = False
     device: str = "cpu"
     max_fit: int | None = None
@@ -57,7 +58,7 @@ class Throughput:
 
     def seconds_per_step(self, bs: int) -> float:
         "Wall time of one optimizer step at `bs`: compute and loading, added or overlapped."
-        compute, load = self.step_seconds[bs], self.load_seconds_per_example * bs
+        compute, load = self.step_seconds[bs], self.load_seconds.get(bs, 0.0)
         return max(compute, load) if self.overlapped else compute + load
 
     def examples_per_second(self, bs: int) -> float:
@@ -100,19 +101,20 @@ def probe_throughput(tgt: Target, batch_sizes: list[int], amp: torch.dtype | Non
             pool.batch(sizes[-1])  # draws the examples the biggest size needs, timing the loader on the way
             with torch.inference_mode(False), torch.enable_grad():
                 timed, max_fit = _time_sizes(tgt, pool, sizes, amp, saturate_above)
+            load = _load_seconds(tgt.train_dl, list(timed), pool.seconds_per_example())
         finally:
             pool.close()
             state.restore()
             free_memory(tgt.device)
     if not timed:
         raise RuntimeError(f"no batch size of {sizes} fits in memory on {tgt.device} for one training step")
-    return Throughput(timed, pool.seconds_per_example(), _overlapped(tgt.train_dl), str(tgt.device), max_fit)
+    return Throughput(timed, load, _overlapped(tgt.train_dl), str(tgt.device), max_fit)
 
 
 def _time_sizes(tgt: Target, pool: ExamplePool, sizes: list[int], amp: torch.dtype | None,
                 saturate_above: int | None) -> tuple[dict[int, float], int | None]:
-    """Step time per size: the median step of its fastest round. A first pass in ascending order finds the sizes worth timing (see
-    `probe_throughput`); then ROUNDS − 1 more passes over them interleave the sizes, so a burst of load from
+    """Step time per size: the median step of its fastest round. A first pass in ascending order finds the sizes
+    worth timing (see `probe_throughput`); then ROUNDS − 1 more passes over them interleave the sizes, so a burst of load from
     another process on a shared machine lands in one round of every size instead of all of one size's steps."""
     tgt.to_run_device()
     tgt.model.train()
@@ -145,7 +147,7 @@ def _time_sizes(tgt: Target, pool: ExamplePool, sizes: list[int], amp: torch.dty
 
 
 def _time_steps(tgt: Target, opt: Any, batch: Any, amp: torch.dtype | None, warmup: int) -> list[float]:
-    "Wall times of training steps on `batch`, after `warmup` untimed ones: MIN_REPEATS, or more up to MIN_TIMED_SECONDS."
+    "Wall times of training steps on `batch` after `warmup` untimed ones: MIN_REPEATS, more up to MIN_TIMED_SECONDS."
     sync = torch.cuda.synchronize if tgt.device.type == "cuda" else (lambda: None)
 
     def step() -> None:
@@ -166,6 +168,45 @@ def _time_steps(tgt: Target, opt: Any, batch: Any, amp: torch.dtype | None, warm
         if times[-1] > MAX_STEP_SECONDS:
             break
     return times
+
+
+LOADER_BATCHES = 3  # batches timed per size on a copy of the loader, after the one that starts it
+
+
+def _load_seconds(dl: Any, sizes: list[int], per_example: float) -> dict[int, float]:
+    """Seconds the loader takes per batch at each size: timed on a copy of it at that size when it loads in the
+    training process (a per-batch cost, pandas indexing in a fastai tabular loader, makes bigger batches cheaper per
+    example); else the user's loader's time per example (drawn by the example pool) times the size."""
+    if not _overlapped(dl):
+        try:
+            return {b: _time_loader(loader_at(dl, b)) for b in sizes}
+        except _NoCopy:
+            pass
+    return {b: per_example * b for b in sizes}
+
+
+class _NoCopy(Exception):
+    "The loader cannot be copied at another batch size, or the copy yields too few batches to time."
+
+
+def _time_loader(dl: Any) -> float:
+    if dl is None:
+        raise _NoCopy
+    it = iter(dl)
+    try:
+        next(it)  # starts the iterator: not a per-batch cost
+        times = []
+        for _ in range(LOADER_BATCHES):
+            t0 = time.perf_counter()
+            next(it)
+            times.append(time.perf_counter() - t0)
+    except StopIteration:
+        raise _NoCopy from None
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    return statistics.median(times)
 
 
 def _overlapped(dl: Any) -> bool:

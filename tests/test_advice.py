@@ -202,7 +202,7 @@ def test_bs_find_times_the_device_and_the_advice_uses_it(digits_run):
     _, _, res = digits_run
     tp = res.throughput
     assert tp is not None and 32 in tp.step_seconds and len(tp.batch_sizes) >= 2
-    assert all(s > 0 for s in tp.step_seconds.values()) and tp.load_seconds_per_example > 0
+    assert all(s > 0 for s in tp.step_seconds.values()) and all(tp.load_seconds[b] > 0 for b in tp.batch_sizes)
     assert res.rule == "adam"
     a = res.advice(lr=1e-3, epochs=8)
     assert a.kind in KINDS and a.kind != "uncertain" and a.rule == "adam" and a.speedup is not None
