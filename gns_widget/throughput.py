@@ -114,8 +114,8 @@ def probe_throughput(tgt: Target, batch_sizes: list[int], amp: torch.dtype | Non
 def _time_sizes(tgt: Target, pool: ExamplePool, sizes: list[int], amp: torch.dtype | None,
                 saturate_above: int | None) -> tuple[dict[int, float], int | None]:
     """Step time per size: the median step of its fastest round. A first pass in ascending order finds the sizes
-    worth timing (see `probe_throughput`); then ROUNDS − 1 more passes over them interleave the sizes, so a burst of load from
-    another process on a shared machine lands in one round of every size instead of all of one size's steps."""
+    worth timing (see `probe_throughput`); then ROUNDS − 1 more passes over them interleave the sizes, so a burst
+    of load from another process on a shared machine lands in one round of every size, not in all of one size's."""
     tgt.to_run_device()
     tgt.model.train()
     opt = tgt.make_opt(PROBE_LR)  # the run's optimizer: its step and state are part of the cost
