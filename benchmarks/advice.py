@@ -19,6 +19,7 @@ optimizer steps are both counted. `--seeds 0 1 2 3 4` for five seeds.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gns_widget import bs_find, datasets
+from gns_widget.goodput import examples_ratio, round_epochs
+from gns_widget.suggest import lr_factor
 from gns_widget.interval import AutoStop
 
 BS, N_BATCH = 32, 20  # beta is bs_find's default: 1 (a plain average) at lr=0, 0.99 while training
@@ -275,28 +278,36 @@ def bn_resnet_task(quick: bool) -> Task:
                 1 if quick else 3, auto, finder_after=1)
 
 
-def training_part(quick: bool, seeds: list[int] | None = None, only: list[str] | None = None) -> pd.DataFrame:
-    seeds = seeds or ([0] if quick else [0, 1, 2])
+def torch_tasks(quick: bool, only: list[str] | None = None) -> list[Task]:
     tasks = [digits_task(300 if quick else 1000, quick), breast_cancer_task(quick), char_lm_task(quick)]
     try:
         tasks += fashion_tasks(quick)[:1 if quick else 2] + [bn_resnet_task(quick)]
     except FileNotFoundError as e:
         print(f"skipped the Fashion-MNIST problems: {e}")
-    if only:
-        tasks = [t for t in tasks if any(o in t.name for o in only)]
+    return [t for t in tasks if not only or any(o in t.name for o in only)]
+
+
+def finder_torch(task: Task, seed: int, loader_seed: int):
+    "The user's first epoch(s) on `seed` (or a fresh model), then the finder at those weights; its seconds."
+    if task.finder_after:
+        model = fit_torch(task, task.bs, task.lr, task.finder_after, seed)[0]
+    else:
+        torch.manual_seed(seed)
+        model = task.make_model()
+    dl = DataLoader(TensorDataset(*task.train), batch_size=task.bs, shuffle=True,
+                    generator=torch.Generator().manual_seed(loader_seed))
+    torch.manual_seed(loader_seed)
+    t0 = time.perf_counter()
+    res = bs_find(model, dl, nn.CrossEntropyLoss(), opt=lambda p: _opt(task, p, task.lr), **task.finder)
+    return res, time.perf_counter() - t0
+
+
+def training_part(quick: bool, seeds: list[int] | None = None, only: list[str] | None = None) -> pd.DataFrame:
+    seeds = seeds or ([0] if quick else [0, 1, 2])
     rows = []
-    for task in tasks:
+    for task in torch_tasks(quick, only):
         for seed in seeds:
-            if task.finder_after:  # the user's own first epochs, then the finder at those weights
-                model = fit_torch(task, task.bs, task.lr, task.finder_after, seed)[0]
-            else:
-                torch.manual_seed(seed)
-                model = task.make_model()
-            dl = DataLoader(TensorDataset(*task.train), batch_size=task.bs, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed + 100))
-            t0 = time.perf_counter()
-            res = bs_find(model, dl, nn.CrossEntropyLoss(), opt=lambda p, t=task: _opt(t, p, t.lr), **task.finder)
-            find_s = time.perf_counter() - t0
+            res, find_s = finder_torch(task, seed, seed + 100)
             a = res.advice(lr=task.lr, epochs=task.epochs)  # the rule is detected from the optimizer
             common = _common(task.name, seed, res, a, find_s)
             arms = [("baseline", task.bs, task.lr, task.epochs, None),
@@ -309,6 +320,54 @@ def training_part(quick: bool, seeds: list[int] | None = None, only: list[str] |
         print(f"training: {task.name} done", flush=True)
     if not only or any(o in "bikeshare_tabular_fastai" for o in only):
         rows += bikeshare_rows(seeds, quick)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- part 3: the same weights, the same advice?
+def stability_part(quick: bool, repeats: int, only: list[str] | None = None) -> pd.DataFrame:
+    """Per problem, `repeats` finder runs at the same weights (seed 0's first epoch), each with another batch order
+    and its own timing of this CPU: how often the advice (kind, batch size, epochs) is the most common one."""
+    rows = []
+    for task in torch_tasks(quick, only):
+        for k in range(repeats):
+            res, _ = finder_torch(task, 0, 500 + k)
+            a = res.advice(lr=task.lr, epochs=task.epochs)
+            rows.append(dict(problem=task.name, repeat=k, kind=a.kind, bs=a.batch_size, epochs=a.epochs,
+                             noise_scale=str(res.interval), speedup=a.speedup))
+        print(f"stability: {task.name} done", flush=True)
+    return pd.DataFrame(rows)
+
+
+def stability_summary(df: pd.DataFrame) -> pd.DataFrame:
+    def modal(g: pd.DataFrame) -> pd.Series:
+        keys = list(zip(g.kind, g.bs.fillna(0).astype(int), g.epochs.fillna(0).astype(int)))
+        top = max(set(keys), key=keys.count)
+        return pd.Series({"runs": len(keys), "most common": f"{top[0]} {top[1]} × {top[2]} epochs",
+                          "agree": keys.count(top) / len(keys), "uncertain": (g.kind == "uncertain").mean()})
+    return df.groupby("problem", sort=False)[["kind", "bs", "epochs"]].apply(modal).reset_index()
+
+
+# ---------------------------------------------------------------- part 4: which lr rule is safe?
+LR_RULES = {"none": lambda f: 1.0, "sqrt": math.sqrt, "linear": lambda f: f}
+
+
+def lr_rule_part(quick: bool, seeds: list[int], only: list[str] | None = None) -> pd.DataFrame:
+    """Each problem at twice its batch size, its epochs scaled by the paper's examples ratio, with the lr unchanged,
+    scaled by the square root of AdaScale's gain, or by the gain itself (the measured noise scale's), per seed;
+    paired with the baseline on the same seed."""
+    rows = []
+    for task in torch_tasks(quick, only):
+        for seed in seeds:
+            res, _ = finder_torch(task, seed, seed + 100)
+            ns, bs = res.noise_scale, 2 * task.bs
+            gain = lr_factor(task.bs, bs, ns, "sgd")  # AdaScale's gain (1 + B_noise/B0)/(1 + B_noise/B)
+            epochs = round_epochs(task.epochs * examples_ratio(task.bs, bs, ns))
+            base = train_torch(task, task.bs, task.lr, task.epochs, seed)
+            for rule, f in LR_RULES.items():
+                out = train_torch(task, bs, task.lr * f(gain), epochs, seed)
+                rows.append(dict(problem=task.name, opt=task.opt, seed=seed, noise_scale=ns, rule=rule,
+                                 lr_factor=f(gain), epochs=epochs, delta=out["metric"] - base["metric"]))
+        print(f"lr rule: {task.name} done", flush=True)
     return pd.DataFrame(rows)
 
 
@@ -387,7 +446,8 @@ def plot(summary: pd.DataFrame, path) -> None:
 
 
 def _add_args(p) -> None:
-    p.add_argument("--part", choices=["all", "interval", "training"], default="all")
+    p.add_argument("--part", choices=["all", "interval", "training", "stability", "lr_rule"], default="all")
+    p.add_argument("--repeats", type=int, default=10, help="finder runs per problem for --part stability")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
     p.add_argument("--problems", nargs="+", help="training problems whose name contains one of these")
 
@@ -410,6 +470,20 @@ def main() -> None:
         print(markdown(summary))
         for text in runs[runs.arm == "advice"].drop_duplicates("problem").text:
             print("advice:", text)
+    if args.part == "stability":
+        runs = stability_part(args.quick, 3 if args.quick else args.repeats, args.problems)
+        runs.to_csv(out_path(args, "advice_stability_runs", "csv"), index=False)
+        summary = stability_summary(runs)
+        summary.to_csv(out_path(args, "advice_stability", "csv"), index=False)
+        print(markdown(summary))
+    if args.part == "lr_rule":
+        runs = lr_rule_part(args.quick, args.seeds or [0, 1, 2], args.problems)
+        runs.to_csv(out_path(args, "advice_lr_rule_runs", "csv"), index=False)
+        summary = runs.groupby(["problem", "opt", "rule"], sort=False).agg(
+            lr_factor=("lr_factor", "median"), epochs=("epochs", "median"), median_delta=("delta", "median"),
+            worst=("delta", "min")).reset_index()
+        summary.to_csv(out_path(args, "advice_lr_rule", "csv"), index=False)
+        print(markdown(summary))
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

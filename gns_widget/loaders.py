@@ -153,28 +153,30 @@ def _check_steps(dls_or_loader: Any, bs: int) -> None:
                       f"{MIN_STEPS_PER_EPOCH}", UserWarning, stacklevel=3)
 
 
-def loader_at(dl: Any, bs: int) -> Any:
+def loader_at(dl: Any, bs: int, in_process: bool = False) -> Any:
     """A copy of a fastai or torch loader at batch size `bs` over the same data and settings, the user's loader
-    untouched (it may share its random generator: a caller that iterates the copy restores it); None when no
-    copy can be made (a custom batch sampler, another kind of loader)."""
+    untouched (it may share its random generator: a caller that iterates the copy restores it); `in_process`:
+    without worker processes. None when no copy can be made (a custom batch sampler, another kind of loader)."""
     if _is_fastai_dl(dl):
-        return dl.new(bs=bs)
+        return dl.new(bs=bs, num_workers=0) if in_process else dl.new(bs=bs)
     if isinstance(dl, DataLoader):
         try:
-            return _rebuild(dl, bs)
+            return _rebuild(dl, bs, num_workers=0 if in_process else None)
         except ValueError:
             return None
     return None
 
 
-def _rebuild(dl: DataLoader, bs: int) -> DataLoader:
+def _rebuild(dl: DataLoader, bs: int, num_workers: int | None = None) -> DataLoader:
+    "`dl` at batch size `bs`, with its own settings (and `num_workers` when given)."
+    workers = dl.num_workers if num_workers is None else num_workers
     kwargs: dict[str, Any] = dict(
-        num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory,
+        num_workers=workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory,
         timeout=dl.timeout, worker_init_fn=dl.worker_init_fn,
         multiprocessing_context=dl.multiprocessing_context, generator=dl.generator,
-        persistent_workers=dl.persistent_workers, pin_memory_device=dl.pin_memory_device,
+        persistent_workers=dl.persistent_workers and workers > 0, pin_memory_device=dl.pin_memory_device,
     )
-    if dl.num_workers > 0:
+    if workers > 0:
         kwargs["prefetch_factor"] = dl.prefetch_factor
     if hasattr(dl, "in_order"):
         kwargs["in_order"] = dl.in_order

@@ -42,13 +42,14 @@ class Throughput:
     """Measured seconds per optimizer step at each batch size on one device, the loader included.
 
     `step_seconds[b]` is the median time of a training step (forward, backward, optimizer step, the
-    batch's copy to the device) at batch size b; `load_seconds[b]` the loader's time for one batch of b,
-    which adds to a step when the loader runs in the training process (`overlapped` False) and runs
-    beside it in worker processes otherwise. `max_fit` is set when a size ran out of device memory.
+    batch's copy to the device) at batch size b; `load_seconds[b]` the loader's own time for one batch of
+    b, in one process. It adds to a step when the loader runs in the training process (`workers` 0); with
+    worker processes they share it and work beside the training steps, which then wait only when the
+    workers fall behind. `max_fit` is set when a size ran out of device memory.
     """
     step_seconds: dict[int, float]
     load_seconds: dict[int, float] = field(default_factory=dict)
-    overlapped: bool = False
+    workers: int = 0
     device: str = "cpu"
     max_fit: int | None = None
 
@@ -59,7 +60,7 @@ class Throughput:
     def seconds_per_step(self, bs: int) -> float:
         "Wall time of one optimizer step at `bs`: compute and loading, added or overlapped."
         compute, load = self.step_seconds[bs], self.load_seconds.get(bs, 0.0)
-        return max(compute, load) if self.overlapped else compute + load
+        return max(compute, load / self.workers) if self.workers else compute + load
 
     def examples_per_second(self, bs: int) -> float:
         return bs / self.seconds_per_step(bs)
@@ -108,7 +109,7 @@ def probe_throughput(tgt: Target, batch_sizes: list[int], amp: torch.dtype | Non
             free_memory(tgt.device)
     if not timed:
         raise RuntimeError(f"no batch size of {sizes} fits in memory on {tgt.device} for one training step")
-    return Throughput(timed, load, _overlapped(tgt.train_dl), str(tgt.device), max_fit)
+    return Throughput(timed, load, _workers(tgt.train_dl), str(tgt.device), max_fit)
 
 
 def _time_sizes(tgt: Target, pool: ExamplePool, sizes: list[int], amp: torch.dtype | None,
@@ -174,15 +175,13 @@ LOADER_BATCHES = 3  # batches timed per size on a copy of the loader, after the 
 
 
 def _load_seconds(dl: Any, sizes: list[int], per_example: float) -> dict[int, float]:
-    """Seconds the loader takes per batch at each size: timed on a copy of it at that size when it loads in the
-    training process (a per-batch cost, pandas indexing in a fastai tabular loader, makes bigger batches cheaper per
-    example); else the user's loader's time per example (drawn by the example pool) times the size."""
-    if not _overlapped(dl):
-        try:
-            return {b: _time_loader(loader_at(dl, b)) for b in sizes}
-        except _NoCopy:
-            pass
-    return {b: per_example * b for b in sizes}
+    """Seconds the loader takes per batch at each size, in one process: timed on a copy of it at that size without
+    workers (a per-batch cost, pandas indexing in a fastai tabular loader, makes a bigger batch cheaper per example);
+    where no copy can be made, the user's loader's time per example (drawn by the example pool) times the size."""
+    try:
+        return {b: _time_loader(loader_at(dl, b, in_process=True)) for b in sizes}
+    except _NoCopy:
+        return {b: per_example * b for b in sizes}
 
 
 class _NoCopy(Exception):
@@ -209,7 +208,7 @@ def _time_loader(dl: Any) -> float:
     return statistics.median(times)
 
 
-def _overlapped(dl: Any) -> bool:
-    "Whether the loader prepares batches in worker processes, beside the training steps."
+def _workers(dl: Any) -> int:
+    "The worker processes that prepare the loader's batches beside the training steps (0: in the training process)."
     workers = getattr(dl, "num_workers", 0)
-    return isinstance(workers, int) and workers > 0
+    return workers if isinstance(workers, int) and workers > 0 else 0
