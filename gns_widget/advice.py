@@ -119,6 +119,9 @@ def advise(interval: Interval | None, batch_size: int, *, throughput: Throughput
     check_rule(rule)
     check_epochs(epochs)
     check_lr(lr)
+    if throughput is not None and not isinstance(throughput, Throughput):
+        raise ValueError(f"throughput must be a Throughput (from measure_throughput or bs_find) or None, got "
+                         f"{type(throughput).__name__}")
     shown = str(interval) if interval is not None else "not measured"
     if not reason and (interval is None or not interval.lo > 0):
         reason = "no lower bound on the noise scale yet: increase num_it (or use num_it='auto')"

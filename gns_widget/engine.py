@@ -101,6 +101,8 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
 
     Only one finder run may use a model at a time: a second one raises `FinderBusyError`.
     """
+    if not isinstance(measure_speed, bool):
+        raise ValueError(f"measure_speed must be True or False, got {measure_speed!r}")
     beta = resolve_beta(lr, beta)
     n_batch = NoiseScaleEstimator.check_args(n_batch, beta)
     num_it = _check_args(lr=lr, num_it=num_it, n_batch=n_batch, method=method)
