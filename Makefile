@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # real image data for the benchmarks' tests: Debian's package, installed by `make test` when missing
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ demo: $(STAMP)
 test: $(STAMP) $(FASHION_MNIST)
 	$(PY) -m ruff check gns_widget tests benchmarks examples
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# the edit-test loop: every test not marked slow (statistical, end-to-end, browser, notebook, DDP, benchmarks),
+# under 2 minutes on 2 cores; `make test` stays the whole suite, which CI runs
+test-fast: $(STAMP)
+	$(PY) -m ruff check gns_widget tests benchmarks examples
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 $(FASHION_MNIST):
 	@command -v apt-get >/dev/null || { echo "the benchmarks' tests need Fashion-MNIST in $@: install Debian's" \

@@ -39,6 +39,7 @@ def test_bs_find_and_the_estimator_load_no_fastai_and_no_widget():
     assert not loaded & set(HEAVY)
 
 
+@pytest.mark.slow
 def test_top_level_names_resolve():
     out = run("""
         import gns_widget
@@ -69,6 +70,7 @@ LEARNER = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["fastai first", "gns_widget first"])
 def test_learner_bs_find_in_either_import_order(order):
     imports = ["from fastai.tabular.all import *", "import gns_widget"]
@@ -79,6 +81,7 @@ def test_learner_bs_find_in_either_import_order(order):
     assert out[1] == "method gns_widget.learner"
 
 
+@pytest.mark.slow
 def test_learner_bs_find_widget_is_the_panels():
     out = run("""
         import gns_widget
