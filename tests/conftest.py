@@ -7,9 +7,15 @@ import os
 # OMP_NUM_THREADS wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The subprocesses the tests start (notebook kernels, JupyterLab's kernels, scripts) import the checkout under
+# test, as this process does (pytest's pythonpath), not whichever gns_widget the venv has installed: a venv shared
+# by several checkouts (git worktrees) installs one of them.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch import nn
+from torch import nn  # noqa: E402
 
 from gns_widget.datasets import digits_loaders  # noqa: E402
 
