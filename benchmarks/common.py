@@ -1,14 +1,15 @@
 """Shared pieces of the benchmarks: the command line, the exact noise scale, the problems, tables and plots.
 
-The exact B_simple = tr(Σ)/|G|² at fixed weights is what every estimate is judged against, so it
-lives here once: every per-example gradient via `torch.func` (vmap of grad), summed in float64.
+The exact B_simple = tr(Σ)/|G|² at fixed weights is what every estimate is judged against: it lives once,
+in tests/exact.py, for the tests and the benchmarks (every per-example gradient via `torch.func`, summed in
+float64).
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parent
@@ -26,7 +26,10 @@ if str(ROOT.parent) not in sys.path:  # `python benchmarks/NAME.py` from a check
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fashion_mnist import fashion_mnist  # noqa: E402
+
 from gns_widget import datasets  # noqa: E402
+from tests.exact import Exact, exact  # noqa: E402, F401  (Exact: the type exact_noise_scale returns)
 
 RESULTS = ROOT / "results"
 CAT_NAMES = ["season", "mnth", "hr", "holiday", "weekday", "workingday", "weathersit"]
@@ -75,46 +78,13 @@ def save_fig(fig, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the exact noise scale
-@dataclass(frozen=True)
-class Exact:
-    trace: float  # tr(Σ), per-example gradient covariance with the unbiased N-1 normalisation
-    g2: float  # |G|², G the mean per-example gradient over the whole set
-    n: int
+# One exact answer for tests and benchmarks, tests/exact.py: tr(Σ) over N (the population covariance, what the
+# estimator measures with its finite-population correction), not N-1. Here it keeps its benchmark name.
+exact_noise_scale = exact
 
-    @property
-    def b_simple(self) -> float:
-        return self.trace / self.g2
-
-
-def exact_noise_scale(model: nn.Module, loss_fn: Callable, inputs: Sequence[Tensor], target: Tensor,
-                      chunk: int = 256) -> Exact:
-    """tr(Σ)/|G|² from every per-example gradient at the model's current weights.
-
-    tr(Σ) uses N-1: that is what the finder's two-batch estimator is unbiased for when small
-    batches are drawn without replacement from a shuffled epoch (the finite-population factors
-    cancel in its noise formula). The model must have no BatchNorm or dropout, so that an
-    example's gradient does not depend on its batch.
-    """
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-
-    def loss_one(p, *args):
-        *xs, y = args
-        out = functional_call(model, p, tuple(x.unsqueeze(0) for x in xs))
-        return loss_fn(out, y.unsqueeze(0))
-
-    per_example = vmap(grad(loss_one), in_dims=(None, *([0] * (len(inputs) + 1))))
-    n = len(target)
-    sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
-    sq = 0.0
-    with torch.no_grad():
-        for s in range(0, n, chunk):
-            gs = per_example(params, *[x[s:s + chunk] for x in inputs], target[s:s + chunk])
-            for k, g in gs.items():  # float32 reductions per chunk, float64 across chunks
-                sums[k] += g.sum(0, dtype=torch.float64)
-                sq += torch.linalg.vector_norm(g).double().square().item()
-    g2 = sum((v / n).square().sum().item() for v in sums.values())
-    trace = (sq - n * g2) / (n - 1)
-    return Exact(trace=trace, g2=g2, n=n)
+# Fashion-MNIST moved out of the package into benchmarks/fashion_mnist.py (issue 20). benchmarks/advice.py still
+# calls `gns_widget.datasets.fashion_mnist`: this alias keeps it working until it imports `fashion_mnist` from here.
+datasets.fashion_mnist = fashion_mnist
 
 
 # ---------------------------------------------------------------- problems
@@ -160,6 +130,20 @@ class Problem:
         self.model.zero_grad(set_to_none=True)
 
 
+def mlp(width: int, depth: int = 3, d_in: int = 784, d_out: int = 10) -> nn.Module:
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, d_out))
+
+
+def width_for(params: float, depth: int = 3) -> int:
+    "Hidden width giving about `params` parameters for `mlp(width, depth)` on 784 inputs."
+    a, b = depth - 1, 784 + 10 + depth  # a·w² + b·w ≈ params
+    return int((-b + math.sqrt(b * b + 4 * a * params)) / (2 * a))
+
+
 def mse_flat(out: Tensor, y: Tensor) -> Tensor:
     return F.mse_loss(out.reshape(-1), y.reshape(-1))
 
@@ -179,7 +163,7 @@ def logreg_problem(n: int = 20_000, d: int = 50, seed: int = 0) -> Problem:
 
 
 def fashion_subset(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    x, y = datasets.fashion_mnist(train=True)
+    x, y = fashion_mnist(train=True)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
     return x[idx], y[idx]
 

@@ -21,18 +21,19 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from common import cli, exact_noise_scale, markdown, out_path, save_fig
+from fashion_mnist import fashion_mnist
 from scipy.optimize import least_squares
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gns_widget import bs_find, datasets
+from gns_widget import bs_find
 
 LR_GRID = [0.025 * 2**k for k in range(13)]  # 0.025 … 102.4
 
 
 def data(n: int | None, dims: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     "Flattened images projected on their top `dims` principal components, each scaled to unit variance."
-    x, y = datasets.fashion_mnist(train=True)
+    x, y = fashion_mnist(train=True)
     if n is not None:
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
         x, y = x[idx], y[idx]

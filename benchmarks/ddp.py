@@ -25,8 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from common import cli, markdown, out_path, save_fig
-from overhead import mlp, width_for
+from common import cli, markdown, mlp, out_path, save_fig, width_for
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gns_widget import NoiseScaleEstimator

@@ -39,7 +39,7 @@ prepare() {
   # the data: Fashion-MNIST's IDX files, and Bikeshare's CSV as the one file of ISLP that datasets.bikeshare
   # reads (ISLP's wheel is 17 MB, too much to carry beside the rest)
   mkdir -p .data/ISLP/data
-  cp -r "$(.venv/bin/python -c 'from gns_widget.datasets import FASHION_MNIST_DIR as d; print(d)')" .data/
+  cp -r "$(.venv/bin/python -c 'from benchmarks.fashion_mnist import FASHION_MNIST_DIR as d; print(d)')" .data/
   cp "$(.venv/bin/python -c 'import ISLP, pathlib; print(pathlib.Path(ISLP.__file__).parent / "data" / "Bikeshare.csv")')" \
     .data/ISLP/data/
   echo '"Only data/Bikeshare.csv of ISLP 0.6.0, carried to the GPU machine by benchmarks/gpu_check.sh."' \
@@ -57,7 +57,7 @@ setup() {
   rm -rf .site  # a warm machine keeps it from the last call
   python3 -m pip install -q --no-index --no-deps --no-compile --target .site "${wheels[@]}" || exit 1
   export PYTHONPATH=$PWD/.site:$PWD/.data:$PWD PYTHONUNBUFFERED=1
-  # datasets.fashion_mnist reads Debian's folder; link the carried copy there when the machine lets us
+  # benchmarks/fashion_mnist.py reads Debian's folder; link the carried copy there when the machine lets us
   local fm=/usr/share/datasets/fashion-mnist
   if [ ! -e "$fm" ] && [ -d .data/fashion-mnist ]; then
     mkdir -p "$(dirname "$fm")" 2>/dev/null && ln -s "$PWD/.data/fashion-mnist" "$fm" 2>/dev/null \

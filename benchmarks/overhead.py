@@ -37,12 +37,10 @@ from contextlib import nullcontext
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from common import cli, markdown, out_path, save_fig
+from common import cli, markdown, mlp, out_path, save_fig, width_for
+from measure import PeakBytes
 from original_method import OriginalGNS
 from torch import Tensor, nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from gns_widget import NoiseScaleEstimator
 from gns_widget.estimator import gradients_of, squared_norm
@@ -50,39 +48,6 @@ from gns_widget.per_example import PerExampleNorms
 
 BS = 64
 MAX_ORIGINAL_BYTES = 3e9  # skip the original method where its gradient list alone would exceed this
-
-
-def mlp(width: int, depth: int = 3, d_in: int = 784, d_out: int = 10) -> nn.Module:
-    layers, d = [], d_in
-    for _ in range(depth):
-        layers += [nn.Linear(d, width), nn.ReLU()]
-        d = width
-    return nn.Sequential(*layers, nn.Linear(d, d_out))
-
-
-def width_for(params: float, depth: int = 3) -> int:
-    "Hidden width giving about `params` parameters for `mlp(width, depth)` on 784 inputs."
-    a, b = depth - 1, 784 + 10 + depth  # a·w² + b·w ≈ params
-    return int((-b + math.sqrt(b * b + 4 * a * params)) / (2 * a))
-
-
-class PeakBytes(TorchDispatchMode):
-    "Peak bytes of the tensor storages created by torch ops inside the block, checked for release after every op."
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
-                st = t.untyped_storage()
-                self.live.setdefault(st._cdata, (StorageWeakRef(st), st.nbytes()))
-        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
-        self.peak = max(self.peak, sum(b for _, b in self.live.values()))
-        return out
 
 
 class _RecordingNorms(PerExampleNorms):

@@ -1,23 +1,23 @@
 """Real data that ships inside installed packages, so demos and tests need no download.
 
 - `digits`: scikit-learn's bundled UCI 8x8 handwritten digits (1,797 images), always present.
-- `fashion_mnist`: Fashion-MNIST from Debian's `dataset-fashion-mnist` package.
-- `bikeshare`: hourly bike rentals, Washington DC 2011, from the ISLP package's CSV.
+- `bikeshare`: hourly bike rentals, Washington DC 2011, from the ISLP package's CSV (the fastai tabular notebook).
+
+Fashion-MNIST, which only the benchmarks use, is read by `benchmarks/fashion_mnist.py`.
 """
 from __future__ import annotations
 
-import gzip
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["digits", "digits_loaders", "fashion_mnist", "bikeshare", "FASHION_MNIST_DIR"]
+if TYPE_CHECKING:
+    import pandas as pd
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+__all__ = ["digits", "digits_loaders", "bikeshare"]
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, valid_pct: float, seed: int):
@@ -46,29 +46,10 @@ def digits_loaders(bs: int = 64, valid_pct: float = 0.2, seed: int = 0) -> tuple
             DataLoader(TensorDataset(xv, yv), batch_size=bs * 2))
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def fashion_mnist(train: bool = True, path: Path | str = FASHION_MNIST_DIR):
-    "(x, y): images as float32 (N, 1, 28, 28) in [0, 1] and labels 0–9."
-    path = Path(path)
-    prefix = "train" if train else "t10k"
-    images, labels = path / f"{prefix}-images-idx3-ubyte.gz", path / f"{prefix}-labels-idx1-ubyte.gz"
-    if not images.exists():
-        raise FileNotFoundError(f"Fashion-MNIST not found in {path}: install Debian's package with "
-                                "`apt-get install -y dataset-fashion-mnist`")
-    x = torch.tensor(_read_idx(images), dtype=torch.float32).div_(255).unsqueeze(1)
-    y = torch.tensor(_read_idx(labels), dtype=torch.long)
-    return x, y
-
-
 def bikeshare() -> pd.DataFrame:
     "Hourly bike rentals (8,645 rows): weather, calendar and the `bikers` count to predict."
+    import pandas as pd
+
     spec = importlib.util.find_spec("ISLP")
     csv = Path(spec.submodule_search_locations[0]) / "data" / "Bikeshare.csv" if spec else None
     if csv is None or not csv.exists():

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import t as student_t
 
 __all__ = ["Interval", "noise_scale_interval", "AutoStop", "LEVEL", "REL_HALFWIDTH", "MAX_AUTO_IT"]
 
@@ -99,6 +98,8 @@ def noise_scale_interval(noise: Sequence[float], scale: Sequence[float], decay: 
     nb, sb, wb = (np.add.reduceat(a, starts) for a in (w * n_raw, w * s_raw, w))
     m_eff = wb.sum() ** 2 / np.square(wb).sum()  # blocks of near-zero weight carry no information
     df = max(m_eff - 1, 1.0)
+    from scipy.stats import t as student_t  # here: scipy.stats takes 0.4 s to import, a run needs it at its end
+
     t = float(student_t.ppf(0.5 + level / 2, df))
     c = m_eff * t * t / (m_eff - 1 + t * t) if m_eff > 1 else math.inf
     # (N − R S)² ≤ c Σ (N_b − R S_b)²  ⇔  a R² + b R + q ≤ 0

@@ -104,6 +104,7 @@ def _data(n=200):
     return TensorDataset(torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 def test_runs_when_called_under_no_grad(mlp, digits_dl, context):
     with context():
@@ -129,6 +130,7 @@ def test_sparse_embedding_gradients(digits_dl):
         bs_find(model, dl, CE, num_it=10, n_batch=5)
 
 
+@pytest.mark.slow
 def test_one_shot_generator_says_it_is_exhausted(mlp):
     gen = ((x, y) for x, y in DataLoader(_data(), batch_size=20))
     with pytest.raises(ValueError, match="exhausted after 10 batches.*one-shot"):
@@ -147,6 +149,7 @@ def test_optimizer_factory_returning_none(mlp, digits_dl):
         bs_find(mlp, digits_dl, CE, num_it=10, n_batch=5, opt=lambda params: None)
 
 
+@pytest.mark.slow
 def test_numpy_integers_are_accepted(mlp, digits_dl):
     res = bs_find(mlp, digits_dl, CE, num_it=np.int64(10), n_batch=np.int32(5))
     assert len(res.history) == 2 and res.n_batch == 5

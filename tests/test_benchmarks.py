@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # the benchmark scripts, end to end
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ["overhead", "accuracy", "speedup", "critical_batch", "ddp", "advice"]
 
@@ -73,7 +75,7 @@ def test_gpu_benchmark_quick(tmp_path: Path) -> None:
     numbers hold what they must whatever the device: at lr=0 sequential measures exactly what fixed does, a
     lower precision moves the estimate far less than sampling does, and fixed's extra memory is one
     parameter-sized buffer."""
-    from gns_widget.datasets import FASHION_MNIST_DIR
+    from benchmarks.fashion_mnist import FASHION_MNIST_DIR
 
     proc = _run_quick("gpu", tmp_path)
     assert "|---|" in proc.stdout

@@ -25,6 +25,8 @@ from gns_widget.ddp import DDPNoiseScale, allreduce_measured, is_distributed
 from tests.exact import exact_noise_scale
 from tests.test_exactness import _linear_problem
 
+pytestmark = pytest.mark.slow  # DDP: gloo process groups
+
 N = 20_000
 STEPS = 1000
 # Never fork this process: once autograd has run in it (any earlier test), a forked child cannot use autograd

@@ -49,6 +49,7 @@ def _warm_adam(model, dl):
     return opt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fixed", "sequential"])
 def test_training_run_restores_everything_exactly(mlp, digits_dl, method):
     opt = _warm_adam(mlp, digits_dl)
@@ -62,6 +63,7 @@ def test_training_run_restores_everything_exactly(mlp, digits_dl, method):
     assert digits_dl.sampler.generator is gen_state
 
 
+@pytest.mark.slow
 def test_training_actually_moves_weights_during_the_run(mlp, digits_dl):
     "The restore test above would pass trivially if training did nothing: check that it does."
     seen = []
@@ -72,6 +74,7 @@ def test_training_actually_moves_weights_during_the_run(mlp, digits_dl):
     assert torch.equal(mlp[0].weight, w0)
 
 
+@pytest.mark.slow
 def test_fixed_mode_steps_once_per_window_and_sequential_every_batch(mlp, digits_dl):
     counts = {}
     for method in ("fixed", "sequential"):
@@ -199,6 +202,7 @@ def test_divergence_names_the_iterations_and_restores(mlp, digits_dl, method):
     _assert_same(before, _snapshot(mlp))
 
 
+@pytest.mark.slow
 def test_result_repr_plot_and_advice(mlp, digits_dl):
     res = bs_find(mlp, digits_dl, nn.CrossEntropyLoss(), lr=0, num_it=400, n_batch=5, beta=0.9)
     assert isinstance(res, GNSResult)
@@ -212,6 +216,7 @@ def test_result_repr_plot_and_advice(mlp, digits_dl):
         assert "linear" in advice.text
 
 
+@pytest.mark.slow
 def test_batch_fn_splits_unusual_batches(mlp, digits_dl):
     dict_dl = [{"x": x, "y": y} for x, y in digits_dl]
     with pytest.raises(ValueError, match=r"keys \['x', 'y'\].*batch_fn=lambda b: \(\(b\['x'\],\), \(b\['y'\],\)\)"):
@@ -230,6 +235,7 @@ def test_seeded_loader_generator_is_restored(mlp):
     assert torch.equal(dl.generator.get_state(), state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fixed", "per_example"])
 def test_beta_defaults_to_a_plain_average_at_lr_zero_and_ema_while_training(digits_dl, method):
     "At lr=0 nothing drifts, so every estimate counts equally; while training the EMA forgets the old weights."

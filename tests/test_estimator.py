@@ -164,6 +164,7 @@ def test_weight_needs_accumulation():
         NoiseScaleEstimator(n_batch=2).update(grads=[torch.ones(2)], batch_size=4, weight=0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_squared_norm_of_long_tensors_is_accurate(dtype):
     "A flat float32 CPU norm of 10M elements is ~7e-4 off; the pieces keep the sum at float32 rounding."

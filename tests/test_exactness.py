@@ -7,6 +7,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from gns_widget import bs_find
 from tests.exact import exact_noise_scale
 
+pytestmark = pytest.mark.slow  # statistical: every estimate against the exact value
+
 N = 50_000
 
 

@@ -91,6 +91,7 @@ def test_unbounded_when_the_scale_is_not_distinguishable_from_zero():
     assert s.bs is None and "not distinguishable" in s.reason and "num_it='auto'" in s.reason
 
 
+@pytest.mark.slow
 def test_covers_the_exact_noise_scale_in_seeded_runs():
     """20 seeded bs_find(lr=0) runs of 1,000 steps: ≥ 85% cover the exact B_simple, median half-width ≤ 20%.
 
@@ -184,6 +185,7 @@ def _near_optimum_problem():
     return model, loss_func, x, y
 
 
+@pytest.mark.slow
 def test_auto_widens_windows_smaller_than_the_noise_scale_at_fixed_weights():
     model, loss_func, x, y = _near_optimum_problem()
     exact = exact_noise_scale(model, loss_func, x, y)[2]

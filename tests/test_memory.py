@@ -303,6 +303,7 @@ def test_plan_bad_input(args):
         plan_batch(*args)
 
 
+@pytest.mark.slow
 def test_bs_find_plans_accumulation_when_the_suggestion_does_not_fit(digits_dl):
     "bs_find(probe_memory=True): the suggestion is checked on the device, and accumulation planned to reach it."
     from gns_widget import bs_find

@@ -68,6 +68,7 @@ def _scaled_run(model, loss_func, dl, accumulate: int = 0, epochs: int = 1, over
     return est, ref, skipped
 
 
+@pytest.mark.slow
 def test_scaled_bf16_matches_unscaled_and_skips_overflows():
     model, loss_func, _, _, dl = _problem()
     est, ref, skipped = _scaled_run(model, loss_func, dl)
@@ -87,6 +88,7 @@ def test_scaled_bf16_accumulation_drops_overflowed_cycles():
     assert est.noise_scale == pytest.approx(ref.noise_scale, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_scaled_bf16_estimate_matches_exact_noise_scale():
     "bf16 autocast changes the gradients a little; the noise scale must still be within 10% of exact fp32."
     model, loss_func, x, y, dl = _problem()
@@ -95,6 +97,7 @@ def test_scaled_bf16_estimate_matches_exact_noise_scale():
     assert est.noise_scale == pytest.approx(exact, rel=0.10)
 
 
+@pytest.mark.slow
 def test_ignoring_the_loss_scale_would_be_wrong():
     "Guard on the test above: reading scaled gradients as if unscaled gives a wildly different number."
     model, loss_func, _, _, dl = _problem()
@@ -135,6 +138,7 @@ class _RecordingLoss:
         return self.factor * nn.functional.cross_entropy(out, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fixed", "per_example"])
 def test_bs_find_bf16_estimate_matches_exact(method):
     model, loss_func, x, y, dl = _problem()
@@ -146,6 +150,7 @@ def test_bs_find_bf16_estimate_matches_exact(method):
     assert res.noise_scale == pytest.approx(exact, rel=0.10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fixed", "per_example"])
 def test_bs_find_fp16_loss_scale_skips_overflows_and_divides_the_scale_out(method):
     """A loss ×1000 overflows float16 at GradScaler's initial scale 2**16: the finder halves the scale and skips
@@ -160,6 +165,7 @@ def test_bs_find_fp16_loss_scale_skips_overflows_and_divides_the_scale_out(metho
     assert res.noise_scale == pytest.approx(exact, rel=0.10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fixed", "sequential", "per_example"])
 def test_bs_find_fp16_trains_on_unscaled_gradients(method):
     "Steps taken with the loss scale still in the gradients (×65,536) would blow the loss up; fp16 tracks fp32."
@@ -173,6 +179,7 @@ def test_bs_find_fp16_trains_on_unscaled_gradients(method):
     assert half[-1] == pytest.approx(full[-1], rel=0.05)
 
 
+@pytest.mark.slow
 def test_bs_find_follows_a_learners_mixed_precision():
     from fastai.basics import Learner
     from fastai.data.core import DataLoaders

@@ -9,7 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.slow  # the notebooks, end to end
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 

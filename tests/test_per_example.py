@@ -52,6 +52,7 @@ def test_per_example_norms_equal_torch_func(case):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [_linear_problem, _mlp_problem], ids=["linear-mse", "mlp-cross-entropy"])
 def test_per_example_estimate_matches_exact_within_10_percent(make):
     model, loss_func, x, y = make()

@@ -3,19 +3,36 @@
 A `Target` gives the engine a model, an iterable of batches, a loss, a way to split a
 batch into inputs and targets, and a way to build the run's optimizer. `as_target`
 turns a fastai `Learner` or a plain `nn.Module` + loader into one.
+
+fastai is imported only for a Learner: `.fastai` loads inside `as_target` (or on first use of its names here,
+PEP 562), and an object can only be a Learner once `fastai.learner` has been imported.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 from weakref import WeakKeyDictionary
 
 from ..loaders import shuffles
 from .base import Target, user_stacklevel
-from .fastai import learner_target, unrun_callbacks_warning
 from .torch import module_target
 
 __all__ = ["Target", "as_target"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("learner_target", "unrun_callbacks_warning"):
+        from . import fastai
+
+        return getattr(fastai, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _is_learner(obj: Any) -> bool:
+    "Whether `obj` is a fastai Learner, without importing fastai (no Learner exists before it is imported)."
+    module = sys.modules.get("fastai.learner")
+    return module is not None and isinstance(obj, getattr(module, "Learner", ()))
 
 
 def as_target(target: Any, train_dl: Any = None, loss_func: Any = None, *, opt: Any = None,
@@ -25,10 +42,12 @@ def as_target(target: Any, train_dl: Any = None, loss_func: Any = None, *, opt: 
     `measuring`: the target is for a noise-scale measurement (not a memory probe), so warn about what would
     silently bias it: a loader that does not shuffle, a Learner's callbacks that the run's steps leave out.
     """
-    from fastai.learner import Learner
     from torch import nn
 
-    if isinstance(target, Learner):
+    is_learner = _is_learner(target)
+    if is_learner:
+        from .fastai import learner_target
+
         tgt = learner_target(target, train_dl=train_dl, loss_func=loss_func, opt=opt, device=device,
                              batch_fn=batch_fn)
     elif isinstance(target, nn.Module):
@@ -37,7 +56,9 @@ def as_target(target: Any, train_dl: Any = None, loss_func: Any = None, *, opt: 
         raise TypeError(f"target must be a fastai Learner or a torch nn.Module, got {type(target).__name__}")
     if not measuring:
         return tgt
-    if isinstance(target, Learner) and batch_fn is None and loss_func is None:  # either: the step was made to match
+    if is_learner and batch_fn is None and loss_func is None:  # either: the step was made to match
+        from .fastai import unrun_callbacks_warning
+
         _warn_once(target, unrun_callbacks_warning(target))
     if shuffles(tgt.train_dl) is False:
         # the estimator's batches are random draws from the training set: a fixed order (sorted, grouped or
