@@ -35,6 +35,7 @@ from common import (
     cli,
     conv_problem,
     exact_noise_scale,
+    fashion_mnist,
     logreg_problem,
     markdown,
     mlp_problem,
@@ -188,7 +189,7 @@ def digits_task(num_it: int, quick: bool) -> Task:
 
 
 def fashion_tasks(quick: bool) -> list[Task]:
-    x, y = datasets.fashion_mnist(train=True)
+    x, y = fashion_mnist(train=True)
     n, nv = (2000, 500) if quick else (10_000, 2000)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     tr, va = idx[:n], idx[n:n + nv]
@@ -264,7 +265,7 @@ class _Block(nn.Module):
 
 def bn_resnet_task(quick: bool) -> Task:
     "A BatchNorm ResNet on Fashion-MNIST with SGD and nesterov momentum 0.9 (the issue's −6.8-point case)."
-    x, y = datasets.fashion_mnist(train=True)
+    x, y = fashion_mnist(train=True)
     n, nv = (1500, 500) if quick else (6000, 2000)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
     tr, va = idx[:n], idx[n:n + nv]

@@ -82,10 +82,6 @@ def save_fig(fig, path: Path) -> None:
 # estimator measures with its finite-population correction), not N-1. Here it keeps its benchmark name.
 exact_noise_scale = exact
 
-# Fashion-MNIST moved out of the package into benchmarks/fashion_mnist.py (issue 20). benchmarks/advice.py still
-# calls `gns_widget.datasets.fashion_mnist`: this alias keeps it working until it imports `fashion_mnist` from here.
-datasets.fashion_mnist = fashion_mnist
-
 
 # ---------------------------------------------------------------- problems
 @dataclass
