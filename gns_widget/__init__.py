@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .memory import max_batch_size
     from .per_example import PerExampleNorms
     from .result import GNSRecord, GNSResult
+    from .throughput import Throughput, measure_throughput
     from .widget import GNSWidget
 
 _learner.install()
@@ -46,11 +47,13 @@ _LAZY = {
     "DDPNoiseScale": ".ddp",
     "max_batch_size": ".memory",
     "PerExampleNorms": ".per_example",
+    "measure_throughput": ".throughput",
+    "Throughput": ".throughput",
 }
 
 __all__ = ["bs_find", "NoiseScaleEstimator", "GNSRecord", "GNSResult", "GNSCallback", "apply_batch_size",
            "GNSWidget", "FinderBusyError", "BatchAdvice", "AutoStop", "DDPNoiseScale", "max_batch_size",
-           "PerExampleNorms"]
+           "PerExampleNorms", "measure_throughput", "Throughput"]
 __version__ = "0.1.0"
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -161,7 +162,10 @@ class GNSResult:
                       suggested_bs=self.suggested_bs, trend=self.trend)
 
     def lr_advice(self, lr: float | slice | None = None, rule: str = "sgd") -> LRAdvice | None:
-        "The learning-rate part of `advice()`: `lr` (default: the run's) at the advised batch size."
+        "Deprecated: the learning-rate part of `advice()` (its `.lr`, `.lr_factor` and `.lr_text`)."
+        warnings.warn("GNSResult.lr_advice is deprecated and goes in the next version: use advice(), whose .lr, "
+                      ".lr_factor and .lr_text are the lr for the batch size it advises", DeprecationWarning,
+                      stacklevel=2)
         a = self.advice(lr, rule=rule)
         if a.batch_size is None:
             return None

@@ -18,7 +18,6 @@ import pandas as pd
 from .interval import MIN_WINDOWS, WIDEN_TO, Interval
 
 __all__ = ["Suggestion", "LRAdvice", "RULES", "check_rule", "suggest_batch_size", "stable_power_of_two", "lr_factor",
-           "scale_lr",
            "tradeoff", "MIN_ESTIMATES", "MAX_DRIFT", "MAX_HALFWIDTH",
            "MAX_LOSS_RISE"]
 
@@ -165,20 +164,6 @@ def lr_factor(old_bs: int, new_bs: int, noise_scale: float, rule: str = "sgd") -
         raise ValueError(f"noise_scale must be positive to scale the learning rate, got {noise_scale!r}")
     ratio = (1 + noise_scale / old_bs) / (1 + noise_scale / new_bs)
     return ratio if rule == "sgd" else math.sqrt(ratio)
-
-
-def scale_lr(lr: float, old_bs: int, new_bs: int, noise_scale: float, rule: str = "sgd") -> LRAdvice:
-    """The learning rate to use when the batch size goes from `old_bs` to `new_bs`.
-
-    The paper's optimal step size is ε(B) = ε_max / (1 + B_noise/B): it grows like B
-    below the noise scale and saturates above it. For SGD-like optimizers we scale by
-    that ratio (linear while B ≪ B_noise); for Adam-like ones by its square root.
-    """
-    factor = lr_factor(old_bs, new_bs, noise_scale, rule)
-    how = "linear (SGD-like)" if rule == "sgd" else "square-root (Adam-like)"
-    text = (f"batch size {old_bs} → {new_bs}: lr {lr:.3g} → {lr * factor:.3g} (×{factor:.3g}, {how} scaling, "
-            f"saturating at the noise scale {noise_scale:.4g})")
-    return LRAdvice(lr * factor, factor, rule, text)
 
 
 def tradeoff(noise_scale: float, batch_sizes) -> pd.DataFrame:

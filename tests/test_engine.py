@@ -210,10 +210,12 @@ def test_result_repr_plot_and_advice(mlp, digits_dl):
     assert "noise_scale=" in text and res.reason in text
     fig = res.plot()
     assert len(fig.axes) == 3
-    if res.reliable:
-        advice = res.lr_advice(0.1, rule="sgd")
-        assert advice.factor > 1 if res.suggested_bs > 32 else advice.factor <= 1
-        assert "linear" in advice.text
+    advice = res.advice(0.1, rule="sgd")
+    assert advice.lr_factor > 1 if advice.kind == "grow" else advice.lr_factor <= 1
+    assert advice.kind != "grow" or "linear" in advice.lr_text
+    with pytest.warns(DeprecationWarning, match=r"advice\(\)"):
+        old = res.lr_advice(0.1, rule="sgd")
+    assert old is None or old.factor == advice.lr_factor
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from gns_widget.interval import Interval
-from gns_widget.suggest import MAX_DRIFT, scale_lr, suggest_batch_size, tradeoff
+from gns_widget.suggest import MAX_DRIFT, lr_factor, suggest_batch_size, tradeoff
 
 
 def _history(noise_scales, noise=1.0, scale=None):
@@ -37,15 +37,13 @@ def test_unreliable_estimates_say_why_and_what_to_change(hist, words):
     assert s.bs is None and words in s.reason
 
 
-def test_lr_advice_linear_below_noise_scale_and_saturating_above():
-    small = scale_lr(0.1, 32, 64, noise_scale=1e6, rule="sgd")
-    assert small.factor == pytest.approx(2, rel=1e-3) and "linear" in small.text
-    adam = scale_lr(0.1, 32, 64, noise_scale=1e6, rule="adam")
-    assert adam.factor == pytest.approx(math.sqrt(2), rel=1e-3) and "square-root" in adam.text
-    beyond = scale_lr(0.1, 4096, 8192, noise_scale=100, rule="sgd")
-    assert beyond.factor < 1.03  # past the noise scale a bigger batch buys almost no step size
+def test_lr_factor_linear_below_noise_scale_and_saturating_above():
+    assert lr_factor(32, 64, noise_scale=1e6, rule="sgd") == pytest.approx(2, rel=1e-3)
+    assert lr_factor(32, 64, noise_scale=1e6, rule="adam") == pytest.approx(math.sqrt(2), rel=1e-3)
+    assert lr_factor(32, 64, noise_scale=1e6, rule="momentum") == pytest.approx(math.sqrt(2), rel=1e-3)
+    assert lr_factor(4096, 8192, noise_scale=100, rule="sgd") < 1.03  # past the noise scale: almost no step size
     with pytest.raises(ValueError, match="rule"):
-        scale_lr(0.1, 32, 64, 100, rule="rmsprop")
+        lr_factor(32, 64, 100, rule="rmsprop")
 
 
 def test_tradeoff_follows_the_papers_curve():
