@@ -5,6 +5,7 @@ import os
 # ran 4x slower in wall time, with 4x the CPU time, than on one thread. Set before torch is imported, so the
 # subprocesses the tests start (notebook kernels, DDP ranks, benchmark scripts) inherit it; an explicit
 # OMP_NUM_THREADS wins.
+_USER_ENV = set(os.environ)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The subprocesses the tests start (notebook kernels, JupyterLab's kernels, scripts) import the checkout under
@@ -39,3 +40,27 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("browser") is not None:
             item.add_marker(pytest.mark.slow)
+
+
+# Cores torch would use by default (one thread each), for the tests below that still need them.
+_DEFAULT_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@pytest.fixture(autouse=True)
+def _panel_tests_at_torchs_default_threads(request):
+    """The panel tests run torch with its default threads, as before the one-thread setting above.
+
+    test_widget's test_buttons_start_stop_and_apply_refused_while_running presses Stop once the first progress
+    update shows (throttled to 4 a second) and expects the run to be stopped before its estimate settles: on one
+    thread a digits run at lr=0 settles within that quarter second, and the test failed 3 runs in 3 (at the
+    commit before this file changed too; 1 in 5 at the default threads). Until that test stops racing, its file
+    keeps the threads it was written for.
+    """
+    if request.module.__name__.rsplit(".", 1)[-1] != "test_widget" or "OMP_NUM_THREADS" in _USER_ENV:
+        yield
+        return
+    torch.set_num_threads(_DEFAULT_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
