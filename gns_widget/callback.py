@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 
+from .advice import detect_rule
 from .estimator import NoiseScaleEstimator
 from .loaders import current_batch_size, dataset_len, population_size
 from .result import GNSResult, RunRecorder
@@ -21,7 +22,8 @@ class GNSCallback(Callback):
     batches and each accumulation cycle is one window (so `n_batch` becomes `n_acc // bs`);
     the running sum is then read after each backward, still scaled, so it is divided by the
     loss scale and a cycle that overflowed is dropped. The result of the latest fit is in
-    `self.result` (a `GNSResult`).
+    `self.result` (a `GNSResult`); its `advice()` needs this device's speed:
+    `res.advice(lr, epochs, throughput=measure_throughput(learn, batch_sizes=[...]))`.
     """
 
     order = 15  # after MixedPrecision (10) unscales, before GradientClip (20)
@@ -60,3 +62,4 @@ class GNSCallback(Callback):
         lr = self.opt.hypers[-1]["lr"] if self.opt is not None else float("nan")
         self.result = self.recorder_.result(batch_size=current_batch_size(self.dls.train),
                                             n_train=dataset_len(self.dls.train), lr=lr, method="training")
+        self.result.rule = detect_rule(self.learn.opt_func)  # the lr rule of the optimizer that trained

@@ -220,6 +220,7 @@ def test_an_unknown_optimizer_gets_the_square_root_rule():
     assert a.rule == "momentum"
 
 
+@pytest.mark.slow
 def test_same_weights_give_the_same_advice():
     "The issue's bar: the same weights give the same advice in at least 9 runs of 10 (timing noise included)."
     torch.manual_seed(0)

@@ -278,3 +278,26 @@ def test_a_learner_with_a_summed_loss_is_refused_as_a_module_is():
     learn.loss_func = CrossEntropyLossFlat(reduction="sum")
     with pytest.raises(ValueError, match="reduction='mean'"):
         learn.bs_find(lr=0, num_it=10, n_batch=5, show_plot=False)
+
+
+def test_callback_result_advises_with_a_timing_of_the_learner(learn):
+    "A GNSCallback's result has no timing: measure_throughput(learn) gives one, and the Learner is left as it was."
+    from gns_widget import measure_throughput
+
+    cb = GNSCallback(n_batch=5, beta=0.9)
+    learn.fit(3, 1e-3, cbs=cb)
+    assert cb.result.advice(lr=1e-3).kind == "uncertain" and "measure_throughput" in cb.result.advice().text
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    rng = learn.dls.train.rng.getstate()
+    tp = measure_throughput(learn, batch_sizes=[32, 64, 128])
+    assert tp.batch_sizes == [32, 64, 128] and set(tp.load_seconds) == {32, 64, 128}
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in weights.items())
+    assert learn.dls.train.rng.getstate() == rng and learn.dls.train.bs == 32
+    a = cb.result.advice(lr=1e-3, epochs=3, throughput=tp)
+    assert a.rule == "adam" and a.kind != "uncertain"  # fastai's Adam, read from the Learner's opt_func
+
+
+def test_learner_bs_find_reads_the_rule_and_times_the_learner(learn):
+    res = learn.bs_find(lr=0, num_it=300, n_batch=5, show_plot=False)
+    assert res.rule == "adam" and res.throughput is not None and 32 in res.throughput.step_seconds
+    assert res.advice(lr=1e-3, epochs=3).rule == "adam"
