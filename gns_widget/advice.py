@@ -153,6 +153,11 @@ class _Option:
     noise_scale: float  # the conservative end it is planned with
     speedup: float  # at that end
     lr_factor: float
+    noise: float  # the timing noise of the comparison: the gain must clear GAIN_NEEDED by this much too
+
+    @property
+    def clears(self) -> bool:
+        return self.speedup >= GAIN_NEEDED * (1 + self.noise)
 
 
 def _options(interval: Interval, old_bs: int, tp: Throughput, epochs: int | None, rule: str,
@@ -177,7 +182,7 @@ def _options(interval: Interval, old_bs: int, tp: Throughput, epochs: int | None
             continue
         if factor < 1 / MAX_LR_FACTOR:  # the same bound down: a far smaller batch is a different training
             continue
-        options.append(_Option(b, ns, speedup(old_bs, b, ns, tp, epochs), factor))
+        options.append(_Option(b, ns, speedup(old_bs, b, ns, tp, epochs), factor, tp.noise(old_bs, b)))
     return options, left_out
 
 
@@ -187,13 +192,14 @@ def _decide(interval: Interval, old_bs: int, tp: Throughput, *, n_train: int | N
     if old_bs not in tp.step_seconds:
         raise ValueError(f"throughput must include the current batch size {old_bs}; it has {tp.batch_sizes}")
     options, left_out = _options(interval, old_bs, tp, epochs, rule, max_fit, n_train)
-    best = max(options, key=lambda o: o.speedup, default=None)
+    best = max([o for o in options if o.clears] or options, key=lambda o: o.speedup, default=None)
     speed = _speed_text(tp, old_bs)
-    if best is None or best.speedup < GAIN_NEEDED:
-        at_value = [speedup(old_bs, o.bs, interval.value, tp, epochs) for o in options]
-        if (at_value and max(at_value) >= GAIN_NEEDED and not interval.rel_halfwidth <= MAX_HALFWIDTH):
-            b = options[at_value.index(max(at_value))].bs
-            extra = (f"at the measured noise scale batch size {b} would be ×{max(at_value):.2g} faster, but not at "
+    if best is None or not best.clears:
+        at_value = [(speedup(old_bs, o.bs, interval.value, tp, epochs), o) for o in options]
+        gains = [(s, o) for s, o in at_value if s >= GAIN_NEEDED * (1 + o.noise)]
+        if gains and not interval.rel_halfwidth <= MAX_HALFWIDTH:
+            gain, o = max(gains, key=lambda g: g[0])
+            extra = (f"at the measured noise scale batch size {o.bs} would be ×{gain:.2g} faster, but not at "
                      f"the interval's low end {interval.lo:.3g}")
             return _uncertain(old_bs, lr, epochs, shown, rule, "the interval is too wide to decide: run longer "
                               "(num_it='auto')", suggested_bs, trend, "; ".join([extra, speed]))
@@ -210,9 +216,11 @@ def _speed_text(tp: Throughput, old_bs: int) -> str:
 def _keep(old_bs: int, lr: Any, epochs: int | None, shown: str, rule: str, best: _Option | None, speed: str,
           left_out: list[str], n_train: int | None, suggested_bs: int | None, trend: str,
           lr_from_run: bool) -> BatchAdvice:
+    need = f"×{GAIN_NEEDED:g}" if best is None or best.noise < 0.005 else \
+        f"×{GAIN_NEEDED * (1 + best.noise):.3g}: ×{GAIN_NEEDED:g} beyond the timing noise, ±{best.noise:.0%} here"
     why = ("no other batch size could be faster here" if best is None else
            f"the best other size, {best.bs}, is predicted ×{best.speedup:.3g} as fast to the same loss "
-           f"(×{GAIN_NEEDED:g} needed to change)")
+           f"({need} needed to change)")
     if n_train and n_train // (2 * old_bs) < MIN_STEPS_PER_EPOCH:
         left_out = [f"{n_train:,} training examples: a bigger batch would leave fewer than {MIN_STEPS_PER_EPOCH} "
                     "optimizer steps per epoch", *left_out]

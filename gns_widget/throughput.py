@@ -45,13 +45,20 @@ class Throughput:
     batch's copy to the device) at batch size b; `load_seconds[b]` the loader's own time for one batch of
     b, in one process. It adds to a step when the loader runs in the training process (`workers` 0); with
     worker processes they share it and work beside the training steps, which then wait only when the
-    workers fall behind. `max_fit` is set when a size ran out of device memory.
+    workers fall behind. `max_fit` is set when a size ran out of device memory. `spread[b]` is how much
+    the rounds of size b disagreed (the slowest round's median over the fastest's, minus 1): the timing
+    noise, which a predicted gain must clear before the advice acts on it.
     """
     step_seconds: dict[int, float]
     load_seconds: dict[int, float] = field(default_factory=dict)
     workers: int = 0
     device: str = "cpu"
     max_fit: int | None = None
+    spread: dict[int, float] = field(default_factory=dict)
+
+    def noise(self, *sizes: int) -> float:
+        "The timing noise of a comparison between `sizes`: the largest spread among them (0 when not measured)."
+        return max((self.spread.get(b, 0.0) for b in sizes), default=0.0)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -101,7 +108,7 @@ def probe_throughput(tgt: Target, batch_sizes: list[int], amp: torch.dtype | Non
         try:
             pool.batch(sizes[-1])  # draws the examples the biggest size needs, timing the loader on the way
             with torch.inference_mode(False), torch.enable_grad():
-                timed, max_fit = _time_sizes(tgt, pool, sizes, amp, saturate_above)
+                timed, spread, max_fit = _time_sizes(tgt, pool, sizes, amp, saturate_above)
             load = _load_seconds(tgt.train_dl, list(timed), pool.seconds_per_example())
         finally:
             pool.close()
@@ -109,11 +116,11 @@ def probe_throughput(tgt: Target, batch_sizes: list[int], amp: torch.dtype | Non
             free_memory(tgt.device)
     if not timed:
         raise RuntimeError(f"no batch size of {sizes} fits in memory on {tgt.device} for one training step")
-    return Throughput(timed, load, _workers(tgt.train_dl), str(tgt.device), max_fit)
+    return Throughput(timed, load, _workers(tgt.train_dl), str(tgt.device), max_fit, spread)
 
 
 def _time_sizes(tgt: Target, pool: ExamplePool, sizes: list[int], amp: torch.dtype | None,
-                saturate_above: int | None) -> tuple[dict[int, float], int | None]:
+                saturate_above: int | None) -> tuple[dict[int, float], dict[int, float], int | None]:
     """Step time per size: the median step of its fastest round. A first pass in ascending order finds the sizes
     worth timing (see `probe_throughput`); then ROUNDS − 1 more passes over them interleave the sizes, so a burst
     of load from another process on a shared machine lands in one round of every size, not in all of one size's."""
@@ -144,7 +151,8 @@ def _time_sizes(tgt: Target, pool: ExamplePool, sizes: list[int], amp: torch.dty
                 times[b].append(_time_steps(tgt, opt, pool.batch(b), amp, warmup=1))
                 tgt.model.zero_grad(set_to_none=True)
     # the best round's median: a round that other processes slowed down says nothing of this device
-    return {b: min(statistics.median(r) for r in rounds) for b, rounds in times.items()}, max_fit
+    medians = {b: [statistics.median(r) for r in rounds] for b, rounds in times.items()}
+    return {b: min(m) for b, m in medians.items()}, {b: max(m) / min(m) - 1 for b, m in medians.items()}, max_fit
 
 
 def _time_steps(tgt: Target, opt: Any, batch: Any, amp: torch.dtype | None, warmup: int) -> list[float]:

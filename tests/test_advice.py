@@ -235,3 +235,13 @@ def test_same_weights_give_the_same_advice():
         kinds.append((a.kind, a.batch_size, a.epochs))
     most = max(set(kinds), key=kinds.count)
     assert kinds.count(most) >= 9, kinds
+
+
+def test_a_gain_within_the_timing_noise_keeps_the_batch():
+    "×1.25 predicted, but the rounds of the timing disagreed by 20%: ×1.32 is needed, so keep (and say why)."
+    steady = Throughput({32: 0.010, 64: 0.016}, device="d")
+    noisy = Throughput({32: 0.010, 64: 0.016}, device="d", spread={32: 0.02, 64: 0.2})
+    iv = Interval(1000.0, 1000.0, 1050.0)
+    assert advise(iv, 32, throughput=steady, n_train=10**5, rule="adam").kind == "grow"
+    a = advise(iv, 32, throughput=noisy, n_train=10**5, rule="adam")
+    assert a.kind == "keep" and "beyond the timing noise, ±20% here" in a.text
