@@ -20,7 +20,6 @@ optimizer steps are both counted. `--seeds 0 1 2 3 4` for five seeds.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,7 +160,8 @@ def train_fastai(df: pd.DataFrame, bs: int, lr: float, epochs: int, seed: int, s
 
     set_seed(seed, reproducible=True)
     learn = tabular_learner(bikeshare_dls(bs, 0, df), layers=[200, 100], loss_func=MSELossFlat())
-    learn.dls.train.rng = random.Random(shuffle_seed)  # the same initial weights; the batches' order from shuffle_seed
+    # the same initial weights; the batches' order (TabWeightedDL samples with numpy) and dropout from shuffle_seed
+    set_seed(shuffle_seed, reproducible=True)
     t0 = time.perf_counter()
     with learn.no_bar(), learn.no_logging():
         learn.fit_one_cycle(epochs, lr)
