@@ -123,6 +123,8 @@ def advise(interval: Interval | None, batch_size: int, *, throughput: Throughput
         raise ValueError(f"throughput must be a Throughput (from measure_throughput or bs_find) or None, got "
                          f"{type(throughput).__name__}")
     shown = str(interval) if interval is not None else "not measured"
+    if not reason and not batch_size:
+        reason = "the run's batch size is unknown (its loader does not say): give the loader a batch_size"
     if not reason and (interval is None or not interval.lo > 0):
         reason = "no lower bound on the noise scale yet: increase num_it (or use num_it='auto')"
     if not reason and throughput is None:

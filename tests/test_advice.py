@@ -136,6 +136,11 @@ def test_unusable_measurement_is_uncertain_and_says_why():
                                                                      "num_it to at least 100"
 
 
+def test_an_unknown_batch_size_is_uncertain_not_a_crash():
+    a = advise(Interval(100.0, 90.0, 110.0), None, throughput=gpu_like(), n_train=1000)
+    assert a.kind == "uncertain" and "batch size is unknown" in a.text
+
+
 def test_without_a_timing_the_advice_names_what_to_measure():
     a = advise(Interval(100.0, 90.0, 110.0), 32, n_train=1000, lr=0.1)
     assert a.kind == "uncertain" and "measure_throughput" in a.text
