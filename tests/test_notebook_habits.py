@@ -448,3 +448,11 @@ def test_training_from_the_main_thread_during_a_run_never_crashes(tmp_path):
     bad = [(rc, out[-1500:]) for rc, out in outcomes if rc != 0 or "refused" not in out]
     assert not bad, f"{len(bad)} of {n} processes failed: {bad[0]}"
     assert all(int(out.split("refused")[-1]) > 0 for _, out in outcomes)
+
+
+def test_the_fastai_notebook_shows_no_warning():
+    "Issue 19 item 11: every run printed torch's 'NumPy array is not writable' (fastai's tensor() on pandas 3)."
+    from tests.test_notebooks import run
+
+    text = run("fastai_tabular.ipynb")
+    assert "Warning" not in text and "not writable" not in text
