@@ -186,7 +186,7 @@ def headline_html(advice: BatchAdvice | None, result: GNSResult | None) -> str:
         sub.append(f"load batches of {advice.micro_batch_size} and accumulate {advice.accumulation_steps} per step "
                    "(the device fits no more)")
     sub.append("details below")
-    return (f'<div class="gns-headline gns-c-{kind}" style="font-size:1.3em;font-weight:600;line-height:1.35;'
+    return (f'<div class="gns-answer gns-c-{kind}" style="font-size:1.3em;font-weight:600;line-height:1.35;'
             f'margin:6px 0 2px">{html.escape(plain(advice.headline))}</div>'
             f'<div style="color:var(--jp-ui-font-color2,#616161);font-size:0.95em">{html.escape(" · ".join(sub))}'
             "</div>")

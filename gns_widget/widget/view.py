@@ -72,11 +72,11 @@ class PanelView(ipw.VBox):
         self.progress = ipw.IntProgress(value=0, min=0, max=1, layout={"width": "260px"})
         self.progress_label = ipw.HTML("iteration 0")
         self.status = ipw.HTML()
-        self.headline = ipw.HTML(layout={"width": "100%"})
+        self.headline = ipw.HTML()  # a VBox stretches its children: a width of 100% plus margins would overflow
         self.charts = GNSCharts()
-        self.result_box = ipw.HTML(layout={"width": "100%"})  # the details, collapsed under the headline
+        self.result_box = ipw.HTML()  # the details, collapsed under the headline
         self.details = ipw.Accordion([self.result_box], titles=(DETAILS_TITLE,), selected_index=None,
-                                     layout={"width": "100%", "display": "none"})
+                                     layout={"display": "none"})
         self.style_html = ipw.HTML(STYLE, layout={"display": "none"})  # the theme colours (texts.STYLE)
         for w, cls in ((self.n_batch_slider, "n-batch"), (self.beta_slider, "beta"), (self.num_it_text, "num-it"),
                        (self.lr_text, "lr"), (self.num_it_help, "num-it-help"), (self.bs_label, "bs"),
