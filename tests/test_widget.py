@@ -855,3 +855,14 @@ def test_kernel_interrupt_stops_a_run_started_with_the_button(train_dl, monkeypa
     assert not isinstance(kernel.saved_sigint_handler.previous, interrupt._StopRuns)
     w.stop()
     w.wait(30)
+
+
+def test_apply_tooltip_says_what_apply_will_do():
+    "Item 10: the tooltip said 'train with the advised batch size from now on' before and after Apply alike."
+    grow = _advice_of_kind("grow")
+    grow = type(grow)(**{**grow.__dict__, "lr": 0.0037})
+    assert texts.apply_tooltip(grow) == f"{texts.APPLY_TIP}: batch size 32 → 64"  # a torch model
+    assert "tick 'also set learn.lr'" in texts.apply_tooltip(grow, lr_too=False)
+    assert texts.apply_tooltip(grow, lr_too=True).endswith(", and learn.lr → 0.0037")
+    assert texts.apply_tooltip(None).startswith("nothing to apply yet")
+    assert texts.apply_tooltip(grow, texts.Applied(32, 64, True, "w")).startswith("applied:")

@@ -9,8 +9,12 @@ One run per model: a panel built for a model whose run belongs to another panel 
 cell re-run during a run) stops that run and waits until its model is restored; any other
 run on the model (`bs_find` in a thread) makes Start refuse with the guard's error.
 
-The result shows `GNSResult.advice()` (batch size, lr, epochs, with the noise scale's interval),
-and Apply applies the advice's batch size, not the raw suggestion, which ignores the dataset size.
+The result area shows the advice's one-line headline (`BatchAdvice.headline`, coloured by its kind)
+with the details collapsed under it; Apply is enabled only when the advice changes the batch size,
+and applies the advice's batch size, not the raw suggestion, which ignores the dataset size.
+
+This module is the controller: the layout is `view.PanelView`, every text is a pure function in
+`texts`, and the kernel's interrupt reaches a run started from the button through `interrupt`.
 """
 from __future__ import annotations
 
@@ -289,8 +293,13 @@ class GNSWidget(PanelView):
             self._show_result(self.result, self._shown)
 
     def _on_apply_lr_box(self, change: dict) -> None:
-        if self.result is not None and not self.running and self._applied is None:
-            self.apply_button.tooltip = texts.apply_tooltip(self._advice_for(self.result))
+        "Apply's tooltip says whether it sets learn.lr too."
+        if self.result is not None and not self.running and not self.apply_button.disabled:
+            self.apply_button.tooltip = texts.apply_tooltip(self._advice_for(self.result), lr_too=self._lr_box())
+
+    def _lr_box(self) -> bool | None:
+        "The 'also set learn.lr' box, None for a torch model (no box)."
+        return self.apply_lr_box.value if _is_learner(self.target) else None
 
     def _on_setting(self, change: dict) -> None:
         msg = self._validate()
@@ -563,7 +572,7 @@ class GNSWidget(PanelView):
         self.details.layout.display = None  # shown, still collapsed
         can_apply = advice.kind in ("grow", "shrink") and advice.batch_size != advice.old_batch_size
         self.apply_button.disabled = not can_apply
-        self.apply_button.tooltip = texts.apply_tooltip(advice)
+        self.apply_button.tooltip = texts.apply_tooltip(advice, lr_too=self._lr_box())
         return advice
 
 

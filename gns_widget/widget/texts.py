@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..advice import MIN_STEPS_PER_EPOCH, BatchAdvice
+from ..advice import MIN_STEPS_PER_EPOCH, BatchAdvice, format_lr
 from ..interval import AutoStop
 from ..result import GNSRecord, GNSResult
 
@@ -270,8 +270,10 @@ def tradeoff_html(res: GNSResult, advice: BatchAdvice | None = None) -> str:
             f"<th>steps</th><th>examples</th><th></th></tr>{''.join(rows)}</table></div>")
 
 
-def apply_tooltip(advice: BatchAdvice | None, applied: Applied | None = None) -> str:
-    "Why Apply is enabled (what it will do) or disabled (why nothing to apply), for its tooltip."
+def apply_tooltip(advice: BatchAdvice | None, applied: Applied | None = None, lr_too: bool | None = None) -> str:
+    """Why Apply is enabled (what it will do) or disabled (why nothing to apply), for its tooltip.
+
+    `lr_too`: the 'also set learn.lr' box of a Learner's panel (None: a torch model, no box)."""
     if applied is not None:
         return (f"applied: the train loader's batch size is {applied.new_bs} now; run again to measure at it "
                 "(nothing more to apply)")
@@ -282,7 +284,8 @@ def apply_tooltip(advice: BatchAdvice | None, applied: Applied | None = None) ->
                 "keeps")
     if advice.kind not in ("grow", "shrink"):
         return f"nothing to apply: not sure yet ({plain(advice.text)})"
-    lr = "" if advice.lr is None else " (tick 'also set learn.lr' to set the lr too, for a Learner)"
+    lr = ("" if lr_too is None or advice.lr is None else f", and learn.lr → {format_lr(advice.lr)}" if lr_too
+          else " (tick 'also set learn.lr' to set the lr too)")
     return f"{APPLY_TIP}: batch size {advice.old_batch_size} → {advice.batch_size}{lr}"
 
 
