@@ -43,8 +43,9 @@ COLORS = {"light": {"error": "#b71c1c", "finished": "#1b5e20", "running": "#0d47
 # the backgrounds a panel sits on: JupyterLab's layout colours 0-1 and the light theme's grey cell background
 BACKGROUNDS = {"light": ("#ffffff", "#f5f5f5", "#eeeeee"), "dark": ("#111111", "#212121")}
 KIND_STATUS = {"grow": "finished", "shrink": "finished", "keep": "idle", "uncertain": "warn"}  # advice kind → colour
+# dark themes: JupyterLab and Notebook 7, VS Code, Colab
 _DARK = ('body[data-jp-theme-light="false"] .gns-widget', "body.vscode-dark .gns-widget",
-         "body.theme-dark .gns-widget")
+         'html[theme="dark"] .gns-widget')
 STYLE = "<style>" + "".join(
     f".gns-widget .gns-c-{k}{{color:{c}}}" + "".join(f"{d} .gns-c-{k}{{color:{COLORS['dark'][k]}}}" for d in _DARK)
     for k, c in COLORS["light"].items()) + (
