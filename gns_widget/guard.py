@@ -121,7 +121,8 @@ def refuse_other_threads(model: nn.Module, refuse: Callable[[str], None]) -> _Gr
     guard = _GradientGuard(model, refuse)
 
     def forward_pre_hook(module: nn.Module, args: Any) -> None:
-        if torch.is_grad_enabled():
+        # `module is model`: nn.DataParallel's replicas carry the hook too and run on its own threads
+        if module is model and torch.is_grad_enabled():
             guard.check("a forward pass with gradients")
 
     guard._hook = model.register_forward_pre_hook(forward_pre_hook)

@@ -376,6 +376,7 @@ def test_another_threads_forward_and_zero_grad_are_refused_before_they_touch_gra
         def cell():
             with torch.no_grad():
                 seen.append(model(x).shape[0])  # reading the model is not training it
+            model._replicate_for_data_parallel()(x)  # nn.DataParallel's replicas run on their own threads
             other(x).sum().backward()  # another model: untouched by the guard
             for work in (opt.zero_grad, model.zero_grad, lambda: model(x)):
                 try:
