@@ -323,6 +323,29 @@ def test_kernel_interrupt_stops_a_run_started_with_the_start_button(lab, browser
     _shutdown(page)
 
 
+def test_kernel_restart_during_a_run_says_the_panel_is_disconnected(lab, browser):
+    "Issue 19 item 7: after a kernel restart mid-run the panel froze on 'running · about 28 s left', Stop enabled."
+    from playwright.sync_api import expect
+
+    page = _open(browser, lab, "rerun.ipynb")
+    _run_cell(page, 0)
+    _run_cell(page, 1)
+    panel = page.locator(".gns-widget")
+    expect(panel.locator("button.gns-start")).to_be_enabled(timeout=60_000)
+    panel.locator("button.gns-start").click()
+    expect(panel.locator(".gns-progress-label")).to_contain_text("left", timeout=30_000)
+    _menu(page, "Kernel", "Restart Kernel…")
+    page.locator(".jp-Dialog .jp-mod-accept").click()
+    expect(panel).to_have_class(re.compile("jupyter-widgets-disconnected"), timeout=30_000)
+    status = panel.locator(".gns-status .widget-html-content")
+    shown = status.evaluate("e => getComputedStyle(e, '::after').content")
+    assert "the kernel restarted, so this panel is disconnected" in shown, shown
+    assert not panel.locator(".gns-status span").is_visible()  # the stale "running" is hidden
+    assert not panel.locator(".gns-progress-label").is_visible()
+    assert panel.locator("button.gns-stop").evaluate("e => getComputedStyle(e).pointerEvents") == "none"
+    _shutdown(page)
+
+
 def test_apply_before_any_run_keeps_the_loader(lab, browser):
     "Issue 19 item 1: `train_dl = w.apply()` with nothing to apply gave None and the next cell an AttributeError."
     from playwright.sync_api import expect

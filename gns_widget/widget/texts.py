@@ -43,6 +43,8 @@ COLORS = {"light": {"error": "#b71c1c", "finished": "#1b5e20", "running": "#0d47
 # the backgrounds a panel sits on: JupyterLab's layout colours 0-1 and the light theme's grey cell background
 BACKGROUNDS = {"light": ("#ffffff", "#f5f5f5", "#eeeeee"), "dark": ("#111111", "#212121")}
 KIND_STATUS = {"grow": "finished", "shrink": "finished", "keep": "idle", "uncertain": "warn"}  # advice kind → colour
+KERNEL_GONE = ("status: the kernel restarted, so this panel is disconnected: a run it had ended with the kernel. "
+               "Run its cells again for a new panel")
 # dark themes: JupyterLab and Notebook 7, VS Code, Colab
 _DARK = ('body[data-jp-theme-light="false"] .gns-widget', "body.vscode-dark .gns-widget",
          'html[theme="dark"] .gns-widget')
@@ -54,6 +56,14 @@ STYLE = "<style>" + "".join(
     ".gns-widget .widget-html-content{min-width:0;white-space:normal;overflow-wrap:anywhere}"
     ".gns-widget .gns-tradeoff td,.gns-widget .gns-tradeoff th{padding:0 8px;text-align:right}"
     ".gns-widget .gns-tradeoff .gns-advised{font-weight:bold}"
+    # after a kernel restart JupyterLab marks every widget view `jupyter-widgets-disconnected` (its comm is gone):
+    # the panel says so instead of freezing on "running", and its controls stop looking usable
+    f".gns-widget.jupyter-widgets-disconnected .gns-status .widget-html-content>span{{display:none}}"
+    f".gns-widget.jupyter-widgets-disconnected .gns-status .widget-html-content::after{{content:'{KERNEL_GONE}';"
+    "font-weight:bold}"
+    ".gns-widget.jupyter-widgets-disconnected .gns-progress-label{visibility:hidden}"
+    ".gns-widget.jupyter-widgets-disconnected button,.gns-widget.jupyter-widgets-disconnected input"
+    "{pointer-events:none;opacity:0.5}"
     "</style>")
 
 
