@@ -483,6 +483,7 @@ def test_exception_in_run_shows_in_status_and_restores_weights(train_dl):
     assert "error: ValueError: this loss is broken" in w.status.value
     assert isinstance(w.error, ValueError) and same_weights(model, before)
     assert w.apply_button.disabled and not w.start_button.disabled
+    assert w.apply_button.tooltip == "nothing to apply: the run failed (the status line says why)"
     w.apply_button.click()  # disabled in the browser; programmatically it is refused with a message
     assert "no reliable suggestion to apply" in w.status.value
 

@@ -555,6 +555,8 @@ class GNSWidget(PanelView):
             if result is not None:
                 self._shown = Shown(done, total)
                 advice = self._show_result(result, self._shown)
+            else:  # the run failed: the status says why
+                self.apply_button.tooltip = "nothing to apply: the run failed (the status line says why)"
             status, kind = texts.end_status(result, error, advice, done, self._runner.stop_reason)
         except Exception as e:  # the worker thread has nobody else to report to
             status, kind = f"error: {type(e).__name__}: {e}", "error"
