@@ -33,7 +33,7 @@ from .advice import MIN_STEPS_PER_EPOCH, detect_rule
 from .ddp import allreduce_norms, is_distributed
 from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
 from .goodput import sizes_worth_timing
-from .guard import FinderBusyError, RunInfo, claim
+from .guard import FinderBusyError, RunInfo, claim, refuse_other_threads
 from .interval import AutoStop
 from .loaders import population_size
 from .memory import fitting_batch_size, plan_batch
@@ -131,20 +131,27 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
         try:
             with torch.inference_mode(False), torch.enable_grad(), others:  # called under no_grad, it still trains
                 recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
+                result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta,
+                                         method=method, stopped=stop_event.is_set())
+                if measure_speed and _worth_timing(result, tgt) and not distributed and not stop_event.is_set():
+                    sizes = sizes_worth_timing(tgt.batch_size, result.interval, tgt.n_train, MIN_STEPS_PER_EPOCH)
+                    with others.own():  # its steps are the run's; other threads stay refused while it trains
+                        result.throughput = probe_throughput(tgt, sizes, amp, saturate_above=tgt.batch_size)
         finally:
             state.restore()
-        result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta, method=method,
-                                 stopped=stop_event.is_set())
+            others.release()  # other threads' forward and zero_grad stay refused until the model is restored
         result.rule = _rule_of(target, tgt, opt)
         probe = tgt.device.type == "cuda" if probe_memory is None else probe_memory
         if probe and result.reliable and not distributed:
             fits = fitting_batch_size(tgt, limit=result.suggested_bs, amp=amp)
             result.memory_plan = plan_batch(result.suggested_bs, fits)
-        usable = result.suggestion.usable and result.interval is not None and result.interval.lo > 0
-        if measure_speed and usable and tgt.batch_size and not distributed and not stop_event.is_set():
-            sizes = sizes_worth_timing(tgt.batch_size, result.interval, tgt.n_train, MIN_STEPS_PER_EPOCH)
-            result.throughput = probe_throughput(tgt, sizes, amp, saturate_above=tgt.batch_size)
     return result
+
+
+def _worth_timing(result: GNSResult, tgt: Target) -> bool:
+    "Whether the measurement can carry a decision, so that this device's speed at other batch sizes matters."
+    iv = result.interval
+    return bool(tgt.batch_size) and result.suggestion.usable and iv is not None and iv.lo > 0
 
 
 def _rule_of(target: Any, tgt: Target, opt: Any) -> str | None:
@@ -344,8 +351,10 @@ class _WeightWatch:
 
     def check(self) -> None:
         if self.others.refused is not None:
-            raise RuntimeError(f"another optimizer stepped this model's weights during the run (in thread "
-                               f"{self.others.refused!r}: training in another cell?). That step was refused with a "
+            thread, what = self.others.refused
+            done = ("another optimizer stepped this model's weights during the run" if what == "step" else
+                    f"another optimizer or training loop reached for this model during the run ({what})")
+            raise RuntimeError(f"{done} (in thread {thread!r}: training in another cell?). It was refused with a "
                                "FinderBusyError where it was called, and this run stopped and put the weights back "
                                "as they were before it started: run the finder and your training one after the other")
         if self.model.training != self.training:
@@ -368,20 +377,39 @@ class _OtherSteps:
     backward, which it must take for the model's own doing (`rebase`): a training loop in another cell would
     then be measured as if it were the run's, and undone at its end. torch calls global step hooks from every
     thread, so the other loop's first `opt.step()` fails in its own cell, before it changes anything.
+
+    Its forward (with gradients) and zero_grad come before any step and race the run's backward on the same
+    `.grad` tensors (autograd's in-place error, or a segmentation fault that kills the kernel): they are refused
+    on any thread but the run's, before they touch a gradient (`guard.refuse_other_threads`).
     """
 
     def __init__(self, model: torch.nn.Module, held: RunInfo):
+        self.model = model
         self.ids = {id(p) for p in model.parameters()}
         self.held = held
-        self.refused: str | None = None  # the thread whose step was refused
+        self.refused: tuple[str, str] | None = None  # (the thread whose work was refused, what it was)
         self._local = threading.local()
 
-    def __enter__(self) -> _OtherSteps:
+    def __enter__(self) -> _OtherSteps:  # on the run's thread: the one thread whose forward and zero_grad may run
         self._handle = register_optimizer_step_pre_hook(self._check)
+        self._others = refuse_other_threads(self.model, self._refuse)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._handle.remove()
+
+    def release(self) -> None:
+        "After the restore: the model is the user's again (the restore writes weights and gradients too)."
+        if hasattr(self, "_others"):
+            self._others.remove()
+
+    def _refuse(self, what: str) -> None:
+        "Another thread's forward or zero_grad on the model: refused in its own cell, and the run stops."
+        self.refused = self.refused or (threading.current_thread().name, what)  # the first one says why the run stopped
+        raise FinderBusyError(f"{what} refused: a finder run is training this model ({self.held.describe()}), and "
+                              "training it from another cell at the same time would mix both trainings (the run puts "
+                              "the weights back when it ends). The run stops now; train once it has ended, or stop it "
+                              "first (its panel's Stop button, widget.stop())")
 
     @contextmanager
     def own(self) -> Iterator[None]:
@@ -396,7 +424,7 @@ class _OtherSteps:
         if getattr(self._local, "own", False):
             return
         if any(id(p) in self.ids for group in opt.param_groups for p in group["params"]):
-            self.refused = threading.current_thread().name
+            self.refused = self.refused or (threading.current_thread().name, "step")
             raise FinderBusyError(f"optimizer step refused: the model's weights would be changed by something other "
                                   f"than the finder during its run ({self.held.describe()}), and the run puts them "
                                   "back when it ends, so this training would be undone. The run stops now; train "

@@ -5,19 +5,23 @@ while the panel runs) would train the same weights at once and each restore its 
 over the other's. Every run (`bs_find`, the panel's, the memory probe) claims its model here
 first; a second claim is refused with `FinderBusyError`, which names the run holding the
 model and how to stop it. `active_run(model)` lets a new panel find an old run and stop it.
+`refuse_other_threads` refuses another thread's forward and zero_grad on a model while a run trains it.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["FinderBusyError", "RunInfo", "active_run", "claim"]
+__all__ = ["FinderBusyError", "RunInfo", "active_run", "claim", "refuse_other_threads"]
 
 
 class FinderBusyError(RuntimeError):
@@ -78,3 +82,81 @@ def claim(model: nn.Module, owner: str, stop_event: threading.Event | None = Non
             with _lock:
                 if _runs.get(model) is held:
                     del _runs[model]
+
+
+# ---------------------------------------------------------------- another thread's training, refused before it starts
+_guards_lock = threading.Lock()
+_guards: list[_GradientGuard] = []  # the live runs' guards (usually none or one)
+_patched = False
+
+
+class _GradientGuard:
+    "One run's: which parameters it trains, on which thread, and what to call when another thread reaches for them."
+
+    def __init__(self, model: nn.Module, refuse: Callable[[str], None]):
+        self.model, self.ids, self.refuse = model, {id(p) for p in model.parameters()}, refuse
+        self.thread_id = threading.get_ident()
+
+    def check(self, what: str) -> None:
+        if threading.get_ident() != self.thread_id:
+            self.refuse(what)
+
+    def remove(self) -> None:
+        self._hook.remove()
+        with _guards_lock:
+            if self in _guards:
+                _guards.remove(self)
+
+
+def refuse_other_threads(model: nn.Module, refuse: Callable[[str], None]) -> _GradientGuard:
+    """Until `.remove()`, call `refuse(what)` (which raises) on another thread's gradient work on `model`.
+
+    That work is a forward pass with gradients enabled, `model.zero_grad()` or `zero_grad()` of a torch
+    optimizer over its parameters: each is refused before it touches a gradient. A training loop in
+    another cell that got as far as the run's gradients raced the run's backward: autograd's
+    "modified by an inplace operation" error, and sometimes a segmentation fault in `zero_grad` that
+    killed the kernel. Forwards under `no_grad`/`inference_mode` are not refused (they touch no gradient).
+    The calling thread (the run's) is never refused.
+    """
+    guard = _GradientGuard(model, refuse)
+
+    def forward_pre_hook(module: nn.Module, args: Any) -> None:
+        # `module is model`: nn.DataParallel's replicas carry the hook too and run on its own threads
+        if module is model and torch.is_grad_enabled():
+            guard.check("a forward pass with gradients")
+
+    guard._hook = model.register_forward_pre_hook(forward_pre_hook)
+    _patch_zero_grad()
+    with _guards_lock:
+        _guards.append(guard)
+    return guard
+
+
+def _patch_zero_grad() -> None:
+    "Wrap `Optimizer.zero_grad` and `Module.zero_grad` once: with no run live, the wrappers only read an empty list."
+    global _patched
+    with _guards_lock:
+        if _patched:
+            return
+        _patched = True
+    opt_zero, module_zero = torch.optim.Optimizer.zero_grad, nn.Module.zero_grad
+
+    @functools.wraps(opt_zero)
+    def optimizer_zero_grad(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if _guards:
+            ids = {id(p) for group in self.param_groups for p in group["params"]}
+            for guard in list(_guards):
+                if not ids.isdisjoint(guard.ids):
+                    guard.check("optimizer.zero_grad()")
+        return opt_zero(self, *args, **kwargs)
+
+    @functools.wraps(module_zero)
+    def module_zero_grad(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if _guards:
+            for guard in list(_guards):
+                if self is guard.model or not guard.ids.isdisjoint(id(p) for p in self.parameters()):
+                    guard.check("model.zero_grad()")
+        return module_zero(self, *args, **kwargs)
+
+    torch.optim.Optimizer.zero_grad = optimizer_zero_grad
+    nn.Module.zero_grad = module_zero_grad

@@ -24,8 +24,8 @@ from gns_widget.datasets import bikeshare, digits_loaders
 from gns_widget.guard import FinderBusyError, active_run
 from gns_widget.loaders import current_batch_size
 from gns_widget.result import GNSRecord
-from gns_widget.widget import panel, runner
-from gns_widget.widget.charts import CHARTS, log_ticks, nice_ticks
+from gns_widget.widget import controller, runner, texts, view
+from gns_widget.widget.charts import CHARTS, Y_FORMAT, GNSCharts, log_ticks, nice_ticks
 from gns_widget.widget.runner import ThrottledListener
 
 # lr=0 measures at fixed weights: fast, deterministic and reliable on digits (noise scale ~80 → bs 64)
@@ -75,7 +75,7 @@ def same_weights(model: nn.Module, before: dict) -> bool:
 def test_construct_shows_controls_and_idle(train_dl):
     w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), n_batch=15, beta=0.999, num_it=300)
     assert (w.n_batch_slider.value, w.beta_slider.value, w.num_it_text.value) == (15, 0.999, 300)
-    assert (w.n_batch_slider.min, w.n_batch_slider.max) == panel.N_BATCH_RANGE == (2, 100)
+    assert (w.n_batch_slider.min, w.n_batch_slider.max) == view.N_BATCH_RANGE == (2, 100)
     assert {0.9, 0.99, 0.999, 0.9999} <= set(w.beta_slider.options)
     assert "idle" in w.status.value and "32" in w.bs_label.value
     assert w.apply_button.disabled and w.stop_button.disabled and not w.start_button.disabled
@@ -140,7 +140,8 @@ def test_finished_run_fills_charts_progress_status_and_result(finished):
         np.testing.assert_allclose(line.x, h.iteration[keep])
         np.testing.assert_allclose(line.y, h[name][keep])
     assert list(w.charts.suggestion_line.y) == [64, 64]
-    assert f"noise scale: {res.interval} (suggested bs 64)" == w.charts.figures[2].title  # '78 (72–85)'
+    assert w.charts.figures[2].title == "noise scale, in examples"  # short and plain: never clipped
+    assert f"now: {res.interval} (90% interval) · suggested batch size 64" in w.charts.captions["noise_scale"].value
     lo, hi = res.noise_scale_interval
     assert 0 < lo < res.noise_scale < hi < math.inf
     np.testing.assert_allclose(w.charts.band.y, [[lo, lo], [hi, hi]])
@@ -148,11 +149,11 @@ def test_finished_run_fills_charts_progress_status_and_result(finished):
     assert w.progress.value == w.progress.max == QUICK["num_it"]
     assert w.progress_label.value.startswith(f"finished at iteration {QUICK['num_it']}/{QUICK['num_it']}")
     assert "left" not in w.progress_label.value  # no ETA once the run is over
-    assert "status: finished" in w.status.value and "success-color" in w.status.value
+    assert "status: finished" in w.status.value and "gns-c-finished" in w.status.value
     assert f"noise scale</b>: {res.interval} examples (90% interval" in w.result_box.value
     assert "suggested batch size</b>: 64" in w.result_box.value
     advice = res.advice(rule="sgd")  # lr=0: no lr to scale, a factor only
-    assert advice.batch_size == 64 and html.escape(advice.text) in w.result_box.value
+    assert advice.batch_size == 64 and html.escape(texts.plain(advice.text)) in w.result_box.value
     assert "measured at batch size 32" in w.result_box.value  # not "(now 32)", which Apply would make stale
     assert "SGD-like optimizer" in w.result_box.value  # plain module, no opt: bs_find trains with SGD
     # the trade-off row for the suggested size: steps 1 + B_noise/B, examples 1 + B/B_noise
@@ -194,7 +195,7 @@ def _record(it: int, value: float, elapsed: float, total: int = 100) -> GNSRecor
 
 def test_charts_before_a_run_and_with_a_single_estimate():
     "No '0 0 1 1' ticks before data; one estimate is drawn as a dot on a non-degenerate axis, not a blank chart."
-    charts = panel.GNSCharts()
+    charts = GNSCharts()
     assert all(list(ax.tick_values) == [] for fig in charts.figures for ax in fig.axes)
     charts.show([_record(10, 80.0, 0.5)])
     for name, fig in zip(charts.lines, charts.figures):
@@ -216,20 +217,32 @@ def test_layout_wraps_and_explains_every_control_and_chart(finished):
 
 
 def test_status_colours_follow_the_jupyterlab_theme(train_dl):
-    "Item 11: every status colour is a JupyterLab theme variable, so the dark theme keeps it readable."
+    "Item 11: every status colour is a class the panel's style colours for the light and the dark theme."
     w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
     for kind in ("idle", "running", "finished", "error", "warn"):
         w._set_status("x", kind)
-        assert "color:var(--jp-" in w.status.value
+        assert f'class="gns-c-{kind}"' in w.status.value
+        if kind != "idle":  # idle is the theme's own text colour
+            light, dark = texts.COLORS["light"][kind], texts.COLORS["dark"][kind]
+            assert f".gns-c-{kind}{{color:{light}}}" in w.style_html.value
+            assert f'body[data-jp-theme-light="false"] .gns-widget .gns-c-{kind}{{color:{dark}}}' in w.style_html.value
+
+
+def test_every_status_colour_has_aa_contrast_in_both_themes():
+    "Issue 19 item 5: the light theme's orange was 2.7:1 and its green 4.1:1; WCAG AA asks 4.5:1."
+    ratios = {(theme, kind, bg): texts.contrast(color, bg) for theme, colors in texts.COLORS.items()
+              for kind, color in colors.items() for bg in texts.BACKGROUNDS[theme]}
+    assert min(ratios.values()) >= 4.5, min(ratios.items(), key=lambda kv: kv[1])
+    assert texts.contrast("#f57c00", "#ffffff") < 4.5 and texts.contrast("#388e3c", "#ffffff") < 4.5  # the old ones
 
 
 def test_eta_uses_the_average_rate_after_start_up():
     "Item 13: a slow first estimate (start-up) does not inflate the ETA: 5 s to start, then 0.01 s per iteration."
-    assert math.isnan(panel.eta_seconds([_record(10, 1, 5.0, 1000)]))  # one estimate: no rate yet
+    assert math.isnan(texts.eta_seconds([_record(10, 1, 5.0, 1000)]))  # one estimate: no rate yet
     records = [_record(10 * k, 1, 5.0 + 0.1 * (k - 1), 1000) for k in range(1, 21)]
     for n in range(2, 21):
-        assert panel.eta_seconds(records[:n]) == pytest.approx(0.01 * (1000 - 10 * n))
-    assert panel._duration(9.84) == "9.8 s" and panel._duration(75) == "1 min 15 s"
+        assert texts.eta_seconds(records[:n]) == pytest.approx(0.01 * (1000 - 10 * n))
+    assert texts.duration(9.84) == "9.8 s" and texts.duration(75) == "1 min 15 s"
 
 
 def test_apply_rebuilds_torch_loader_and_says_which_object_to_use(finished):
@@ -275,7 +288,7 @@ def test_buttons_start_stop_and_apply_refused_while_running(train_dl):
     w.start_button.click()
     assert w.running and "running" in w.status.value and w.apply_button.disabled
     assert wait_for(lambda: w.progress.value > 0)
-    assert w.apply() is None and "cannot apply while running" in w.status.value
+    assert w.apply() is train_dl and "cannot apply while running" in w.status.value  # `train_dl = w.apply()` is safe
     w.n_batch_slider.value = 20
     assert "next run" in w.note_label.value
     w.stop_button.click()
@@ -320,7 +333,7 @@ def test_finished_without_suggestion_is_not_shown_as_success(train_dl, monkeypat
     w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
     w.start()
     assert w.wait(timeout=60) is not None
-    assert "finished without a suggestion" in w.status.value and "warn-color" in w.status.value
+    assert "finished without a suggestion" in w.status.value and "gns-c-warn" in w.status.value
     assert "no suggestion</b>: still moving" in w.result_box.value and w.apply_button.disabled
 
 
@@ -470,6 +483,7 @@ def test_exception_in_run_shows_in_status_and_restores_weights(train_dl):
     assert "error: ValueError: this loss is broken" in w.status.value
     assert isinstance(w.error, ValueError) and same_weights(model, before)
     assert w.apply_button.disabled and not w.start_button.disabled
+    assert w.apply_button.tooltip == "nothing to apply: the run failed (the status line says why)"
     w.apply_button.click()  # disabled in the browser; programmatically it is refused with a message
     assert "no reliable suggestion to apply" in w.status.value
 
@@ -504,9 +518,11 @@ def test_listener_throttles_and_keeps_every_record():
 
 
 def test_optimizer_rule():
-    assert panel.optimizer_rule(mlp())[0] == "sgd"
-    assert panel.optimizer_rule(mlp(), torch.optim.AdamW)[0] == "adam"
-    assert panel.optimizer_rule(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1))[0] == "sgd"
+    "The panel reads the rule the core detects (advice.detect_rule); none given: the square root, as advice() does."
+    assert controller.optimizer_rule(mlp())[0] == "momentum"
+    assert controller.optimizer_rule(mlp(), torch.optim.AdamW)[0] == "adam"
+    assert controller.optimizer_rule(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1))[0] == "sgd"
+    assert controller.optimizer_rule(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1, momentum=0.9))[0] == "momentum"
 
 
 def test_fastai_learner_widget_applies_in_place():
@@ -525,12 +541,13 @@ def test_fastai_learner_widget_applies_in_place():
     w.start()
     res = w.wait(timeout=120)
     assert res is not None and res.reliable, w.status.value
-    assert "square root of the batch-size ratio (Adam-like optimizer Adam)" in w.result_box.value
+    assert "square root of the batch-size ratio, as for Adam-like optimizers" in w.result_box.value
+    assert "optimizer: Adam" in w.result_box.value
     assert same_weights(learn.model, before)
     advice = w.advice()
     assert advice.batch_size == res.suggested_bs and advice.lr == pytest.approx(1e-3 * advice.lr_factor)
     assert advice.lr != pytest.approx(learn.lr)  # else the lr checks below could not fail
-    assert html.escape(res.advice(lr=learn.lr, rule="adam").text) in w.result_box.value  # the learner's lr, scaled
+    assert html.escape(texts.plain(res.advice(lr=learn.lr, rule="adam").text)) in w.result_box.value  # learn.lr
     assert w.apply_lr_box in w.children[2].children and not w.apply_lr_box.value  # off by default
     assert w.apply() is dls
     assert dls.train.bs == res.suggested_bs and learn.lr == 1e-3
@@ -588,7 +605,7 @@ def test_apply_replans_accumulation_for_a_capped_advice(train_dl, monkeypatch):
     assert (res.memory_plan.batch_size, res.memory_plan.accumulation_steps) == (10, 13)
     advice = w.advice()
     assert (advice.batch_size, advice.micro_batch_size, advice.accumulation_steps) == (64, 10, 7)
-    assert "accumulation 13 (effective 130) (for the raw suggestion: the advice below plans" in w.result_box.value
+    assert "accumulation 13 (effective 130) (for the raw suggestion: the advice plans" in w.result_box.value
     assert current_batch_size(w.apply()) == 10
     assert "train batch size 32 → 10, with gradient accumulation 7" in w.status.value
 
@@ -602,24 +619,24 @@ def test_apply_is_disabled_with_the_reason_when_the_advice_keeps_the_batch_size(
     w.start()
     assert w.wait(60).reliable
     assert w.apply_button.disabled and "the test says so" in w.apply_button.tooltip
-    assert w.apply() is None and "no batch size to apply: keep batch size 32: the test says so" in w.status.value
+    assert w.apply() is w.train_dl and "no batch size to apply: keep batch size 32: the test says so" in w.status.value
     assert current_batch_size(w.train_dl) == 32
 
 
 def test_interval_band_is_clipped_to_the_axis():
     from gns_widget.interval import Interval
 
-    charts = panel.GNSCharts()
+    charts = GNSCharts()
     records = [_record(10 * k, 80.0 + k, 0.1 * k) for k in range(1, 6)]
     charts.show(records, 64, Interval(85.0, 70.0, 95.0))
     assert list(charts.band.x) == [0, 100]
     np.testing.assert_allclose(charts.band.y, [[70, 70], [95, 95]])
-    assert charts.figures[2].title == "noise scale: 85 (70–95) (suggested bs 64)"
+    assert "now: 85 (70–95) (90% interval) · suggested batch size 64" in charts.captions["noise_scale"].value
     y = charts.figures[2].axes[1].scale
     assert y.min <= 64 and y.max >= 95
     charts.show(records, None, Interval(85.0, 0.0, math.inf))  # |G|² may be zero: open above, log axis has no 0
     np.testing.assert_allclose(charts.band.y, [[y.min, y.min], [y.max, y.max]])
-    assert "85 (0–∞)" in charts.figures[2].title
+    assert "85 (0–∞)" in charts.captions["noise_scale"].value
     charts.show(records)  # during a run: no band yet
     assert len(charts.band.x) == 0
 
@@ -670,7 +687,7 @@ def test_auto_run_stops_early_and_the_progress_says_so(train_dl, monkeypatch):
 def test_beta_slider_starts_on_auto_and_passes_none(train_dl):
     "'auto' lets bs_find pick beta from the lr (1 at lr=0, 0.99 while training); a number is passed as is."
     w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss())
-    assert w.beta_slider.value == panel.AUTO_BETA and w.settings()["beta"] is None
+    assert w.beta_slider.value == view.AUTO_BETA and w.settings()["beta"] is None
     assert 1.0 in w.beta_slider.options
     w.beta_slider.value = 0.999
     assert w.settings()["beta"] == 0.999
@@ -691,7 +708,7 @@ def test_epochs_box_gives_the_advice_an_epoch_budget(train_dl):
     w.epochs_text.value = 4
     assert html.escape(f"epochs 4 → {w.advice().epochs}") in w.result_box.value and "epochs 8" not in w.result_box.value
     w.epochs_text.value = 0  # not given: a factor, no number
-    assert w.advice().epochs is None and "pass epochs=" in w.result_box.value
+    assert w.advice().epochs is None and "type your epochs in" in w.result_box.value
 
 
 def test_a_measurement_warning_is_given_when_the_panel_is_built_not_again_on_start(train_dl):
@@ -706,3 +723,149 @@ def test_a_measurement_warning_is_given_when_the_panel_is_built_not_again_on_sta
     assert not [c for c in caught if "does not shuffle" in str(c.message)]
     with pytest.warns(UserWarning, match="does not shuffle"):  # another loader is told anew
         GNSWidget(mlp(), DataLoader(train_dl.dataset, batch_size=16), nn.CrossEntropyLoss(), **QUICK)
+
+
+# ---------------------------------------------------------------- the result area and wording (issue 19)
+def _advice_of_kind(kind: str, bs: int = 32, new: int = 64):
+    from gns_widget.advice import BatchAdvice
+
+    headline = {"grow": f"Train with batch size {new} · lr 0.0037 · 7 epochs", "keep": f"Keep batch size {bs}: "
+                "a different batch size would not train faster here", "uncertain": "Not sure yet: run longer (auto)"}
+    return BatchAdvice(new if kind == "grow" else bs if kind == "keep" else None, None, None, f"{kind} text", bs,
+                       "85 (78–94)", kind=kind, micro_batch_size=new if kind == "grow" else bs,
+                       headline=headline[kind])
+
+
+@pytest.mark.parametrize("kind, colour, can_apply", [("grow", "finished", True), ("keep", "idle", False),
+                                                      ("uncertain", "warn", False)])
+def test_one_headline_coloured_by_kind_and_details_collapsed(train_dl, monkeypatch, kind, colour, can_apply):
+    "Item 1/2: the advice's headline, big, at the top of the result; keep is a normal outcome, never red."
+    advice = _advice_of_kind(kind)
+    _patched_run(monkeypatch, lambda res: setattr(res, "advice", lambda *a, **k: advice))
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
+    assert w.details.layout.display == "none" and w.headline.value == ""  # nothing to show before a run
+    w.start()
+    w.wait(60)
+    assert html.escape(advice.headline) in w.headline.value and f"gns-c-{colour}" in w.headline.value
+    assert "gns-c-error" not in w.headline.value + w.status.value
+    children = list(w.children)
+    assert children.index(w.headline) + 1 == children.index(w.details) < children.index(w.charts)
+    assert w.details.selected_index is None and w.details.layout.display is None  # shown, collapsed
+    assert w.details.children == (w.result_box,) and "how it was measured" in w.result_box.value
+    assert w.apply_button.disabled == (not can_apply)
+    tip = w.apply_button.tooltip
+    assert tip.startswith("nothing to apply") != can_apply
+    if kind == "keep":
+        assert "measured at batch size 32, the size the advice keeps" in tip and "status: finished" in w.status.value
+    if can_apply:
+        w.apply()
+        assert w.apply_button.tooltip.startswith("applied: the train loader's batch size is 64")
+
+
+def test_apply_returns_the_loader_unchanged_when_there_is_nothing_to_apply(train_dl):
+    "Issue 19 item 1: `train_dl = w.apply()` before any run kept nothing (None); it gets the loader back."
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
+    assert w.apply() is train_dl and "no finished run yet" in w.status.value and "gns-c-idle" in w.status.value
+
+
+def test_a_run_stopped_before_its_first_estimate_says_so(train_dl):
+    "Item 8: not 'stopped after 0 iterations; model restored (partial result)'."
+    def slow_loss(out, y):  # 50 ms a batch: the first estimate (10 batches) is half a second away
+        threading.Event().wait(0.05)
+        return nn.functional.cross_entropy(out, y)
+
+    w = GNSWidget(mlp(), train_dl, slow_loss, **LONG)
+    w.start()
+    w.stop()
+    w.wait(30)
+    assert not w._listener.records
+    assert "stopped before the first estimate; model restored" in w.status.value and "partial" not in w.status.value
+    assert texts.end_status(w.result, None, None, 0, None)[0] == "stopped before the first estimate; model restored"
+
+
+def test_texts_are_plain():
+    "Item 8: no formula or code-speak in the headline, titles or reasons the panel shows."
+    assert [spec[1] for spec in CHARTS] == ["gradient noise", "gradient signal", "noise scale, in examples"]
+    assert "tr(Σ)" in CHARTS[0][4] and "|G|²" in CHARTS[1][4]  # formulas in the captions
+    assert texts.plain("no suggestion: |G|² is not distinguishable from its noise") == \
+        "no suggestion: the gradient signal is still lost in its noise"
+    assert "rounding line" not in texts.plain("bs 64; 64 as the interval reaches below the rounding line 90.5")
+    assert "pass" not in texts.plain("train ×1.3 the epochs (the paper's trade-off; pass epochs= for a number)")
+    assert "pass lr=" not in texts.plain("lr 0.1 (the finder run's lr: pass lr= the one you train with) → 0.2")
+    assert "widen" not in texts.auto_end(type("A", (), {"widened_to": 40, "interval": None, "saturated": False,
+                                                         "max_it": 100, "rel_halfwidth": 0.1})())
+
+
+def test_one_tick_format_on_every_y_axis():
+    "Item 3: '5e+3, 1e+4' on one chart against '1,000' on another; the title clears the top tick."
+    charts = GNSCharts()
+    assert {fig.axes[1].tick_format for fig in charts.figures} == {Y_FORMAT}
+    assert all(fig.fig_margin["top"] >= 44 for fig in charts.figures)
+
+
+def test_tradeoff_sizes_are_consecutive_and_fit_the_dataset():
+    "Item 9: 1,438 examples listed sizes up to 32,768, and without a suggestion 128 and 256 were skipped."
+    assert texts.tradeoff_sizes(32, 64, 1438) == [8, 16, 32, 64, 128]  # ≥ 10 steps an epoch: at most 143
+    assert texts.tradeoff_sizes(32, 512, 10**6) == [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert texts.tradeoff_sizes(32, 1024, 300) == [8, 16, 32]  # the run's own size stays
+    assert texts.tradeoff_sizes(48, 64, None) == [8, 16, 32, 48, 64, 128, 256]
+
+
+def test_your_lr_is_what_the_advice_scales_for_a_torch_model(train_dl):
+    "Item 10: a plain torch model had no way to enter the lr it trains with; the advice used the run's."
+    with pytest.raises(ValueError, match="lr must be"):
+        GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), train_lr=-1.0)
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), train_lr=0.05, **QUICK)
+    assert w.train_lr_text.value == 0.05 and w.train_lr_text.tooltip == texts.HELP["train_lr"]
+    assert any(w.train_lr_text in box.children for box in w.children[0].children)
+    w.start()
+    res = w.wait(60)
+    assert w.advice().lr == pytest.approx(0.05 * w.advice().lr_factor)
+    w.train_lr_text.value = 0.2  # re-words the advice at once
+    assert w.advice().lr == pytest.approx(0.2 * res.advice(lr=0.2).lr_factor)
+    assert "0.2 →" in w.result_box.value
+    w.train_lr_text.value = -1.0
+    assert "your lr must be" in w.error_label.value and w.start_button.disabled
+
+
+def test_kernel_interrupt_stops_a_run_started_with_the_button(train_dl, monkeypatch):
+    """Item 6: ■ on an idle kernel (a run started from Start) was ignored (ipykernel ignores SIGINT between
+    cells) and the run went on. The handler the kernel puts back after the click now stops it."""
+    import signal as sig
+
+    from gns_widget.widget import interrupt
+
+    class Kernel:  # what ipykernel's pre_handler_hook leaves while it handles the click
+        saved_sigint_handler = sig.SIG_IGN
+
+    kernel = Kernel()
+    monkeypatch.setattr(interrupt, "_kernel", lambda: kernel)
+    model = mlp()
+    before = snapshot(model)
+    w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), **LONG)
+    w.start_button.click()
+    assert isinstance(kernel.saved_sigint_handler, interrupt._StopRuns)
+    assert wait_for(lambda: w.progress.value > 0)
+    old = sig.signal(sig.SIGINT, kernel.saved_sigint_handler)  # the kernel's post_handler_hook, then idle
+    try:
+        os.kill(os.getpid(), sig.SIGINT)
+        assert wait_for(lambda: not w.running)
+    finally:
+        sig.signal(sig.SIGINT, old)
+    assert "interrupted (kernel interrupt) after" in w.status.value and same_weights(model, before)
+    w.start_button.click()  # a second run wraps the handler once, not twice
+    assert isinstance(kernel.saved_sigint_handler, interrupt._StopRuns)
+    assert not isinstance(kernel.saved_sigint_handler.previous, interrupt._StopRuns)
+    w.stop()
+    w.wait(30)
+
+
+def test_apply_tooltip_says_what_apply_will_do():
+    "Item 10: the tooltip said 'train with the advised batch size from now on' before and after Apply alike."
+    grow = _advice_of_kind("grow")
+    grow = type(grow)(**{**grow.__dict__, "lr": 0.0037})
+    assert texts.apply_tooltip(grow) == f"{texts.APPLY_TIP}: batch size 32 → 64"  # a torch model
+    assert "tick 'also set learn.lr'" in texts.apply_tooltip(grow, lr_too=False)
+    assert texts.apply_tooltip(grow, lr_too=True).endswith(", and learn.lr → 0.0037")
+    assert texts.apply_tooltip(None).startswith("nothing to apply yet")
+    assert texts.apply_tooltip(grow, texts.Applied(32, 64, True, "w")).startswith("applied:")

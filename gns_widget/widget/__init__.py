@@ -1,5 +1,5 @@
 """The Jupyter panel: `GNSWidget`, and `Learner.bs_find_widget` for fastai."""
+from .controller import GNSWidget
 from .fastai import bs_find_widget
-from .panel import GNSWidget
 
 __all__ = ["GNSWidget", "bs_find_widget"]

@@ -1,4 +1,7 @@
-"""The three live bqplot charts: gradient noise tr(Σ), gradient signal |G|² and the noise scale, per iteration.
+"""The three live bqplot charts: gradient noise, gradient signal and the noise scale, per iteration.
+
+Titles are plain and short, so they fit the narrowest chart (240 px); the latest value and the
+formula are in the caption under each chart, which wraps. Every y axis uses one tick format.
 
 Noise and signal can be negative early in a run (they are differences of noisy estimates),
 so their y axes are linear. The noise scale spans orders of magnitude, so its axis is
@@ -16,6 +19,7 @@ The noise-scale chart shades the result's 90% interval as a band; an interval un
 """
 from __future__ import annotations
 
+import html
 import math
 
 import bqplot as bq
@@ -27,16 +31,17 @@ from ..result import GNSRecord
 
 __all__ = ["GNSCharts", "CHARTS", "nice_ticks", "log_ticks"]
 
-# (record field, title, y-axis label, log y, one plain line under the chart)
+# (record field, title, y-axis label, log y, one plain line under the chart, with its formula)
 CHARTS = (
-    ("noise", "gradient noise tr(Σ)", "variance per example", False,
-     "How much the gradients of single examples disagree (their variance, summed over all weights)."),
-    ("scale", "gradient signal |G|²", "squared gradient", False,
-     "How strong the true gradient is: the squared length of the average gradient."),
-    ("noise_scale", "noise scale", "batch size (examples)", True,
-     "Noise ÷ signal: bigger batches than this barely cut the steps needed. Dashed: the suggested batch "
-     "size; shaded: the 90% interval of the final value."),
+    ("noise", "gradient noise", "variance per example", False,
+     "How much the gradients of single examples disagree: their variance summed over all weights, tr(Σ)."),
+    ("scale", "gradient signal", "squared gradient", False,
+     "How strong the true gradient is: the squared length of the average gradient, |G|²."),
+    ("noise_scale", "noise scale, in examples", "batch size (examples)", True,
+     "Noise ÷ signal, B_noise = tr(Σ)/|G|²: bigger batches than this barely cut the steps needed. Dashed: the "
+     "suggested batch size; shaded: the 90% interval of the final value."),
 )
+Y_FORMAT = ",.3~g"  # one format on every y axis: 0.0012, 5,000, 10,000, 1.5e-7 (d3-format)
 _LINE, _SUGGESTION = "#1f77b4", "#ff7f0e"  # readable on light and dark backgrounds
 
 
@@ -87,15 +92,16 @@ def _figure(name: str, title: str, ylabel: str, log: bool, help_text: str):
     hidden = {"display": "none"}  # no tick labels until there is data (see GNSCharts._axes)
     axes = [bq.Axis(scale=x, label="iteration (small batches)", side="bottom", tick_values=[], tick_format="~s",
                     tick_style=hidden),
-            bq.Axis(scale=y, label=ylabel, side="left", tick_values=[], tick_format=",~g" if log else ".3~g",
+            bq.Axis(scale=y, label=ylabel, side="left", tick_values=[], tick_format=Y_FORMAT,
                     label_offset="42px", tick_style=hidden)]
+    # the top margin keeps the title clear of the top y tick label
     fig = bq.Figure(marks=marks, axes=axes, title=title, animation_duration=0, display_toolbar=False,
-                    padding_x=0.0, padding_y=0.0, fig_margin={"top": 36, "bottom": 42, "left": 60, "right": 24},
+                    title_style={"font-size": "14px"},
+                    padding_x=0.0, padding_y=0.0, fig_margin={"top": 44, "bottom": 42, "left": 60, "right": 24},
                     layout=ipw.Layout(width="auto", min_width="200px", height="240px"))
     fig.add_class("gns-chart")
     fig.add_class(f"gns-chart-{name.replace('_', '-')}")
-    caption = ipw.HTML(f'<span style="display:block;line-height:1.35;font-size:var(--jp-ui-font-size0, 11px);'
-                       f'color:var(--jp-ui-font-color2, #616161)">{help_text}</span>')
+    caption = ipw.HTML(_caption("", help_text))
     caption.add_class("gns-help")
     box = ipw.VBox([fig, caption], layout=ipw.Layout(flex="1 1 260px", min_width="240px", max_width="440px",
                                                      overflow="hidden"))
@@ -104,7 +110,14 @@ def _figure(name: str, title: str, ylabel: str, log: bool, help_text: str):
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.4g}" if math.isfinite(v) else "–"
+    return f"{v:,.4g}" if math.isfinite(v) else "–"
+
+
+def _caption(value: str, help_text: str) -> str:
+    "The latest value (bold, wraps) over the chart's plain explanation."
+    now = f'<b style="color:var(--jp-ui-font-color1, inherit)">{html.escape(value)}</b><br>' if value else ""
+    return (f'<span style="display:block;line-height:1.35;font-size:var(--jp-ui-font-size0, 11px);'
+            f'color:var(--jp-ui-font-color2, #616161)">{now}{html.escape(help_text)}</span>')
 
 
 class GNSCharts(ipw.HBox):
@@ -113,6 +126,7 @@ class GNSCharts(ipw.HBox):
     def __init__(self):
         built = [_figure(*spec) for spec in CHARTS]
         self.figures = [fig for _, fig, _, _, _ in built]
+        self.captions = {spec[0]: box.children[1] for spec, (box, *_) in zip(CHARTS, built)}
         self.lines = {spec[0]: line for spec, (_, _, line, _, _) in zip(CHARTS, built)}
         self.suggestion_line, self.band = built[-1][3], built[-1][4]
         super().__init__([box for box, *_ in built], layout=ipw.Layout(flex_flow="row wrap", width="100%"))
@@ -122,11 +136,12 @@ class GNSCharts(ipw.HBox):
              interval: Interval | None = None) -> None:
         """Draw `records` (the whole history so far), the suggestion line and the interval band, if any.
 
-        [] resets the charts. With an `interval`, the noise-scale title shows it as '91 (80–104)'.
+        [] resets the charts. The caption under each chart shows the latest value ('now: 91 (80–104)' with
+        an `interval`, and the suggestion).
         """
         it = np.array([r.iteration for r in records], dtype=float)
         total = records[-1].total if records else 0
-        for (name, title, _label, log, _help), fig in zip(CHARTS, self.figures):
+        for (name, _title, _label, log, help_text), fig in zip(CHARTS, self.figures):
             y = np.array([getattr(r, name) for r in records], dtype=float)
             keep = np.isfinite(y) & (y > 0) if log else np.isfinite(y)
             line = self.lines[name]
@@ -137,11 +152,14 @@ class GNSCharts(ipw.HBox):
             if log and interval is not None:
                 extra += [v for v in (interval.lo, interval.hi) if 0 < v < math.inf]
             self._axes(fig, total, list(y[keep]) + extra, log)
-            value = f": {_fmt(y[-1])}" if len(y) else ""
+            value = f"now: {_fmt(y[-1])}" if len(y) else ""
             if log and interval is not None:
-                value = f": {interval}"
-            bs = f" (suggested bs {suggested_bs})" if log and suggested_bs is not None else ""
-            fig.title = f"{title}{value}{bs}"
+                value = f"now: {interval} (90% interval)"
+            if log and suggested_bs is not None:
+                value += f" · suggested batch size {suggested_bs}"
+            caption = _caption(value, help_text)
+            if self.captions[name].value != caption:
+                self.captions[name].value = caption
         with self.suggestion_line.hold_sync():
             if suggested_bs is not None and total:
                 self.suggestion_line.x, self.suggestion_line.y = [0, total], [suggested_bs, suggested_bs]

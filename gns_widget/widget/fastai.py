@@ -6,7 +6,7 @@ from typing import Any
 from fastai.learner import Learner
 from fastcore.basics import patch
 
-from .panel import GNSWidget
+from .controller import GNSWidget
 
 __all__ = ["bs_find_widget"]
 

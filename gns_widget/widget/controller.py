@@ -9,13 +9,16 @@ One run per model: a panel built for a model whose run belongs to another panel 
 cell re-run during a run) stops that run and waits until its model is restored; any other
 run on the model (`bs_find` in a thread) makes Start refuse with the guard's error.
 
-The result shows `GNSResult.advice()` (batch size, lr, epochs, with the noise scale's interval),
-and Apply applies the advice's batch size, not the raw suggestion, which ignores the dataset size.
+The result area shows the advice's one-line headline (`BatchAdvice.headline`, coloured by its kind)
+with the details collapsed under it; Apply is enabled only when the advice changes the batch size,
+and applies the advice's batch size, not the raw suggestion, which ignores the dataset size.
+
+This module is the controller: the layout is `view.PanelView`, every text is a pure function in
+`texts`, and the kernel's interrupt reaches a run started from the button through `interrupt`.
 """
 from __future__ import annotations
 
 import functools
-import html
 import math
 import threading
 from collections.abc import Callable
@@ -25,7 +28,7 @@ import ipywidgets as ipw
 import torch
 from torch import nn
 
-from ..advice import BatchAdvice, check_epochs, check_lr, format_lr
+from ..advice import BatchAdvice, check_epochs, check_lr, detect_rule, format_lr
 from ..ddp import is_distributed
 from ..engine import METHODS
 from ..estimator import NoiseScaleEstimator
@@ -37,42 +40,26 @@ from ..result import GNSRecord, GNSResult
 from ..suggest import MIN_ESTIMATES
 from ..targets import as_target
 from ..targets.base import loader_len
-from .charts import GNSCharts
+from . import texts
+from .interrupt import stop_on_kernel_interrupt
 from .runner import Runner, ThrottledListener, runner_of
+from .texts import HELP, Applied, LrApplied, Shown
+from .view import AUTO_BETA, BETAS, N_BATCH_RANGE, PanelView
 
-__all__ = ["GNSWidget", "BETAS", "AUTO_BETA", "N_BATCH_RANGE", "optimizer_rule", "eta_seconds"]
-
-BETAS = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
-AUTO_BETA = "auto"  # the beta slider's first stop: bs_find(beta=None), chosen from the lr
-N_BATCH_RANGE = (2, 100)  # the n_batch slider's range
-_ADAM_LIKE = ("adam", "lamb", "ranger", "lion", "adafactor", "rmsprop")
-# JupyterLab's theme variables (light and dark), with fallbacks for other frontends
-_COLORS = {"error": "var(--jp-error-color1, #c62828)", "finished": "var(--jp-success-color1, #2e7d32)",
-           "running": "var(--jp-brand-color1, #1565c0)", "warn": "var(--jp-warn-color1, #e65100)",
-           "idle": "var(--jp-ui-font-color1, inherit)"}
-_APPLY_TIP = "train with the advised batch size from now on (the advice's text says why it may differ)"
-_HELP = {  # one plain line per control: shown under it and as its tooltip
-    "n_batch": "small batches averaged into one noise estimate: more is steadier but gives fewer estimates",
-    "beta": "smoothing of the curves: 0.99 averages about the last 100 estimates, 1 all of them equally; "
-            "auto is 1 at lr 0 (the weights do not move) and 0.99 while training",
-    "num_it": "small batches the trial run trains on (0 = one epoch); your model is restored afterwards",
-    "auto": "run until the noise scale's 90% interval is narrow enough, up to a cap, instead of a fixed num_it",
-    "apply_lr": "Apply also sets learn.lr, which fit and fit_one_cycle use when called without an lr",
-    "lr": "learning rate of the trial run; 0 measures at the current weights without training",
-    "epochs": "the epochs you train for at your batch size (0: not given); the advice scales them to the new one",
-}
+__all__ = ["GNSWidget", "BETAS", "AUTO_BETA", "N_BATCH_RANGE", "optimizer_rule"]
 
 
 def optimizer_rule(target: Any, opt: Any = None) -> tuple[str, str]:
-    "('adam' or 'sgd', the optimizer's name): how to scale the lr, from the optimizer that will train."
+    """(the lr rule, the optimizer's name), from the optimizer that will train: `advice.detect_rule`'s rule, or
+    "momentum" (the square root, what `GNSResult.advice` uses) when the panel was given none."""
     if opt is None and _is_learner(target):
         opt = target.opt_func
     if opt is None:
-        return "sgd", "SGD (bs_find's default)"
+        return "momentum", "not given (the run uses SGD)"
     name = getattr(opt, "__name__", None) or type(opt).__name__
     if isinstance(opt, functools.partial):
         name = getattr(opt.func, "__name__", name)
-    return ("adam" if any(k in name.lower() for k in _ADAM_LIKE) else "sgd"), name
+    return detect_rule(opt) or "momentum", name
 
 
 def _is_learner(obj: Any) -> bool:
@@ -96,30 +83,6 @@ def _guarded(handler: Callable) -> Callable:
     return wrapper
 
 
-def _duration(seconds: float) -> str:
-    "Tenths under 10 s, whole seconds under a minute, then minutes and seconds (an ETA is no more precise)."
-    if not math.isfinite(seconds):
-        return "–"
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    seconds = round(seconds)
-    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
-
-
-def eta_seconds(records: list[GNSRecord]) -> float:
-    """Seconds left, at the average rate since the first estimate (NaN until there are two).
-
-    The first estimate carries the run's start-up (first batches, optimizer creation), so
-    measuring from it instead of from zero keeps the ETA from starting minutes too high, and
-    the average over the whole run keeps it from jumping with each refresh.
-    """
-    if len(records) < 2 or records[-1].iteration <= records[0].iteration:
-        return math.nan
-    first, last = records[0], records[-1]
-    rate = (last.elapsed - first.elapsed) / (last.iteration - first.iteration)
-    return rate * (last.total - last.iteration)
-
-
 def _names_of(obj: Any) -> list[str]:
     "The notebook variables bound to `obj` (to write a line the user can copy), if running under IPython."
     try:
@@ -132,7 +95,7 @@ def _names_of(obj: Any) -> list[str]:
     return [k for k, v in list(shell.user_ns.items()) if v is obj and not k.startswith("_")]
 
 
-class GNSWidget(ipw.VBox):
+class GNSWidget(PanelView):
     """Measure the gradient noise scale of a model live and apply the suggested batch size.
 
     `target`, `train_dl`, `loss_func` and the keyword arguments are those of `bs_find`, checked
@@ -144,7 +107,8 @@ class GNSWidget(ipw.VBox):
     holds one epoch. `num_it=None` picks one epoch when that gives the `MIN_ESTIMATES` estimates a
     suggestion needs, else the smallest num_it that does. `on_apply(new_loader)` is called when
     Apply gives a plain torch loader a new batch size (torch loaders are rebuilt, so code
-    holding the old one needs the new one: `w.train_dl`).
+    holding the old one needs the new one: `w.train_dl`). `train_lr`, for a plain torch model, is the lr
+    you train with at your batch size (the "your lr" box): the advice scales it (a Learner's `lr` is read).
     """
 
     def __init__(self, target: Any, train_dl: Any = None, loss_func: Callable | None = None,
@@ -152,7 +116,7 @@ class GNSWidget(ipw.VBox):
                  num_it: int | str | AutoStop | None = "auto",
                  n_batch: int = 20, beta: float | None = None, opt: Any = None, method: str = "fixed",
                  amp: torch.dtype | None = None, device: Any = None, batch_fn: Callable | None = None,
-                 probe_memory: bool | None = None, epochs: int | None = None):
+                 probe_memory: bool | None = None, epochs: int | None = None, train_lr: float | None = None):
         if not (_is_learner(target) or isinstance(target, nn.Module)):
             raise TypeError(f"target must be a fastai Learner or a torch nn.Module, got {type(target).__name__}")
         if on_apply is not None and not callable(on_apply):
@@ -166,7 +130,7 @@ class GNSWidget(ipw.VBox):
         resolve_amp(target, amp)
         self.model = tgt.model
         self._per_step = method == "per_example" or is_distributed(tgt.model)
-        _check_build_args(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, epochs=epochs)
+        _check_build_args(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, epochs=epochs, train_lr=train_lr)
         auto = AutoStop.of(num_it)
         self._auto_rule = auto or AutoStop()  # the rule each auto run copies (a run changes its state)
         self._auto_run: AutoStop | None = None  # the latest run's rule, when it ran with auto
@@ -179,90 +143,34 @@ class GNSWidget(ipw.VBox):
         self._status_lock = threading.Lock()
         self._live = False  # a run is going and its final status is not written yet
         self._run_settings: dict[str, Any] = {}
-        self._shown: tuple[int, int] | None = None  # (done, total) of the result the result box shows
-        self._applied: tuple[int | None, int, bool, str] | None = None  # (old bs, new bs, in place, panel name)
+        self._shown: Shown | None = None  # how far the run the result area shows went
+        self._applied: Applied | None = None  # what the last Apply did to the loader
         self._listener: ThrottledListener | None = None
-        self._lr_applied: tuple[GNSResult, float, float] | None = None  # (result, learn.lr before, lr Apply set)
+        self._lr_applied: LrApplied | None = None  # a Learner's lr Apply set
         self._reported: BaseException | None = None  # an error apply() has shown in the status line itself
         self._closed = False
         old = runner_of(self.model)
         if old is not None:  # the panel cell was re-run during a run: no run may outlive its panel
             old.stop_and_wait("a new panel for this model took over")
         self._runner = Runner(self.model)
-        self._build(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, auto=auto is not None, epochs=epochs)
+        self._build(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, auto=auto is not None, epochs=epochs,
+                    train_lr=train_lr)
         self._validate()
 
-    # ---------------------------------------------------------------- layout
+    # ---------------------------------------------------------------- layout (view.py)
     def _build(self, *, lr: float, num_it: int, n_batch: int, beta: float | None, auto: bool,
-               epochs: int | None) -> None:
-        betas = (AUTO_BETA, *sorted(set(BETAS) | ({beta} - {None})))
-        style = {"description_width": "60px"}
-        lo, hi = N_BATCH_RANGE
-        fit = {"width": "100%", "max_width": "360px"}  # shrinks in a narrow notebook instead of overflowing
-        self.n_batch_slider = ipw.IntSlider(value=n_batch, min=lo, max=hi, description="n_batch", style=style,
-                                            continuous_update=False, tooltip=_HELP["n_batch"], layout=fit)
-        self.beta_slider = ipw.SelectionSlider(options=betas, value=AUTO_BETA if beta is None else beta,
-                                               description="beta", style=style,
-                                               continuous_update=False, tooltip=_HELP["beta"], layout=fit)
-        self.num_it_text = ipw.IntText(value=num_it, description="num_it", style=style, tooltip=_HELP["num_it"],
-                                       layout={"width": "200px"}, disabled=auto)
-        self.auto_box = ipw.Checkbox(value=auto, description=f"auto (until ±{self._auto_rule.rel_halfwidth:.0%})",
-                                     indent=False, tooltip=_HELP["auto"], layout={"width": "200px"})
-        self.apply_lr_box = ipw.Checkbox(value=False, description="also set lr", indent=False,
-                                         tooltip=_HELP["apply_lr"], layout={"width": "110px"})
-        self.lr_text = ipw.FloatText(value=lr, description="lr", style=style, tooltip=_HELP["lr"],
-                                     layout={"width": "200px"})
-        self.epochs_text = ipw.IntText(value=epochs or 0, description="epochs", style=style,
-                                       tooltip=_HELP["epochs"], layout={"width": "200px"})
-        self.num_it_help = ipw.HTML()
-        self.bs_label = ipw.HTML()
-        self.error_label = ipw.HTML()
-        self.note_label = ipw.HTML()
-        self.start_button = ipw.Button(description="Start", button_style="primary", icon="play",
-                                       tooltip="train a short trial run and measure the noise scale")
-        self.stop_button = ipw.Button(description="Stop", icon="stop", disabled=True,
-                                      tooltip="end the run at the next step; the model is restored")
-        self.apply_button = ipw.Button(description="Apply advice", button_style="success", icon="check",
-                                       disabled=True, layout={"width": "170px"}, tooltip=_APPLY_TIP)
-        self.progress = ipw.IntProgress(value=0, min=0, max=1, layout={"width": "260px"})
-        self.progress_label = ipw.HTML("iteration 0")
-        self.status = ipw.HTML()
-        self.charts = GNSCharts()
-        self.result_box = ipw.HTML(layout={"overflow": "auto"})  # a wide table scrolls alone
-        for w, cls in ((self.n_batch_slider, "n-batch"), (self.beta_slider, "beta"), (self.num_it_text, "num-it"),
-                       (self.lr_text, "lr"), (self.num_it_help, "num-it-help"), (self.bs_label, "bs"),
-                       (self.error_label, "error"), (self.note_label, "note"), (self.start_button, "start"),
-                       (self.stop_button, "stop"), (self.apply_button, "apply"), (self.progress, "progress"),
-                       (self.progress_label, "progress-label"), (self.status, "status"),
-                       (self.result_box, "result"), (self.auto_box, "auto"), (self.apply_lr_box, "apply-lr"),
-                       (self.epochs_text, "epochs")):
-            w.add_class(f"gns-{cls}")
+               epochs: int | None, train_lr: float | None) -> None:
+        self._build_view(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, auto=auto, epochs=epochs,
+                         train_lr=train_lr, learner=_is_learner(self.target), auto_rule=self._auto_rule)
         for w in (self.n_batch_slider, self.beta_slider, self.num_it_text, self.lr_text, self.auto_box):
             w.observe(self._on_setting, names="value")
-        self.epochs_text.observe(self._on_epochs, names="value")
+        self.epochs_text.observe(self._on_advice_input, names="value")
+        self.train_lr_text.observe(self._on_advice_input, names="value")
+        self.apply_lr_box.observe(self._on_apply_lr_box, names="value")
         self.start_button.on_click(self._click_start)
         self.stop_button.on_click(self._click_stop)
         self.apply_button.on_click(self._click_apply)
         self._set_status("idle", "idle")
-        controls = ipw.GridBox(
-            [self._with_help(self.n_batch_slider, _HELP["n_batch"]), self._with_help(self.beta_slider, _HELP["beta"]),
-             ipw.VBox([self.auto_box, self.num_it_text, self.num_it_help]),
-             self._with_help(self.lr_text, _HELP["lr"]), self._with_help(self.epochs_text, _HELP["epochs"])],
-            layout={"grid_template_columns": "repeat(auto-fill, minmax(260px, 1fr))", "grid_gap": "0 12px"})
-        row = {"flex_flow": "row wrap", "align_items": "center"}
-        super().__init__([
-            controls, self.error_label,
-            ipw.HBox([self.start_button, self.stop_button, self.apply_button,
-                      *([self.apply_lr_box] if _is_learner(self.target) else []), self.bs_label], layout=row),
-            ipw.HBox([self.progress, self.progress_label], layout=row),
-            self.status, self.note_label, self.charts, self.result_box,
-        ])
-        self.add_class("gns-widget")
-
-    @staticmethod
-    def _with_help(control: ipw.Widget, text: str) -> ipw.VBox:
-        "The control with its one-line explanation right under it (the tooltip only covers the label)."
-        return ipw.VBox([control, _help_html(text)])
 
     # ---------------------------------------------------------------- state
     @property
@@ -323,16 +231,7 @@ class GNSWidget(ipw.VBox):
         return None
 
     def _show_bs(self) -> None:
-        bs = current_batch_size(self._loader())
-        if self._applied is None:
-            text = f"batch size now: <b>{bs}</b>"
-        elif self._applied[2]:
-            where = "dls.train" if self._uses_learner_dls() else "train_dl"
-            text = f"batch size now: <b>{bs}</b> ({where}, changed in place by Apply)"
-        else:
-            text = (f"batch size now: <b>{bs}</b> in <code>{html.escape(self._applied[3])}.train_dl</code>, a new "
-                    f"DataLoader; loaders made before Apply still give {self._applied[0]}")
-        self.bs_label.value = text
+        self.bs_label.value = texts.bs_text(current_batch_size(self._loader()), self._applied, self._uses_learner_dls())
 
     def _set_status(self, text: str, kind: str, only_while_running: bool = False, final: bool = False) -> None:
         """The one status line, written by either thread.
@@ -340,13 +239,12 @@ class GNSWidget(ipw.VBox):
         The lock keeps writes whole and in order: once the run's final status is written (`final`),
         a late "running" or "stopping…" from the main thread (`only_while_running`) is dropped.
         """
-        color = _COLORS.get(kind, _COLORS["idle"])
         with self._status_lock:
             if only_while_running and not self._live:
                 return
             if final:
                 self._live = False
-            self.status.value = f'<span style="color:{color}">status: {html.escape(text)}</span>'
+            self.status.value = texts.status_html(text, kind)
 
     def settings(self) -> dict[str, Any]:
         "The run settings from the controls (num_it 0 means one epoch: None for bs_find; 'auto' when ticked)."
@@ -367,11 +265,11 @@ class GNSWidget(ipw.VBox):
         self.num_it_text.disabled = auto
         if auto:
             rule = self._auto_rule
-            self.num_it_help.value = _help_text(
+            self.num_it_help.value = texts.help_text(
                 f"auto: the run stops once the noise scale's 90% interval is within ±{rule.rel_halfwidth:.0%}, "
                 f"at most {rule.max_it:,} small batches{epoch_text}; untick to set num_it")
         else:
-            self.num_it_help.value = _help_text(f"{_HELP['num_it']}. A suggestion needs num_it ≥ {MIN_ESTIMATES}"
+            self.num_it_help.value = texts.help_text(f"{HELP['num_it']}. A suggestion needs num_it ≥ {MIN_ESTIMATES}"
                                                 f"{per} = {self.least_num_it(n_batch)}{epoch_text}")
         msg = None
         if not (math.isfinite(s["lr"]) and s["lr"] >= 0):
@@ -381,16 +279,27 @@ class GNSWidget(ipw.VBox):
         if msg is None and self.epochs_text.value < 0:
             msg = (f"epochs must be ≥ 0 (the epochs you train for at your batch size; 0: not given), "
                    f"got {self.epochs_text.value}")
-        self.error_label.value = f'<span style="color:{_COLORS["error"]}">{html.escape(msg)}</span>' if msg else ""
+        train_lr = self.train_lr_text.value
+        if msg is None and not (math.isfinite(train_lr) and train_lr >= 0):
+            msg = f"your lr must be a finite number ≥ 0 (the lr you train with; 0: not given), got {train_lr}"
+        self.error_label.value = texts.error_html(msg) if msg else ""
         if not self.running:
             self.start_button.disabled = msg is not None
         return msg
 
-    def _on_epochs(self, change: dict) -> None:
-        "A new epoch count re-words the finished run's advice (the epochs it advises follow it)."
-        self._validate()
-        if self.result is not None and not self.running and self._shown is not None:
-            self.result_box.value = self._result_html(self.result, *self._shown, self._advice_for(self.result))
+    def _on_advice_input(self, change: dict) -> None:
+        "A new epoch count or training lr re-words the finished run's advice (what it advises follows them)."
+        if self._validate() is None and self.result is not None and not self.running and self._shown is not None:
+            self._show_result(self.result, self._shown)
+
+    def _on_apply_lr_box(self, change: dict) -> None:
+        "Apply's tooltip says whether it sets learn.lr too."
+        if self.result is not None and not self.running and not self.apply_button.disabled:
+            self.apply_button.tooltip = texts.apply_tooltip(self._advice_for(self.result), lr_too=self._lr_box())
+
+    def _lr_box(self) -> bool | None:
+        "The 'also set learn.lr' box, None for a torch model (no box)."
+        return self.apply_lr_box.value if _is_learner(self.target) else None
 
     def _on_setting(self, change: dict) -> None:
         msg = self._validate()
@@ -435,12 +344,13 @@ class GNSWidget(ipw.VBox):
         # everything the run's end will overwrite is written before its thread starts
         self._run_settings, self._listener, self._auto_run = settings, listener, auto
         self.note_label.value = ""
-        self.result_box.value = ""
+        self.result_box.value = self.headline.value = ""
+        self.details.layout.display = "none"
         with self.progress.hold_sync():
             self.progress.value, self.progress.max = 0, 1
         self.progress_label.value = "iteration 0"
         self.charts.show([])
-        self.apply_button.tooltip = _APPLY_TIP
+        self.apply_button.tooltip = "nothing to apply while the run goes: wait for it to finish"
         self.start_button.disabled, self.stop_button.disabled, self.apply_button.disabled = True, False, True
         with self._status_lock:
             self._live = True
@@ -455,6 +365,7 @@ class GNSWidget(ipw.VBox):
             self.stop_button.disabled, self.start_button.disabled = True, False
             self._set_status(f"error: {type(e).__name__}: {e}", "error")
             return False
+        stop_on_kernel_interrupt(self._runner)  # ■ stops a run started from the button, as it stops a cell
         return True
 
     def stop(self) -> None:
@@ -482,16 +393,16 @@ class GNSWidget(ipw.VBox):
         "The lr the advice scales: a Learner's `lr` (what fit uses by default; a slice too), else the run's."
         if _is_learner(self.target):
             lr = self.target.lr
-            if self._lr_applied is not None:
-                res, before, after = self._lr_applied
-                if res is self.result and lr == after:  # Apply set it from this advice: advise from the lr before
-                    lr = before
+            applied = self._lr_applied
+            if applied is not None and applied.result is self.result and lr == applied.after:
+                lr = applied.before  # Apply set it from this advice: advise from the lr before
             try:
                 check_lr(lr)
             except ValueError:
                 return None
             return lr if isinstance(lr, slice) else float(lr)
-        return None  # GNSResult.advice falls back to the run's lr
+        train_lr = self.train_lr_text.value  # "your lr" (0: not given)
+        return float(train_lr) if math.isfinite(train_lr) and train_lr > 0 else None  # None: the run's lr
 
     def advice(self) -> BatchAdvice | None:
         "The latest result's advice at the training lr and the optimizer's scaling rule (None without a result)."
@@ -504,10 +415,10 @@ class GNSWidget(ipw.VBox):
         return result.advice(lr=self.training_lr(), epochs=epochs if epochs > 0 else None, rule=self.rule)
 
     def apply(self) -> Any:
-        """Use the advised batch size for training; returns the changed loader (or DataLoaders).
+        """Use the advised batch size for training; returns the loader to train with (or the DataLoaders).
 
         The advice's batch size, not the raw suggestion: it may be capped so that an epoch keeps
-        enough steps (`advice.py`). With "also set lr" ticked, a Learner's `lr` becomes the advised
+        enough steps (`advice.py`). With "also set learn.lr" ticked, a Learner's `lr` becomes the advised
         one. fastai DataLoaders change in place. A torch DataLoader cannot change its batch size, so
         `train_dl` becomes a new loader (passed to `on_apply`, after the panel shows it: an exception
         of the callback is shown and raised, the batch size stays applied), and the panel shows the line
@@ -515,25 +426,29 @@ class GNSWidget(ipw.VBox):
         scaled from the one the run was advised for, not again from the one Apply set. When the run
         found that the suggestion does not fit in device memory, the per-step batch size of its plan
         is applied instead and the status says how many steps to accumulate (re-planned for the
-        advice's size when the advice caps it). An advice that keeps the batch size returns the loader
-        unchanged; without a reliable advice (or while running) it returns None and the status says why.
+        advice's size when the advice caps it).
+
+        Whenever it applies nothing (a run going on, no finished run, an advice that keeps the batch
+        size or is not sure yet) it returns the loader unchanged, so `train_dl = w.apply()` never loses
+        the user's loader, and the status says why in a neutral colour.
         """
+        loader = self._loader()
         if self._still_running():
-            self._set_status("cannot apply while running: Stop or wait for the run to finish", "error")
-            return None
+            self._set_status("cannot apply while running: Stop or wait for the run to finish; the loader is "
+                             "unchanged", "warn")
+            return loader
         res = self.result
         if res is None or not res.reliable:
-            why = res.reason if res is not None else "no finished run yet: press Start"
-            self._set_status(f"no reliable suggestion to apply ({why})", "error")
-            return None
+            why = texts.plain(res.reason) if res is not None else "no finished run yet: press Start"
+            self._set_status(f"no reliable suggestion to apply ({why}); the loader is unchanged", "idle")
+            return loader
         advice = self.advice()
         if advice.batch_size is None:
-            self._set_status(f"no batch size to apply: {advice.text}", "error")
-            return None
-        loader = self._loader()
+            self._set_status(f"no batch size to apply: {texts.plain(advice.text)}; the loader is unchanged", "idle")
+            return loader
         if advice.batch_size == advice.old_batch_size:  # nothing to change: `train_dl = w.apply()` keeps its loader
             self._set_status(f"train batch size already {advice.batch_size}, the size the advice keeps: "
-                             f"{advice.text}", "idle")
+                             f"{texts.plain(advice.text)}", "idle")
             return loader
         old = current_batch_size(loader)
         new_bs, steps = advice.micro_batch_size, advice.accumulation_steps  # planned for the advice's batch size
@@ -549,18 +464,19 @@ class GNSWidget(ipw.VBox):
         if not self._uses_learner_dls():
             self.train_dl = new_loader
         panel_names = _names_of(self)
-        self._applied = (old, new_bs, in_place, panel_names[0] if panel_names else "w")
+        self._applied = Applied(old, new_bs, in_place, panel_names[0] if panel_names else "w")
+        self.apply_button.tooltip = texts.apply_tooltip(advice, self._applied)
         self._validate()  # one epoch is shorter at a bigger batch size; shows the new batch size
         done = f"train batch size {old} → {current_batch_size(new_loader)}{accumulate}{self._apply_lr(advice)}"
         self._set_status(done, "finished")
-        self.note_label.value = "" if in_place else _new_loader_note(old, new_bs, names, self._applied[3])
+        self.note_label.value = "" if in_place else texts.new_loader_note(old, new_bs, names, self._applied.panel_name)
         if self.on_apply is not None and not self._uses_learner_dls():
             try:  # last: the panel is right whatever the user's callback does
                 self.on_apply(new_loader)
             except Exception as e:
                 self._reported = e
                 self._set_status(f"error: on_apply raised {type(e).__name__}: {e}. The batch size was applied "
-                                 f"({done}): {self._applied[3]}.train_dl is the new loader", "error")
+                                 f"({done}): {self._applied.panel_name}.train_dl is the new loader", "error")
                 raise
         return new_loader
 
@@ -573,7 +489,7 @@ class GNSWidget(ipw.VBox):
         old = self.target.lr
         if old == advice.lr:
             return f"; learn.lr already {format_lr(old)}"
-        self._lr_applied = (self.result, self.training_lr(), advice.lr)
+        self._lr_applied = LrApplied(self.result, self.training_lr(), advice.lr)
         self.target.lr = advice.lr
         text = (f"; learn.lr {format_lr(old)} → {format_lr(advice.lr)} (fit and fit_one_cycle use it when called "
                 "without an lr)")
@@ -611,20 +527,12 @@ class GNSWidget(ipw.VBox):
         last = records[-1]
         with self.progress.hold_sync():
             self.progress.max, self.progress.value = last.total, last.iteration
-        eta = eta_seconds(records)
-        auto = self._auto_run
-        at_most = "at most " if auto is not None else ""
-        eta_text = f"{at_most}about {_duration(eta)} left" if math.isfinite(eta) else "estimating time left…"
-        of = (f"iteration {last.iteration} of at most {last.total}" if auto is not None
-              else f"iteration {last.iteration}/{last.total}")
-        early = (f" · stops early once the noise scale is within ±{auto.rel_halfwidth:.0%}" if auto is not None
-                 else "")
-        self.progress_label.value = f"{of} · {_duration(last.elapsed)} elapsed · {eta_text}{early}"
+        self.progress_label.value = texts.progress_text(records, self._auto_run)
         self.charts.show(records, result.suggested_bs if result is not None else None,
                          result.interval if result is not None else None)
 
     def _finish(self, result: GNSResult | None, error: BaseException | None) -> None:
-        "Final refresh, result box and status at the end of a run (worker thread)."
+        "Final refresh, result area and status at the end of a run (worker thread)."
         try:
             records = self._listener.records
             self._draw(records, result)
@@ -635,31 +543,21 @@ class GNSWidget(ipw.VBox):
             why = ""
             if result is not None and not result.stopped:
                 if auto is not None:  # it ends when precise enough: the bar ends there too
-                    total, why = done, f" ({_auto_end(auto)})"
+                    total, why = done, f" ({texts.auto_end(auto)})"
                 with self.progress.hold_sync():
                     self.progress.max, self.progress.value = total, total
                 done = total
-            elapsed = f" · {_duration(last.elapsed)}" if last else ""
+            elapsed = f" · {texts.duration(last.elapsed)}" if last else ""
             how = "finished" if result is not None and not result.stopped else "stopped"
             self.progress_label.value = (f"{how} at iteration {done}/{total}{why}{elapsed}" if last else
                                          f"{how} before the first estimate")
-            if error is not None:
-                status, kind = f"error: {type(error).__name__}: {error}", "error"
-            elif result.stopped:
-                why = self._runner.stop_reason or "stopped"
-                status, kind = f"{why} after {done} iterations; model restored (partial result)", "idle"
-            elif result.reliable:
-                status, kind = "finished", "finished"
-            else:
-                status, kind = "finished without a suggestion (why: below)", "warn"
             advice = None
             if result is not None:
-                advice = self._advice_for(result)
-                self.result_box.value = self._result_html(result, done, total, advice)
-                self._shown = (done, total)
-            why = _nothing_to_apply(result, advice)
-            self.apply_button.disabled = why is not None
-            self.apply_button.tooltip = _APPLY_TIP if why is None else f"nothing to apply: {why}"
+                self._shown = Shown(done, total)
+                advice = self._show_result(result, self._shown)
+            else:  # the run failed: the status says why
+                self.apply_button.tooltip = "nothing to apply: the run failed (the status line says why)"
+            status, kind = texts.end_status(result, error, advice, done, self._runner.stop_reason)
         except Exception as e:  # the worker thread has nobody else to report to
             status, kind = f"error: {type(e).__name__}: {e}", "error"
         finally:
@@ -667,57 +565,20 @@ class GNSWidget(ipw.VBox):
             self.start_button.disabled = bool(self.error_label.value)
         self._set_status(status, kind, final=True)
 
-    def _result_html(self, res: GNSResult, done: int, total: int, advice: BatchAdvice) -> str:
-        if res.interval is not None:
-            ns = f"{res.interval} examples (90% interval in brackets)"
-        else:
-            ns = f"{res.noise_scale:.4g} examples" if math.isfinite(res.noise_scale) else "no estimate yet"
-        rows = [f"<b>noise scale</b>: {html.escape(ns)} (the batch size beyond which bigger batches stop saving "
-                "steps)"]
-        if res.reliable:
-            partial = f", from a stopped run ({done} of {total} iterations)" if res.stopped else ""
-            rows.append(f"<b>suggested batch size</b>: {res.suggested_bs} (measured at batch size {res.batch_size}"
-                        f"{partial}) — {html.escape(res.reason)}")
-            if res.memory_plan is not None:
-                rows.append(f"<b>memory</b>: {html.escape(res.memory_plan.text)} (for the raw suggestion: the advice "
-                            "below plans for the batch size it gives)")
-            rule = ("scaled in proportion to the batch size (SGD-like optimizer" if self.rule == "sgd" else
-                    "scaled by the square root of the batch-size ratio (Adam-like optimizer")
-            rule += f" {html.escape(self.opt_name)})"
-            rows.append(f"<b>advice</b> (learning rate {rule}): {html.escape(advice.text)}")
-        elif res.stopped:
-            rows.append(f"<b>no suggestion</b>: the run was stopped after {done} of {total} iterations, before "
-                        "the estimate settled; run it to the end for a suggestion")
-        else:
-            rows.append(f"<b>no suggestion</b>: {html.escape(res.reason)}")
-        if res.noise_scale > 0:
-            rows.append(_tradeoff_html(res))
-        return '<div class="gns-result-text">' + "<br>".join(rows) + "</div>"
+    def _show_result(self, result: GNSResult, shown: Shown) -> BatchAdvice:
+        "The headline, the collapsed details and Apply's state for `result` (after a run, or new epochs or lr)."
+        advice = self._advice_for(result)
+        with self.headline.hold_sync():
+            self.headline.value = texts.headline_html(advice, result)
+        self.result_box.value = texts.details_html(result, advice, shown, self.rule, self.opt_name)
+        self.details.layout.display = None  # shown, still collapsed
+        can_apply = advice.kind in ("grow", "shrink") and advice.batch_size != advice.old_batch_size
+        self.apply_button.disabled = not can_apply
+        self.apply_button.tooltip = texts.apply_tooltip(advice, lr_too=self._lr_box())
+        return advice
 
 
-def _nothing_to_apply(result: GNSResult | None, advice: BatchAdvice | None) -> str | None:
-    "Why Apply has nothing to do after a run (None: it has), for its tooltip."
-    if result is None or advice is None:
-        return "no result"
-    if advice.batch_size is None:
-        return advice.text
-    if advice.batch_size == advice.old_batch_size:  # the run after an Apply, often, or a small dataset
-        return f"the run was measured at batch size {advice.old_batch_size}, the size the advice keeps ({advice.text})"
-    return None
-
-
-def _auto_end(auto: AutoStop) -> str:
-    "Why a num_it='auto' run that was not stopped ended (and the n_batch it widened windows to, if it did)."
-    widened = (f"; windows widened to n_batch {auto.widened_to}, as the noise scale exceeded them"
-               if auto.widened_to else "")
-    if auto.interval is not None and auto.interval.rel_halfwidth <= auto.rel_halfwidth:
-        return f"auto: the noise scale is within ±{auto.rel_halfwidth:.0%}{widened}"
-    if auto.saturated:
-        return f"auto: the interval stopped narrowing, as beta forgets older estimates{widened}"
-    return f"auto: reached the cap of {auto.max_it:,} small batches{widened}"
-
-
-def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any, epochs: Any) -> None:
+def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any, epochs: Any, train_lr: Any) -> None:
     "The control values given to the constructor: a ValueError naming the argument, never a silent clamp."
     lo, hi = N_BATCH_RANGE
     if isinstance(n_batch, bool) or not isinstance(n_batch, int) or not lo <= n_batch <= hi:
@@ -729,36 +590,5 @@ def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any, epochs: 
     check_epochs(epochs)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number ≥ 0 (0 measures without training), got {lr!r}")
-
-
-def _help_text(text: str) -> str:
-    return ('<span style="display:block;line-height:1.35;font-size:var(--jp-ui-font-size0, 11px);'
-            f'color:var(--jp-ui-font-color2, #616161)">{html.escape(text)}</span>')
-
-
-def _help_html(text: str) -> ipw.HTML:
-    w = ipw.HTML(_help_text(text))
-    w.add_class("gns-help")
-    return w
-
-
-def _new_loader_note(old: int | None, new: int, loader_names: list[str], panel: str) -> str:
-    "The copyable line that makes the user's own variable the new loader (a torch loader cannot be resized)."
-    loader = loader_names[0] if loader_names else "train_dl"
-    line = f"{loader} = {panel}.train_dl"
-    return (f"A PyTorch DataLoader cannot change its batch size, so Apply built a new one with batch size {new} "
-            f"in <code>{html.escape(panel)}.train_dl</code>. Loaders made before Apply still give batches of {old}. "
-            f"Train with the new one: <code class='gns-copy' style='user-select:all'>{html.escape(line)}</code>")
-
-
-def _tradeoff_html(res: GNSResult) -> str:
-    "The paper's cost of each batch size around the noise scale: steps and examples relative to their minimum."
-    center = res.suggested_bs or 2 ** max(0, round(math.log2(res.noise_scale)))
-    sizes = sorted({res.batch_size or center, *(center * 2**k for k in range(-3, 4) if center * 2**k >= 1)})
-    t = res.tradeoff(sizes)
-    head = "".join(f"<th style='padding:0 6px'>{b}</th>" for b in t.batch_size)
-    steps = "".join(f"<td style='padding:0 6px'>×{v:.2f}</td>" for v in t.steps)
-    examples = "".join(f"<td style='padding:0 6px'>×{v:.2f}</td>" for v in t.examples)
-    return ("<b>trade-off</b> (predicted steps and examples to reach the same loss, relative to their minimum):"
-            f"<div style='overflow-x:auto;max-width:100%'><table class='gns-tradeoff'><tr><th>batch size</th>{head}"
-            f"</tr><tr><td>steps</td>{steps}</tr><tr><td>examples</td>{examples}</tr></table></div>")
+    if train_lr is not None:
+        check_lr(train_lr)
