@@ -52,9 +52,8 @@ class BatchAdvice:
     `kind` is "grow", "keep", "shrink" or "uncertain". `speedup` is the predicted wall time at
     the user's batch size over that at `batch_size`, to the same loss on the device it was measured
     on (1 for keep; None when uncertain), `speedup_range` the same at the two ends of the noise
-    scale's interval. `batch_size` is the (effective) batch the lr and epochs are for; when the
-    device does not fit it in one step, load `micro_batch_size` and accumulate `accumulation_steps`.
-    `suggested_bs` is the raw measurement's power of two (`GNSResult.suggested_bs`), for reference.
+    scale's interval. `batch_size` is the batch the lr and epochs are for, and it fits on the device in
+    one step. `suggested_bs` is the raw measurement's power of two (`GNSResult.suggested_bs`), for reference.
     """
     batch_size: int | None
     lr: float | slice | None  # a slice when the user's was one (fastai's discriminative lrs), both ends scaled
@@ -67,8 +66,6 @@ class BatchAdvice:
     steps_per_epoch: int | None = None
     suggested_bs: int | None = None
     lr_text: str = ""
-    micro_batch_size: int | None = None  # the batch to load per step: `batch_size` (accumulation never pays)
-    accumulation_steps: int = 1  # micro-batches accumulated per optimizer step
     kind: str = "uncertain"  # "grow", "keep", "shrink" or "uncertain" (keep the batch size, measure longer)
     speedup: float | None = None  # predicted wall time baseline / advised on this device; None when not measured
     speedup_range: tuple[float, float] | None = None  # the same over the noise scale's 90% interval
@@ -232,7 +229,7 @@ def _keep(old_bs: int, lr: Any, epochs: int | None, shown: str, rule: str, best:
                                  epochs_text, trend) if p)
     where = "here" if best is None else "on this machine"
     return BatchAdvice(old_bs, lr, epochs, text, old_bs, shown, rule, 1.0, math.ceil(n_train / old_bs) if n_train
-                       else None, suggested_bs, lr_text, old_bs, 1, kind="keep", speedup=1.0, speedup_range=(1.0, 1.0),
+                       else None, suggested_bs, lr_text, kind="keep", speedup=1.0, speedup_range=(1.0, 1.0),
                        headline=f"Keep batch size {old_bs}: another batch size would not train faster {where}",
                        total_steps=epochs * math.ceil(n_train / old_bs) if epochs and n_train else None)
 
@@ -262,7 +259,7 @@ def _change(interval: Interval, old_bs: int, best: _Option, tp: Throughput, *, n
         if n_train:
             total_steps = math.ceil(epochs * ratio * n_train / bs)
     else:
-        parts.append(f"train ×{ratio:.2g} the epochs (the examples needed to reach the same loss; give epochs for a "
+        parts.append(f"train ×{ratio:.2g} the epochs (the examples needed to reach the same loss; pass epochs= for a "
                      "number)")
     if trend:
         parts.append(trend)
@@ -271,7 +268,7 @@ def _change(interval: Interval, old_bs: int, best: _Option, tp: Throughput, *, n
     bits += [f"{new_epochs} epochs"] if new_epochs is not None else []
     headline = "Train with " + " · ".join(bits) + f" — about {best.speedup:.2g}× faster on this machine"
     return BatchAdvice(bs, new_lr, new_epochs, "; ".join(parts), old_bs, shown, rule, best.lr_factor,
-                       math.ceil(n_train / bs) if n_train else None, suggested_bs, lr_text, bs, 1, kind=kind,
+                       math.ceil(n_train / bs) if n_train else None, suggested_bs, lr_text, kind=kind,
                        speedup=best.speedup, speedup_range=spread, headline=headline, total_steps=total_steps)
 
 

@@ -93,7 +93,8 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     `measure_speed` times a few training steps at each batch size the advice could move to (the user's, and
     the powers-of-two multiples or fractions of it that the noise scale's interval leaves worth it), so that
     `result.advice()` predicts wall time on this device (`result.throughput`; `throughput.py`). It runs after
-    the measurement, only when the measurement can carry a decision, and costs a few seconds at most.
+    the measurement (a stopped run's too: its partial result is still advice), only when the measurement can
+    carry a decision, and costs a few seconds at most.
 
     `amp` runs forward passes under `torch.autocast` with this dtype (float16 with a dynamic
     loss scale whose overflowed batches are skipped, as GradScaler does); None follows a
@@ -133,7 +134,7 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
                 recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
                 result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta,
                                          method=method, stopped=stop_event.is_set())
-                if measure_speed and _worth_timing(result, tgt) and not distributed and not stop_event.is_set():
+                if measure_speed and _worth_timing(result, tgt) and not distributed:  # a stopped run's too
                     sizes = sizes_worth_timing(tgt.batch_size, result.interval, tgt.n_train, MIN_STEPS_PER_EPOCH)
                     with others.own():  # its steps are the run's; other threads stay refused while it trains
                         result.throughput = probe_throughput(tgt, sizes, amp, saturate_above=tgt.batch_size)

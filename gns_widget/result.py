@@ -205,9 +205,9 @@ class GNSResult:
         state = ", stopped early" if self.stopped else ""
         state += f", {self.n_skipped} batches with non-finite gradients skipped" if self.n_skipped else ""
         state += f" ({self.n_dropped} windows dropped)" if self.n_dropped else ""
-        # the plan reaches the raw suggestion; advice() may cap it, and re-plans for the size it gives
+        # the plan reaches the raw suggestion; advice() only advises sizes that fit in one step
         plan = (f"\n  {self.memory_plan.text} (for the raw suggestion: res.advice() gives the batch size, lr and "
-                "accumulation to train with)" if self.memory_plan is not None else "")
+                "epochs to train with)" if self.memory_plan is not None else "")
         return (f"{head}, estimates={len(self.history)}, batch_size={self.batch_size}, "
                 f"method={self.method!r}{state})\n  {self.reason}{plan}")
 

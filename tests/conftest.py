@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from gns_widget.datasets import digits_loaders  # noqa: E402
+from tests.devices import fake_timing  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
 
@@ -64,3 +65,17 @@ def _panel_tests_at_torchs_default_threads(request):
         yield
     finally:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture
+def step_bound_device():
+    "`devices.fake_timing` for one test: a device whose step costs the same at every batch size."
+    with fake_timing():
+        yield
+
+
+@pytest.fixture
+def per_example_device():
+    "`devices.fake_timing` for one test: a device whose time is per example."
+    with fake_timing(per_example=True):
+        yield

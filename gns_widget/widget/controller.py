@@ -451,11 +451,10 @@ class GNSWidget(PanelView):
                              f"{texts.plain(advice.text)}", "idle")
             return loader
         old = current_batch_size(loader)
-        new_bs, steps = advice.micro_batch_size, advice.accumulation_steps  # planned for the advice's batch size
-        accumulate = f", with gradient accumulation {steps}" if steps > 1 else ""
+        new_bs = advice.batch_size
         if old == new_bs:  # applied already (Apply pressed again): no loader to rebuild, no new one to announce
             self.apply_button.disabled = True
-            self._set_status(f"train batch size already {new_bs}{accumulate}{self._apply_lr(advice)}", "finished")
+            self._set_status(f"train batch size already {new_bs}{self._apply_lr(advice)}", "finished")
             return loader
         names = _names_of(loader)  # before the panel drops its reference to the old loader
         new_loader = apply_batch_size(loader, new_bs)
@@ -467,7 +466,7 @@ class GNSWidget(PanelView):
         self._applied = Applied(old, new_bs, in_place, panel_names[0] if panel_names else "w")
         self.apply_button.tooltip = texts.apply_tooltip(advice, self._applied)
         self._validate()  # one epoch is shorter at a bigger batch size; shows the new batch size
-        done = f"train batch size {old} → {current_batch_size(new_loader)}{accumulate}{self._apply_lr(advice)}"
+        done = f"train batch size {old} → {current_batch_size(new_loader)}{self._apply_lr(advice)}"
         self._set_status(done, "finished")
         self.note_label.value = "" if in_place else texts.new_loader_note(old, new_bs, names, self._applied.panel_name)
         if self.on_apply is not None and not self._uses_learner_dls():

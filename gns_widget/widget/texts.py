@@ -193,9 +193,6 @@ def headline_html(advice: BatchAdvice | None, result: GNSResult | None) -> str:
     sub = []
     if result is not None and advice.noise_scale:
         sub.append(f"noise scale {advice.noise_scale} examples, measured at batch size {advice.old_batch_size}")
-    if advice.accumulation_steps > 1:
-        sub.append(f"load batches of {advice.micro_batch_size} and accumulate {advice.accumulation_steps} per step "
-                   "(the device fits no more)")
     sub.append("details below")
     return (f'<div class="gns-answer gns-c-{kind}" style="font-size:1.3em;font-weight:600;line-height:1.35;'
             f'margin:6px 0 2px">{html.escape(plain(advice.headline))}</div>'
@@ -223,14 +220,15 @@ def details_html(res: GNSResult, advice: BatchAdvice, shown: Shown, rule: str, o
                     f"{partial}): {html.escape(plain(res.reason))}")
         if res.memory_plan is not None:
             rows.append(f"<b>memory</b>: {html.escape(res.memory_plan.text)} (for the raw suggestion: the advice "
-                        "plans for the batch size it gives)")
-        rows.append(f"<b>learning rate</b>: {html.escape(_optimizer_words(rule, opt_name))}")
-        rows.append(f"<b>advice in full</b>: {html.escape(plain(advice.text))}")
+                        "gives only sizes that fit in one step)")
     elif res.stopped:
         rows.append(f"<b>no suggestion</b>: the run was stopped after {shown.done} of {shown.total} iterations, "
                     "before the estimate settled; run it to the end for a suggestion")
     else:
         rows.append(f"<b>no suggestion</b>: {html.escape(plain(res.reason))}")
+    if advice.kind != "uncertain":  # the advice may act on an interval too wide for a raw suggestion
+        rows.append(f"<b>learning rate</b>: {html.escape(_optimizer_words(rule, opt_name))}")
+        rows.append(f"<b>advice in full</b>: {html.escape(plain(advice.text))}")
     if res.noise_scale > 0 and math.isfinite(res.noise_scale):
         rows.append(tradeoff_html(res, advice))
     rows.append(_measured_html(res, shown))
