@@ -126,7 +126,7 @@ def _time_sizes(tgt: Target, pool: ExamplePool, sizes: list[int], amp: torch.dty
     of load from another process on a shared machine lands in one round of every size, not in all of one size's."""
     tgt.to_run_device()
     tgt.model.train()
-    opt = tgt.make_opt(PROBE_LR)  # the run's optimizer: its step and state are part of the cost
+    opt = _timing_optimizer(tgt)
     times: dict[int, list[list[float]]] = {}  # per size, the step times of each round
     max_fit = None
     for i, b in enumerate(sizes):
@@ -153,6 +153,19 @@ def _time_sizes(tgt: Target, pool: ExamplePool, sizes: list[int], amp: torch.dty
     # the best round's median: a round that other processes slowed down says nothing of this device
     medians = {b: [statistics.median(r) for r in rounds] for b, rounds in times.items()}
     return {b: min(m) for b, m in medians.items()}, {b: max(m) / min(m) - 1 for b, m in medians.items()}, max_fit
+
+
+def _timing_optimizer(tgt: Target) -> Any:
+    """The run's kind of optimizer, whose step and state are part of a step's cost. A user's torch optimizer is
+    rebuilt with the same parameter groups, so that its hooks do not see the timing's steps (they would count
+    steps the user never took); one that cannot be rebuilt so is used itself (its state is restored after)."""
+    user = tgt.user_opt
+    if isinstance(user, torch.optim.Optimizer):
+        try:
+            return type(user)([{**g, "lr": PROBE_LR} for g in user.param_groups])
+        except (TypeError, ValueError):
+            pass
+    return tgt.make_opt(PROBE_LR)
 
 
 def _time_steps(tgt: Target, opt: Any, batch: Any, amp: torch.dtype | None, warmup: int) -> list[float]:

@@ -94,6 +94,9 @@ def lab(tmp_path_factory):
     # the test clicks Apply itself, then runs what the panel tells the user to run, then checks the batches
     nb.cells = nb.cells[:first_apply] + [nbformat.v4.new_code_cell(c) for c in (
         "train_dl = w.train_dl", "print('batch size my code gets:', len(next(iter(train_dl))[0]))")]
+    # a stand-in device whose step costs the same at every size, so that the advice grows and there is something
+    # to Apply whatever this CPU's timing says (tests/devices.py; the kernel imports the checkout under test)
+    nb.cells.insert(1, nbformat.v4.new_code_cell("from tests.devices import fake_timing\nfake_timing().__enter__()"))
     root = tmp_path / "root"
     root.mkdir()
     nbformat.write(nb, root / "quickstart.ipynb")

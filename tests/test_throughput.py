@@ -96,3 +96,13 @@ def test_a_stopped_or_unusable_run_times_nothing():
     "Too few windows for an interval: nothing to decide, so no timing (and no seconds spent on it)."
     res = bs_find(_model(), DataLoader(_data(), batch_size=16), CE, lr=0, num_it=20, n_batch=5)
     assert res.throughput is None and res.advice().kind == "uncertain"
+
+
+def test_the_users_optimizer_hooks_do_not_see_the_timings_steps():
+    "The timing steps a rebuilt copy of the user's optimizer: a hook counting the user's steps counts none."
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    steps = []
+    opt.register_step_post_hook(lambda *a: steps.append(1))
+    measure_throughput(model, DataLoader(_data(), batch_size=16), CE, batch_sizes=[16, 32], opt=opt)
+    assert steps == [] and opt.state == {}

@@ -814,6 +814,7 @@ def test_tradeoff_sizes_are_consecutive_and_fit_the_dataset():
     assert texts.tradeoff_sizes(48, 64, None) == [8, 16, 32, 48, 64, 128, 256]
 
 
+@pytest.mark.usefixtures("step_bound_device")
 def test_your_lr_is_what_the_advice_scales_for_a_torch_model(train_dl):
     "Item 10: a plain torch model had no way to enter the lr it trains with; the advice used the run's."
     with pytest.raises(ValueError, match="lr must be"):
