@@ -66,7 +66,8 @@ before = {k: v.clone() for k, v in model.state_dict().items()}"""
 PANEL = "w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), lr=0.1, num_it=10**6, n_batch=10)\nw"
 CHECK = ("print('same weights:', all(torch.equal(v, before[k]) for k, v in model.state_dict().items()),\n"
          "      '| runs alive:', sum(t.name.startswith('GNSWidget run') for t in threading.enumerate()))")
-STAND_IN_DEVICE = "\nfrom tests.devices import fake_timing\n_device = fake_timing()  # held: the patch lasts while it lives\n_device.__enter__()"
+STAND_IN_DEVICE = ("\nfrom tests.devices import fake_timing\n"
+                   "_device = fake_timing()  # held: the patch lasts while it lives\n_device.__enter__()")
 FINISHED = "w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), lr=0.0, num_it=300, n_batch=10)\nw"
 SCENARIOS = {
     "rerun.ipynb": [SETUP, PANEL, CHECK],
