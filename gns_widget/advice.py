@@ -75,6 +75,19 @@ class BatchAdvice:
     def __str__(self) -> str:
         return self.text
 
+    def apply(self, dls_or_loader: Any, learn: Any = None) -> Any:
+        """Train with this advice: the loader at the advised batch size (fastai DataLoaders changed in place, a
+        torch DataLoader rebuilt: use the one returned), and with `learn` a Learner's `lr` set to the advised one
+        (what `fit` and `fit_one_cycle` use when called without an lr). On "keep" or "uncertain" nothing changes
+        and the loader comes back as it was, so `train_dl = advice.apply(train_dl)` is always safe."""
+        from .loaders import apply_batch_size
+
+        if self.kind not in ("grow", "shrink"):
+            return dls_or_loader
+        if learn is not None and self.lr is not None:
+            learn.lr = self.lr
+        return apply_batch_size(dls_or_loader, self.batch_size)
+
 
 def detect_rule(opt: Any) -> str | None:
     """The lr rule for an optimizer, an optimizer class or factory, or fastai's `opt_func`; None when unknown.

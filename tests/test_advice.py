@@ -250,3 +250,16 @@ def test_a_gain_within_the_timing_noise_keeps_the_batch():
     assert advise(iv, 32, throughput=steady, n_train=10**5, rule="adam").kind == "grow"
     a = advise(iv, 32, throughput=noisy, n_train=10**5, rule="adam")
     assert a.kind == "keep" and "beyond the timing noise, ±20% here" in a.text
+
+
+def test_advice_apply_changes_the_loader_only_when_it_grows_or_shrinks():
+    "`train_dl = a.apply(train_dl)`: a rebuilt loader for grow or shrink, the same one otherwise; a Learner's lr too."
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dl = DataLoader(TensorDataset(torch.zeros(4096, 2)), batch_size=32, shuffle=True)
+    grow = advise(Interval(1000.0, 900.0, 1100.0), 32, throughput=gpu_like(), n_train=4096, lr=0.1, rule="sgd")
+    keep = advise(Interval(1000.0, 900.0, 1100.0), 32, throughput=cpu_like(), n_train=4096, lr=0.1)
+    assert keep.apply(dl) is dl and dl.batch_size == 32
+    learn = type("Learner", (), {"lr": 0.1})()
+    new = grow.apply(dl, learn)
+    assert new is not dl and new.batch_size == grow.batch_size == 64 and learn.lr == grow.lr != 0.1

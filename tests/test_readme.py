@@ -21,5 +21,4 @@ def test_plain_pytorch_example_runs_and_advises(monkeypatch):
     a = scope["a"]
     assert a.kind in ("grow", "keep", "shrink") and a.headline and a.speedup is not None
     assert scope["res"].rule == "sgd"  # the optimizer passed as opt= picked the lr rule
-    if a.kind != "keep":
-        assert scope["train_dl"].batch_size == a.batch_size and scope["lr"] == a.lr
+    assert scope["train_dl"].batch_size == a.batch_size and scope["lr"] == a.lr and scope["epochs"] == a.epochs

@@ -493,7 +493,7 @@ def test_exception_in_run_shows_in_status_and_restores_weights(train_dl):
     assert w.apply_button.disabled and not w.start_button.disabled
     assert w.apply_button.tooltip == "nothing to apply: the run failed (the status line says why)"
     w.apply_button.click()  # disabled in the browser; programmatically it is refused with a message
-    assert "no reliable suggestion to apply" in w.status.value
+    assert "nothing to apply (no finished run yet" in w.status.value
 
 
 def test_divergence_shows_in_status_and_restores_weights(train_dl):
@@ -873,3 +873,21 @@ def test_apply_tooltip_says_what_apply_will_do():
     assert texts.apply_tooltip(grow, lr_too=True).endswith(", and learn.lr → 0.0037")
     assert texts.apply_tooltip(None).startswith("nothing to apply yet")
     assert texts.apply_tooltip(grow, texts.Applied(32, 64, True, "w")).startswith("applied:")
+
+
+@pytest.mark.usefixtures("step_bound_device")
+def test_apply_follows_the_advice_where_the_raw_suggestion_is_withheld(train_dl, monkeypatch):
+    "An interval too wide for a raw suggestion can still carry a grow at its low end: Apply applies that advice."
+    from gns_widget.suggest import Suggestion
+
+    def wide(res):
+        res.suggestion = Suggestion(None, "uncertain: noise scale too wide for a suggestion", res.interval,
+                                    usable=True)
+
+    _patched_run(monkeypatch, wide)
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), **QUICK)
+    w.start()
+    res = w.wait(60)
+    advice = w.advice()
+    assert not res.reliable and advice.kind == "grow" and not w.apply_button.disabled
+    assert current_batch_size(w.apply()) == advice.batch_size > 32

@@ -34,7 +34,7 @@ from ..engine import METHODS
 from ..estimator import NoiseScaleEstimator
 from ..guard import FinderBusyError
 from ..interval import AutoStop
-from ..loaders import apply_batch_size, current_batch_size
+from ..loaders import current_batch_size
 from ..precision import resolve_amp
 from ..result import GNSRecord, GNSResult
 from ..suggest import MIN_ESTIMATES
@@ -437,12 +437,10 @@ class GNSWidget(PanelView):
             self._set_status("cannot apply while running: Stop or wait for the run to finish; the loader is "
                              "unchanged", "warn")
             return loader
-        res = self.result
-        if res is None or not res.reliable:
-            why = texts.plain(res.reason) if res is not None else "no finished run yet: press Start"
-            self._set_status(f"no reliable suggestion to apply ({why}); the loader is unchanged", "idle")
+        if self.result is None:
+            self._set_status("nothing to apply (no finished run yet: press Start); the loader is unchanged", "idle")
             return loader
-        advice = self.advice()
+        advice = self.advice()  # the advice decides, not the raw suggestion: it may act where that one is withheld
         if advice.batch_size is None:
             self._set_status(f"no batch size to apply: {texts.plain(advice.text)}; the loader is unchanged", "idle")
             return loader
@@ -457,7 +455,7 @@ class GNSWidget(PanelView):
             self._set_status(f"train batch size already {new_bs}{self._apply_lr(advice)}", "finished")
             return loader
         names = _names_of(loader)  # before the panel drops its reference to the old loader
-        new_loader = apply_batch_size(loader, new_bs)
+        new_loader = advice.apply(loader)  # the lr is set by _apply_lr below, when its box is ticked
         in_place = new_loader is loader
         self.apply_button.disabled = True  # done; the next run's suggestion enables it again
         if not self._uses_learner_dls():
