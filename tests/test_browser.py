@@ -309,8 +309,8 @@ def test_kernel_interrupt_during_a_run(lab, browser):
     _stop_and_check_restored(page, panel, 3, out)
 
 
-def test_kernel_interrupt_stops_a_run_started_with_the_start_button(lab, browser):
-    "Issue 19 item 6: ■ with no cell running (a run started from Start) went on from iteration 2,840 to 6,890."
+def _run_started_with_the_start_button(browser, lab):
+    "The rerun scenario's panel, its run started with the Start button (no cell running) and reporting: page, panel."
     from playwright.sync_api import expect
 
     page = _open(browser, lab, "rerun.ipynb")
@@ -320,6 +320,14 @@ def test_kernel_interrupt_stops_a_run_started_with_the_start_button(lab, browser
     expect(panel.locator("button.gns-start")).to_be_enabled(timeout=60_000)
     panel.locator("button.gns-start").click()
     expect(panel.locator(".gns-progress-label")).to_contain_text("left", timeout=30_000)
+    return page, panel
+
+
+def test_kernel_interrupt_stops_a_run_started_with_the_start_button(lab, browser):
+    "Issue 19 item 6: ■ with no cell running (a run started from Start) went on from iteration 2,840 to 6,890."
+    from playwright.sync_api import expect
+
+    page, panel = _run_started_with_the_start_button(browser, lab)
     _menu(page, "Kernel", "Interrupt Kernel")
     expect(panel.locator(".gns-status")).to_contain_text("interrupted (kernel interrupt) after", timeout=30_000)
     expect(panel.locator("button.gns-start")).to_be_enabled()
@@ -333,13 +341,7 @@ def test_kernel_restart_during_a_run_says_the_panel_is_disconnected(lab, browser
     "Issue 19 item 7: after a kernel restart mid-run the panel froze on 'running · about 28 s left', Stop enabled."
     from playwright.sync_api import expect
 
-    page = _open(browser, lab, "rerun.ipynb")
-    _run_cell(page, 0)
-    _run_cell(page, 1)
-    panel = page.locator(".gns-widget")
-    expect(panel.locator("button.gns-start")).to_be_enabled(timeout=60_000)
-    panel.locator("button.gns-start").click()
-    expect(panel.locator(".gns-progress-label")).to_contain_text("left", timeout=30_000)
+    page, panel = _run_started_with_the_start_button(browser, lab)
     _menu(page, "Kernel", "Restart Kernel…")
     page.locator(".jp-Dialog .jp-mod-accept").click()
     expect(panel).to_have_class(re.compile("jupyter-widgets-disconnected"), timeout=30_000)
