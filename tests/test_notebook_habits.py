@@ -24,6 +24,7 @@ from gns_widget.advice import BatchAdvice
 from gns_widget.datasets import digits, digits_loaders
 from gns_widget.guard import FinderBusyError, active_run
 from gns_widget.loaders import current_batch_size
+from tests.devices import fake_timing
 from tests.test_widget import LONG, QUICK, mlp, same_weights, snapshot, wait_for
 
 
@@ -159,11 +160,13 @@ def _try_step(opt, refused: list) -> None:
 
 
 def _finished_with_also_set_lr(learn: Learner) -> tuple[GNSWidget, BatchAdvice]:
-    "A panel on `learn` with 'also set lr' ticked, after a reliable run; and its advice."
+    """A panel on `learn` with 'also set lr' ticked, after a reliable run on a step-bound stand-in device (the advice
+    grows, so there is an lr to set, whatever this CPU's timing says); and its advice."""
     w = GNSWidget(learn, **QUICK)
     w.apply_lr_box.value = True
-    w.start()
-    res = w.wait(60)
+    with fake_timing():
+        w.start()
+        res = w.wait(60)
     assert res is not None and res.reliable, w.status.value
     return w, w.advice()
 
