@@ -330,5 +330,5 @@ def test_the_speed_timing_stops_at_what_fits_and_the_advice_stays_below(digits_d
     res = bs_find(model, digits_dl, nn.CrossEntropyLoss(), lr=0, num_it=300, n_batch=5, probe_memory=True)
     tp = res.throughput
     assert tp is not None and tp.max_fit == 32 and max(tp.batch_sizes) == 32
-    assert res.advice(lr=0.05).batch_size <= 32
+    assert (res.advice(lr=0.05).batch_size or 32) <= 32  # None: uncertain, which keeps the batch too
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
