@@ -891,3 +891,9 @@ def test_apply_follows_the_advice_where_the_raw_suggestion_is_withheld(train_dl,
     advice = w.advice()
     assert not res.reliable and advice.kind == "grow" and not w.apply_button.disabled
     assert current_batch_size(w.apply()) == advice.batch_size > 32
+
+
+def test_the_uncertain_headline_says_what_to_do_in_the_panel_not_in_code():
+    "The core's 'run longer (num_it='auto')' is code-speak in a panel: it reads 'tick auto' there."
+    assert texts.plain("Not sure yet: keep batch size 32; run longer (num_it='auto')") == \
+        "Not sure yet: keep batch size 32; run longer (tick 'auto')"

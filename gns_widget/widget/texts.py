@@ -109,7 +109,10 @@ _PLAIN = ((re.compile(r"\|G\|² is not distinguishable from (its noise|zero)"),
            " as the noise scale's interval reaches the smaller size"),
           (re.compile(r" \(the finder run's lr: pass lr= the one you train with\)"),
            " (the trial run's lr: type the lr you train with in 'your lr')"),
-          (re.compile(r"; pass epochs= for a number\)"), "; type your epochs in 'epochs' for a number)"))
+          (re.compile(r"; pass epochs= for a number\)"), "; type your epochs in 'epochs' for a number)"),
+          (re.compile(r"run longer \(num_it='auto'\)"), "run longer (tick 'auto')"),
+          (re.compile(r"pass throughput=measure_throughput\(\.\.\.\) to advice\(\)"),
+           "run it again to the end (the run times this machine once it ends)"))
 
 
 def plain(text: str) -> str:
