@@ -205,22 +205,22 @@ def _decide(interval: Interval, old_bs: int, tp: Throughput, *, n_train: int | N
         raise ValueError(f"throughput must include the current batch size {old_bs}; it has {tp.batch_sizes}")
     options, left_out = _options(interval, old_bs, tp, epochs, rule, max_fit, n_train)
     best = max([o for o in options if o.clears] or options, key=lambda o: o.speedup, default=None)
-    speed = _speed_text(tp, old_bs)
+    speed = _speed_text(tp)
     if best is None or not best.clears:
         at_value = [(speedup(old_bs, o.bs, interval.value, tp, epochs), o) for o in options]
         gains = [(s, o) for s, o in at_value if s >= GAIN_NEEDED * (1 + o.noise)]
         if gains and not interval.rel_halfwidth <= MAX_HALFWIDTH:
             gain, o = max(gains, key=lambda g: g[0])
             extra = (f"at the measured noise scale batch size {o.bs} would be ×{gain:.2g} faster, but not at "
-                     f"the interval's low end {interval.lo:.3g}")
+                     f"the interval's {'low' if o.bs > old_bs else 'high'} end {o.noise_scale:.3g}")
             return _uncertain(old_bs, lr, epochs, shown, rule, "the interval is too wide to decide: run longer "
                               "(num_it='auto')", suggested_bs, trend, "; ".join([extra, speed]))
         return _keep(old_bs, lr, epochs, shown, rule, best, speed, left_out, n_train, suggested_bs, trend, lr_from_run)
-    return _change(interval, old_bs, best, tp, n_train=n_train, lr=lr, epochs=epochs, rule=rule, max_fit=max_fit,
+    return _change(interval, old_bs, best, tp, n_train=n_train, lr=lr, epochs=epochs, rule=rule,
                    lr_from_run=lr_from_run, suggested_bs=suggested_bs, trend=trend, left_out=left_out, speed=speed)
 
 
-def _speed_text(tp: Throughput, old_bs: int) -> str:
+def _speed_text(tp: Throughput) -> str:
     rows = ", ".join(f"{b}: {tp.examples_per_second(b):,.0f}" for b in tp.batch_sizes)
     return f"measured on {tp.device}, examples per second by batch size: {rows}"
 
@@ -248,8 +248,8 @@ def _keep(old_bs: int, lr: Any, epochs: int | None, shown: str, rule: str, best:
 
 
 def _change(interval: Interval, old_bs: int, best: _Option, tp: Throughput, *, n_train: int | None, lr: Any,
-            epochs: int | None, rule: str, max_fit: int | None, lr_from_run: bool, suggested_bs: int | None,
-            trend: str, left_out: list[str], speed: str) -> BatchAdvice:
+            epochs: int | None, rule: str, lr_from_run: bool, suggested_bs: int | None, trend: str,
+            left_out: list[str], speed: str) -> BatchAdvice:
     bs, ns = best.bs, best.noise_scale
     kind = "grow" if bs > old_bs else "shrink"
     ends = [speedup(old_bs, bs, v, tp, epochs) for v in (interval.lo, interval.hi) if math.isfinite(v)]
