@@ -348,6 +348,27 @@ def stability_summary(df: pd.DataFrame) -> pd.DataFrame:
     return df.groupby("problem", sort=False)[["kind", "bs", "epochs"]].apply(modal).reset_index()
 
 
+# ---------------------------------------------------------------- part 5: a snapshot or a span?
+def protocol_part(quick: bool, seeds: list[int], only: list[str] | None = None) -> pd.DataFrame:
+    """Per problem and seed, after the user's first epoch: the advice from a snapshot (lr=0, num_it="auto", the
+    README's protocol) and from a span (the finder training 400 more small batches at the user's lr and optimizer,
+    20 windows of estimates taken along the way: 1–4 epochs of these problems). Do they agree, and how much did
+    the noise scale move over the span?"""
+    rows = []
+    for task in torch_tasks(quick, only):
+        for seed in seeds:
+            snap, _ = finder_torch(task, seed, seed + 100)
+            span_task = Task(**{**task.__dict__, "finder": dict(lr=task.lr, num_it=20 * N_BATCH, n_batch=N_BATCH)})
+            span, _ = finder_torch(span_task, seed, seed + 100)
+            a, b = (r.advice(lr=task.lr, epochs=task.epochs) for r in (snap, span))
+            rows.append(dict(problem=task.name, seed=seed, snapshot=str(snap.interval), span=str(span.interval),
+                             span_growth=span.growth, snapshot_advice=f"{a.kind} {a.batch_size}",
+                             span_advice=f"{b.kind} {b.batch_size}", agree=(a.kind, a.batch_size) == (b.kind,
+                                                                                                     b.batch_size)))
+        print(f"protocol: {task.name} done", flush=True)
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------- part 4: which lr rule is safe?
 LR_RULES = {"none": lambda f: 1.0, "sqrt": math.sqrt, "linear": lambda f: f}
 
@@ -447,7 +468,8 @@ def plot(summary: pd.DataFrame, path) -> None:
 
 
 def _add_args(p) -> None:
-    p.add_argument("--part", choices=["all", "interval", "training", "stability", "lr_rule"], default="all")
+    p.add_argument("--part", choices=["all", "interval", "training", "stability", "lr_rule", "protocol"],
+                   default="all")
     p.add_argument("--repeats", type=int, default=10, help="finder runs per problem for --part stability")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
     p.add_argument("--problems", nargs="+", help="training problems whose name contains one of these")
@@ -477,6 +499,10 @@ def main() -> None:
         summary = stability_summary(runs)
         summary.to_csv(out_path(args, "advice_stability", "csv"), index=False)
         print(markdown(summary))
+    if args.part == "protocol":
+        runs = protocol_part(args.quick, args.seeds or [0, 1, 2], args.problems)
+        runs.to_csv(out_path(args, "advice_protocol", "csv"), index=False)
+        print(markdown(runs))
     if args.part == "lr_rule":
         runs = lr_rule_part(args.quick, args.seeds or [0, 1, 2], args.problems)
         runs.to_csv(out_path(args, "advice_lr_rule_runs", "csv"), index=False)
