@@ -13,7 +13,7 @@ from torch import nn
 from gns_widget import bs_find
 from gns_widget.advice import KINDS, MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH, advise, detect_rule
 from gns_widget.datasets import digits_loaders
-from gns_widget.goodput import GAIN_NEEDED, examples_ratio, round_epochs, sizes_worth_timing, speedup
+from gns_widget.goodput import EPOCH_SLACK, GAIN_NEEDED, examples_ratio, round_epochs, sizes_worth_timing, speedup
 from gns_widget.interval import Interval
 from gns_widget.suggest import lr_factor
 from gns_widget.throughput import Throughput
@@ -119,13 +119,11 @@ def test_epochs_change_smoothly_with_the_noise_scale():
     for ns in [40 + i * 0.5 for i in range(120)]:
         a = advise(Interval(ns, ns, ns * 1.05), 32, throughput=gpu_like(), n_train=100_000, epochs=3, rule="adam")
         exact = 3 * examples_ratio(32, a.batch_size, ns)
-        assert exact - EPOCH_TOLERANCE <= a.epochs < exact + 1 - EPOCH_TOLERANCE
+        assert exact - EPOCH_SLACK <= a.epochs < exact + 1 - EPOCH_SLACK
         if prev is not None and prev[0] == a.batch_size:
             assert abs(a.epochs - prev[1]) <= 1
         prev = (a.batch_size, a.epochs)
 
-
-EPOCH_TOLERANCE = 0.2
 
 
 def test_unusable_measurement_is_uncertain_and_says_why():
