@@ -5,6 +5,7 @@ from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 
 from .advice import detect_rule
+from .engine import TRAINING_BETA
 from .estimator import NoiseScaleEstimator
 from .loaders import current_batch_size, dataset_len, population_size
 from .result import GNSResult, RunRecorder
@@ -28,7 +29,7 @@ class GNSCallback(Callback):
 
     order = 15  # after MixedPrecision (10) unscales, before GradientClip (20)
 
-    def __init__(self, n_batch: int = 20, beta: float = 0.99):
+    def __init__(self, n_batch: int = 20, beta: float = TRAINING_BETA):  # bs_find's beta while training: it trains
         NoiseScaleEstimator.check_args(n_batch, beta)
         self.n_batch, self.beta = n_batch, beta
         self.estimator: NoiseScaleEstimator | None = None

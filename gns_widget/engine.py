@@ -34,6 +34,7 @@ from .ddp import allreduce_norms, is_distributed
 from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
 from .goodput import sizes_worth_timing
 from .guard import FinderBusyError, RunInfo, claim, refuse_other_threads
+from .interval import MIN_WINDOWS as MIN_ESTIMATES
 from .interval import AutoStop
 from .loaders import population_size
 from .memory import fitting_batch_size, plan_batch
@@ -505,7 +506,8 @@ def _total_iterations(dl: Any, num_it: int | None, n_batch: int) -> int:
             raise ValueError("train_dl has no length, so 'one epoch' is unknown: pass num_it")
         if n < n_batch:
             raise ValueError(f"one epoch is only {n} batches, fewer than n_batch={n_batch}: pass num_it >= "
-                             f"{5 * n_batch} (the loader is cycled) or lower n_batch")
+                             f"{MIN_ESTIMATES * n_batch} (the {MIN_ESTIMATES} estimates a suggestion needs; the "
+                             "loader is cycled) or lower n_batch")
         return n
     return num_it
 
