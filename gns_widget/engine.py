@@ -135,7 +135,7 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
                 recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
                 result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta,
                                          method=method, stopped=stop_event.is_set())
-                if measure_speed and _worth_timing(result, tgt) and not distributed:  # a stopped run's too
+                if measure_speed and result.decidable and tgt.batch_size and not distributed:  # a stopped run's too
                     sizes = sizes_worth_timing(tgt.batch_size, result.interval, tgt.n_train, MIN_STEPS_PER_EPOCH)
                     with others.own():  # its steps are the run's; other threads stay refused while it trains
                         result.throughput = probe_throughput(tgt, sizes, amp, saturate_above=tgt.batch_size)
@@ -148,12 +148,6 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
             fits = fitting_batch_size(tgt, limit=result.suggested_bs, amp=amp)
             result.memory_plan = plan_batch(result.suggested_bs, fits)
     return result
-
-
-def _worth_timing(result: GNSResult, tgt: Target) -> bool:
-    "Whether the measurement can carry a decision, so that this device's speed at other batch sizes matters."
-    iv = result.interval
-    return bool(tgt.batch_size) and result.suggestion.usable and iv is not None and iv.lo > 0
 
 
 def _rule_of(target: Any, tgt: Target, opt: Any) -> str | None:

@@ -64,7 +64,7 @@ class GNSResult:
 
     def __init__(self, records: list[GNSRecord], *, batch_size: int, n_train: int | None, lr: float,
                  n_batch: int, beta: float, method: str, stopped: bool = False, n_skipped: int = 0,
-                 n_dropped: int = 0, decay: float | None = None, rule: str | None = None):
+                 n_dropped: int = 0, decay: float | None = None):
         self.history = pd.DataFrame([asdict(r) for r in records], columns=COLUMNS)
         self.batch_size, self.n_train, self.lr = batch_size, n_train, lr
         self.n_batch, self.beta, self.method, self.stopped = n_batch, beta, method, stopped
@@ -74,17 +74,29 @@ class GNSResult:
         self._interval = noise_scale_interval(self.history.noise_raw, self.history.scale_raw, self.decay,
                                               weights=self.history.n_batch)
         self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval,
-                                                         trained=isinstance(lr, (int, float)) and lr > 0)
+                                                         trained=self.trained)
         self.memory_plan: MemoryPlan | None = None  # set when the suggestion was checked against device memory
         self.throughput: Throughput | None = None  # this device's speed by batch size, set when bs_find timed it
-        self.rule = rule  # the lr rule of the optimizer the run used (`advice.detect_rule`), None when unknown
+        self.rule: str | None = None  # the lr rule of the optimizer the run used (`advice.detect_rule`), if known
+
+    @property
+    def trained(self) -> bool:
+        "Whether the run took optimizer steps (lr > 0), so its windows lie along a stretch of training."
+        return isinstance(self.lr, (int, float)) and self.lr > 0
+
+    @property
+    def decidable(self) -> bool:
+        """Whether the measurement can carry a decision: a usable suggestion state and an interval with a positive
+        low end (the end a bigger batch is planned at). Only then does this device's speed matter."""
+        iv = self._interval
+        return self.suggestion.usable and iv is not None and iv.lo > 0
 
     @property
     def growth(self) -> float | None:
         """How the noise scale moved while the run trained: its second half's value over its first half's (ratio of
         the windows' summed raw estimates), None at lr=0 (nothing moved) or with too few windows."""
         h = self.history
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0) or len(h) < 2 * MIN_TREND_WINDOWS:
+        if not self.trained or len(h) < 2 * MIN_TREND_WINDOWS:
             return None
         half = len(h) // 2
         first, second = (_ratio_of_sums(part) for part in (h.iloc[:half], h.iloc[half:]))
@@ -93,7 +105,7 @@ class GNSResult:
     @property
     def trend(self) -> str:
         "How representative the noise scale is of the training ahead, in words for the advice."
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if not self.trained:
             return ("measured at one point of training (lr=0): the noise scale usually grows as training goes on, "
                     "so a later measurement may allow a bigger batch")
         g = self.growth
@@ -153,11 +165,10 @@ class GNSResult:
         from_run = lr is None and self.lr > 0
         if from_run:
             lr = self.lr
-        s = self.suggestion
-        usable = s.usable and self._interval is not None and self._interval.lo > 0
         plan = self.memory_plan  # probed for the raw suggestion: its per-step batch fits
         return advise(self._interval, self.batch_size, throughput=throughput or self.throughput, n_train=self.n_train,
-                      lr=lr, epochs=epochs, rule=rule or self.rule or "momentum", reason="" if usable else s.reason,
+                      lr=lr, epochs=epochs, rule=rule or self.rule or "momentum",
+                      reason="" if self.decidable else self.suggestion.reason,
                       max_fit=plan.batch_size if plan is not None else None, lr_from_run=from_run,
                       suggested_bs=self.suggested_bs, trend=self.trend)
 
