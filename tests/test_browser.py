@@ -406,6 +406,8 @@ def test_layout_and_contrast_with_the_file_browser_open(lab, browser, theme, wid
     panel = page.locator(".gns-widget")
     expect(panel.locator(".gns-status")).to_contain_text("finished", timeout=120_000)
     expect(panel.locator(".gns-headline")).to_contain_text("Train with batch size")
+    # read now, while the panel is in view: JupyterLab may stop rendering it once later cells scroll it away
+    advised = re.search(r"Train with batch size (\d+)", panel.locator(".gns-headline").text_content()).group(1)
     panel.locator(".gns-details .jupyter-widget-Collapse-header, .gns-details .lm-TabBar-tab, "
                   ".gns-details .p-Collapse-header").first.click()  # open the details
     expect(panel.locator(".gns-result table.gns-tradeoff")).to_be_visible()
@@ -447,7 +449,6 @@ def test_layout_and_contrast_with_the_file_browser_open(lab, browser, theme, wid
     panel.locator(".gns-num-it input").fill("300")
     panel.locator(".gns-num-it input").press("Enter")
     _run_cell(page, 3)  # Apply from code: the loader comes back with the new batch size
-    advised = re.search(r"Train with batch size (\d+)", panel.locator(".gns-headline").inner_text()).group(1)
     expect(_cell(page, 3).locator(".jp-OutputArea")).to_contain_text(f"batch size after apply: {advised}",
                                                                       timeout=30_000)
     _shutdown(page)
