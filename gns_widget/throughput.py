@@ -46,7 +46,7 @@ class Throughput:
     b, in one process. It adds to a step when the loader runs in the training process (`workers` 0); with
     worker processes they share it and work beside the training steps, which then wait only when the
     workers fall behind. `max_fit` is set when a size ran out of device memory. `spread[b]` is how much
-    the rounds of size b disagreed (the slowest round's median over the fastest's, minus 1): the timing
+    the rounds of size b disagreed (the second fastest round's median over the fastest's, minus 1): the timing
     noise, which a predicted gain must clear before the advice acts on it.
     """
     step_seconds: dict[int, float]
@@ -150,9 +150,11 @@ def _time_sizes(tgt: Target, pool: ExamplePool, sizes: list[int], amp: torch.dty
             if statistics.median(times[b][0]) < MAX_STEP_SECONDS:
                 times[b].append(_time_steps(tgt, opt, pool.batch(b), amp, warmup=1))
                 tgt.model.zero_grad(set_to_none=True)
-    # the best round's median: a round that other processes slowed down says nothing of this device
-    medians = {b: [statistics.median(r) for r in rounds] for b, rounds in times.items()}
-    return {b: min(m) for b, m in medians.items()}, {b: max(m) / min(m) - 1 for b, m in medians.items()}, max_fit
+    # the best round's median: a round that other processes slowed down says nothing of this device; the noise is
+    # how far the second best is from it, so one such round (a burst on a shared machine) does not freeze decisions
+    medians = {b: sorted(statistics.median(r) for r in rounds) for b, rounds in times.items()}
+    return {b: m[0] for b, m in medians.items()}, {b: m[min(1, len(m) - 1)] / m[0] - 1 for b, m in medians.items()}, \
+        max_fit
 
 
 def _timing_optimizer(tgt: Target) -> Any:
