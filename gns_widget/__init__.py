@@ -18,6 +18,8 @@ from . import learner as _learner
 from .estimator import NoiseScaleEstimator
 
 if TYPE_CHECKING:
+    from .adaptive_fastai import AdaptiveBatchSize
+    from .adaptive_torch import AdaptiveLoader
     from .advice import BatchAdvice
     from .callback import GNSCallback
     from .ddp import DDPNoiseScale
@@ -39,6 +41,8 @@ _LAZY = {
     "GNSRecord": ".result",
     "GNSResult": ".result",
     "GNSCallback": ".callback",      # fastai
+    "AdaptiveBatchSize": ".adaptive_fastai",  # fastai
+    "AdaptiveLoader": ".adaptive_torch",
     "apply_batch_size": ".loaders",
     "GNSWidget": ".widget",          # ipywidgets, bqplot
     "FinderBusyError": ".guard",
@@ -53,7 +57,7 @@ _LAZY = {
 
 __all__ = ["bs_find", "NoiseScaleEstimator", "GNSRecord", "GNSResult", "GNSCallback", "apply_batch_size",
            "GNSWidget", "FinderBusyError", "BatchAdvice", "AutoStop", "DDPNoiseScale", "max_batch_size",
-           "PerExampleNorms", "measure_throughput", "Throughput"]
+           "PerExampleNorms", "measure_throughput", "Throughput", "AdaptiveBatchSize", "AdaptiveLoader"]
 __version__ = "0.1.0"
 
 

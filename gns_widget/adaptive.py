@@ -1,0 +1,243 @@
+"""The batch size that follows the noise scale during training: the policy, the progress count and the record.
+
+Framework-free: the fastai callback (`adaptive_fastai.py`) and the plain PyTorch loader
+(`adaptive_torch.py`) feed it the noise scale's interval and the device's measured throughput.
+
+**Which batch size.** Goodput, as in the advice (`goodput.py`) and Pollux: one optimizer step at batch
+size B is worth r(B) = (1 + B_noise/B_0)/(1 + B_noise/B) steps at the user's B_0 (McCandlish et al.:
+S(B) ∝ 1 + B_noise/B steps reach a given loss; AdaScale calls r the gain), and it costs t(B) seconds on
+this device. The policy picks the B with the most progress per second, r(B)/t(B), planned at the
+interval's low end of B_noise (a step is worth less there, so the plan errs towards more training). It
+moves only for a gain of ×GAIN_NEEDED beyond the timing noise, within the advice's bounds: at most ×2 the
+examples of the user's run, at most ×2 the lr, at least MIN_STEPS_PER_EPOCH steps per epoch.
+
+**How long.** The run ends when its progress, Σ r(B_t) over the steps taken, reaches the user's planned
+steps (epochs × steps per epoch at B_0). A schedule (one-cycle, cosine) is driven by that progress, so it
+keeps its shape however the batch size moves: AdaScale's scale-invariant iterations. The lr at B is the
+schedule's times the rule's factor (linear in r for plain SGD, its square root with momentum or Adam),
+the factor that measured best for the one-shot advice.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+
+from .advice import MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH
+from .goodput import GAIN_NEEDED, MAX_DOUBLINGS, MAX_EXAMPLES_FACTOR, examples_ratio
+from .interval import Interval
+from .suggest import check_rule, lr_factor
+from .throughput import Throughput
+
+__all__ = ["Decision", "BatchSizePolicy", "Progress", "AdaptiveRecord", "step_gain", "candidate_sizes",
+           "default_n_batch"]
+
+
+def step_gain(base_bs: int, bs: int, noise_scale: float) -> float:
+    "How many steps at `base_bs` one step at `bs` is worth: r = (1 + B_noise/base_bs)/(1 + B_noise/bs)."
+    if bs == base_bs or not noise_scale > 0:  # no plan yet: a step is worth what it is at the base size
+        return 1.0
+    return (1 + noise_scale / base_bs) / (1 + noise_scale / bs)
+
+
+def candidate_sizes(base_bs: int, n_train: int | None) -> list[int]:
+    """The sizes an adaptive run may take, timed once before it starts: the user's and its powers-of-two
+    multiples up to ×2^MAX_DOUBLINGS, each leaving an epoch at least MIN_STEPS_PER_EPOCH steps."""
+    cap = n_train // MIN_STEPS_PER_EPOCH if n_train else math.inf
+    return [base_bs * 2**k for k in range(MAX_DOUBLINGS + 1) if k == 0 or base_bs * 2**k <= cap]
+
+
+def default_n_batch(steps_per_epoch: int) -> int:
+    """Small batches per estimate while adapting: about ten windows per epoch at the user's batch size, so the
+    first epoch gives the interval its MIN_WINDOWS, between 4 (a big batch of 4 is still well apart from a
+    small one) and 20 (the finder's default)."""
+    return max(4, min(20, steps_per_epoch // 10))
+
+
+@dataclass(frozen=True)
+class Decision:
+    "One look at the noise scale during training, and what it changed (`new_bs == old_bs`: nothing)."
+    step: int  # optimizer steps taken before it
+    epoch: int  # the epoch it starts
+    progress: float  # fraction of the planned run done
+    old_bs: int
+    new_bs: int
+    noise_scale: float  # the smoothed value (nan without an interval)
+    lo: float  # the interval's ends
+    hi: float
+    planned_at: float  # the noise scale the new size's step gain and lr factor are planned at (the low end)
+    gain: float  # predicted progress per second at new_bs over old_bs (1 when kept)
+    lr_factor: float  # the lr at new_bs over the schedule's (the user's at base bs)
+    reason: str
+
+    @property
+    def changed(self) -> bool:
+        return self.new_bs != self.old_bs
+
+    def __str__(self) -> str:
+        if not self.changed:
+            return f"step {self.step} (epoch {self.epoch}): keep {self.old_bs}: {self.reason}"
+        return (f"step {self.step} (epoch {self.epoch}): {self.old_bs} → {self.new_bs}, lr ×{self.lr_factor:.3g}, "
+                f"predicted ×{self.gain:.2f} progress per second: {self.reason}")
+
+
+class BatchSizePolicy:
+    """Picks the batch size with the most progress per second on the measured device (see the module docstring).
+
+    `base_bs` is the user's batch size (the schedule's lr is for it), `throughput` the device's step time at
+    each candidate size, `rule` the lr rule ("sgd", "momentum", "adam"), `gain_needed` the predicted gain a
+    move must clear (times 1 + the timing noise).
+    """
+
+    def __init__(self, base_bs: int, throughput: Throughput, *, n_train: int | None, rule: str = "momentum",
+                 gain_needed: float = GAIN_NEEDED, max_bs: int | None = None):
+        check_rule(rule)
+        if not gain_needed >= 1:
+            raise ValueError(f"gain_needed must be a number >= 1 (the predicted speedup a move must clear), "
+                             f"got {gain_needed!r}")
+        if base_bs not in throughput.step_seconds:
+            raise ValueError(f"throughput must include the base batch size {base_bs}; it has {throughput.batch_sizes}")
+        self.base_bs, self.throughput, self.n_train, self.rule = base_bs, throughput, n_train, rule
+        self.gain_needed, self.max_bs = gain_needed, max_bs
+
+    def allowed(self, noise_scale: float) -> list[int]:
+        "The timed sizes a plan at `noise_scale` may use: within the examples, lr and memory bounds."
+        out = []
+        for b in self.throughput.batch_sizes:
+            if b < self.base_bs or (self.max_bs is not None and b > self.max_bs and b != self.base_bs):
+                continue
+            if examples_ratio(self.base_bs, b, noise_scale) > MAX_EXAMPLES_FACTOR:
+                continue
+            if lr_factor(self.base_bs, b, noise_scale, self.rule) > MAX_LR_FACTOR:
+                continue
+            out.append(b)
+        return out
+
+    def progress_rate(self, bs: int, noise_scale: float) -> float:
+        "Planned steps at the base size done per second at `bs`."
+        return step_gain(self.base_bs, bs, noise_scale) / self.throughput.seconds_per_step(bs)
+
+    def decide(self, bs: int, interval: Interval | None, *, planned_at: float = math.nan, step: int = 0,
+               epoch: int = 0, progress: float = 0.0) -> Decision:
+        """The decision at batch size `bs` for the noise scale's current interval. `planned_at` is the noise scale
+        the current size was planned at: a look that cannot decide keeps it, one that can re-plans at the new low
+        end (a step at the same size is then worth more, or less, as AdaScale's gain follows the noise)."""
+        def keep(reason: str, value: float = math.nan, lo: float = math.nan, hi: float = math.nan,
+                 at: float = planned_at) -> Decision:
+            return Decision(step, epoch, progress, bs, bs, value, lo, hi, at, 1.0, self.lr_factor(bs, at), reason)
+
+        if interval is None:
+            return keep("too few estimates for an interval yet")
+        value, lo, hi = interval.value, interval.lo, interval.hi
+        if not lo > 0:
+            return keep("|G|² is not yet distinguishable from its noise (the interval reaches 0)", value, lo, hi)
+        sizes = self.allowed(lo)
+        if bs not in sizes:  # the interval fell below what the current size needs: back to the best allowed
+            sizes = sizes or [self.base_bs]
+        best = max(sizes, key=lambda b: self.progress_rate(b, lo))
+        current = self.progress_rate(bs, lo) if bs in self.throughput.step_seconds else 0.0
+        gain = self.progress_rate(best, lo) / current if current > 0 else math.inf
+        needed = self.gain_needed * (1 + self.throughput.noise(bs, best))
+        if best == bs:
+            return keep(f"{bs} makes the most progress per second at the noise scale's low end {lo:.3g}",
+                        value, lo, hi, lo)
+        if bs in sizes and gain < needed:
+            return keep(f"{best} would gain ×{gain:.2f} at the low end {lo:.3g}, below the ×{needed:.2f} a move "
+                        "needs", value, lo, hi, lo)
+        why = (f"noise scale {interval}: {best} makes ×{gain:.2f} the progress per second of {bs} at the low end"
+               if bs in sizes else f"noise scale {interval}: {bs} is past its bounds now")
+        return Decision(step, epoch, progress, bs, best, value, lo, hi, lo, gain, self.lr_factor(best, lo), why)
+
+    def lr_factor(self, bs: int, noise_scale: float) -> float:
+        "The lr at `bs` over the schedule's lr (which is for the base size)."
+        return 1.0 if bs == self.base_bs or not noise_scale > 0 else lr_factor(self.base_bs, bs, noise_scale, self.rule)
+
+    def step_gain(self, bs: int, noise_scale: float) -> float:
+        "Planned steps one step at `bs` is worth, planned at `noise_scale`."
+        return step_gain(self.base_bs, bs, noise_scale)
+
+
+@dataclass
+class Progress:
+    """The planned run's progress in steps at the base batch size: Σ r(B_t) over the steps taken.
+
+    `planned` is epochs × steps per epoch at the base size; `pct` drives the schedule, `done` ends the run.
+    """
+    planned: float
+    steps_done: float = 0.0
+    steps_taken: int = 0
+    examples: int = 0
+
+    def advance(self, gain: float, batch_size: int) -> None:
+        self.steps_done += gain
+        self.steps_taken += 1
+        self.examples += batch_size
+
+    @property
+    def pct(self) -> float:
+        return min(self.steps_done / self.planned, 1.0) if self.planned > 0 else 1.0
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.planned - 1e-9
+
+
+@dataclass
+class AdaptiveRecord:
+    """What an adaptive run did: its decisions (when, from, to, why, predicted gain) and, per optimizer step,
+    the batch size, the lr factor and the progress. `plot()` draws them over the noise scale."""
+    base_bs: int
+    planned_steps: float
+    decisions: list[Decision] = field(default_factory=list)
+    rows: list[tuple[int, int, int, float, float]] = field(default_factory=list)  # step, epoch, bs, lr, pct
+
+    def log_step(self, epoch: int, bs: int, lr: float, pct: float) -> None:
+        self.rows.append((len(self.rows) + 1, epoch, bs, lr, pct))
+
+    @property
+    def steps(self) -> pd.DataFrame:
+        "One row per optimizer step: step, epoch, bs, lr (the effective one, first parameter group) and pct."
+        return pd.DataFrame(self.rows, columns=["step", "epoch", "bs", "lr", "pct"])
+
+    @property
+    def changes(self) -> list[Decision]:
+        "The decisions that moved the batch size."
+        return [d for d in self.decisions if d.changed]
+
+    def decisions_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(d) for d in self.decisions])
+
+    def summary(self) -> str:
+        steps = self.steps
+        if not len(steps):
+            return "no step taken"
+        sizes = " → ".join(str(d.new_bs) for d in [self.decisions[0]] + self.changes) if self.decisions else \
+            str(self.base_bs)
+        return (f"{len(steps)} optimizer steps for a plan of {self.planned_steps:g} at batch size {self.base_bs} "
+                f"(×{self.planned_steps / len(steps):.2f} fewer); batch size {sizes}")
+
+    def plot(self, history: pd.DataFrame | None = None):
+        "Batch size and lr over the steps, each change marked; with a GNSResult's history, the noise scale too."
+        import matplotlib.pyplot as plt
+
+        steps = self.steps
+        n = 3 if history is not None else 2
+        fig, axs = plt.subplots(1, n, figsize=(4.3 * n, 3.3))
+        axs[0].step(steps.step, steps.bs, where="post")
+        axs[0].set_title("batch size")
+        axs[1].plot(steps.step, steps.lr)
+        axs[1].set_title("lr (effective)")
+        if history is not None:
+            axs[2].plot(history.iteration, history.noise_scale)  # small batches; steps here are one per batch
+            axs[2].set_title("noise scale B_simple")
+        for d in self.changes:
+            for ax in axs:
+                ax.axvline(d.step, ls="--", c="C1", lw=0.8)
+        for ax in axs:
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        return fig
+
+    def __str__(self) -> str:
+        return "\n".join([self.summary()] + [f"  {d}" for d in self.decisions])

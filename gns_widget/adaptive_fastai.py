@@ -1,0 +1,181 @@
+"""`AdaptiveBatchSize`: a fastai callback whose batch size follows the noise scale during `learn.fit`."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from fastai.callback.core import CancelFitException, CancelTrainException
+from fastai.callback.training import GradientAccumulation
+
+from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, candidate_sizes, default_n_batch
+from .advice import detect_rule
+from .callback import GNSCallback
+from .engine import TRAINING_BETA
+from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
+from .interval import noise_scale_interval
+from .loaders import current_batch_size, dataset_len
+from .precision import resolve_amp
+from .suggest import check_rule
+from .targets import as_target
+from .targets.base import batch_size_of
+from .throughput import Throughput, probe_throughput
+
+__all__ = ["AdaptiveBatchSize"]
+
+
+class AdaptiveBatchSize(GNSCallback):
+    """Grow the batch size with the noise scale during `learn.fit`, keeping the lr schedule's shape.
+
+    `learn.fit_one_cycle(5, 3e-3, cbs=AdaptiveBatchSize())` measures the noise scale as `GNSCallback`
+    does, times training steps at the candidate sizes on this device before the first epoch, and at each
+    epoch's start sets `dls.train.bs` to the size with the most progress per second (`adaptive.py`). A
+    step at a bigger size counts for more of the planned run, so fastai's schedules (one-cycle, cosine,
+    flat) run on that progress and the fit ends when the progress of `n_epoch` epochs at the user's batch
+    size is reached: usually in fewer epochs' worth of steps, at most ×2 the examples (the progress bar
+    shows that bound). The lr is the schedule's times the optimizer's rule factor.
+
+    After the fit the loader's batch size is the user's again, and `self.record` holds the decisions and the
+    per-step batch size and lr (`self.record.plot(self.result.history)`); `self.result` is the noise scale's
+    `GNSResult` as for `GNSCallback`. Decisions come at epoch boundaries: fastai builds an epoch's batches
+    when it starts. `on_decision(decision)` and `on_step(record)` are called as they happen (a live view).
+
+    Works with `MixedPrecision` (the gradients are read unscaled; the timing uses the same autocast);
+    `GradientAccumulation` and distributed training are refused (their step is not the loader's batch).
+    """
+
+    order = GNSCallback.order  # reads gradients after MixedPrecision unscales them, before GradientClip
+
+    def __init__(self, n_batch: int | None = None, beta: float = TRAINING_BETA, *, rule: str | None = None,
+                 gain_needed: float = GAIN_NEEDED, max_bs: int | None = None, throughput: Throughput | None = None,
+                 on_decision: Callable[[Decision], Any] | None = None, on_step: Callable[[Any], Any] | None = None):
+        super().__init__(20 if n_batch is None else n_batch, beta)
+        if rule is not None:
+            check_rule(rule)
+        if not (isinstance(gain_needed, (int, float)) and gain_needed >= 1):
+            raise ValueError(f"gain_needed must be a number >= 1 (the predicted speedup a move must clear), "
+                             f"got {gain_needed!r}")
+        if max_bs is not None and not (isinstance(max_bs, int) and max_bs >= 1):
+            raise ValueError(f"max_bs must be a positive integer or None, got {max_bs!r}")
+        self.auto_n_batch, self.rule, self.gain_needed, self.max_bs = n_batch is None, rule, gain_needed, max_bs
+        self.given_throughput, self.on_decision, self.on_step = throughput, on_decision, on_step
+        self.record: AdaptiveRecord | None = None
+
+    # ------------------------------------------------------------------ fit
+    def before_fit(self):
+        self._refuse_unsupported()
+        self.base_bs = current_batch_size(self.dls.train)
+        steps_per_epoch = len(self.dls.train)
+        if self.auto_n_batch:
+            self.n_batch = default_n_batch(steps_per_epoch)
+        super().before_fit()
+        self.n_train = dataset_len(self.dls.train)
+        self.throughput = self.given_throughput or self._time_sizes()
+        rule = self.rule or detect_rule(self.learn.opt_func) or "momentum"
+        self.policy = BatchSizePolicy(self.base_bs, self.throughput, n_train=self.n_train, rule=rule,
+                                      gain_needed=self.gain_needed, max_bs=self.max_bs)
+        self.planned_epochs = self.n_epoch
+        self.progress = Progress(planned=self.n_epoch * steps_per_epoch)
+        self.record = AdaptiveRecord(self.base_bs, self.progress.planned)
+        self.bs, self.planned_at, self.lr_scale, self._lrs = self.base_bs, math.nan, 1.0, None
+        # fastai's epoch loop reads n_epoch once, after before_fit: room for the examples a bigger batch needs
+        self.learn.n_epoch = math.ceil(self.n_epoch * MAX_EXAMPLES_FACTOR)
+
+    def _refuse_unsupported(self) -> None:
+        if any(isinstance(cb, GradientAccumulation) for cb in self.learn.cbs):
+            raise ValueError("AdaptiveBatchSize moves the loader's batch size, which is not the optimizer's step "
+                             "under GradientAccumulation: remove GradientAccumulation (a bigger batch does its job)")
+        if any(type(cb).__name__ == "DistributedTrainer" for cb in self.learn.cbs):
+            raise ValueError("AdaptiveBatchSize does not support distributed training (distrib_ctx): each rank's "
+                             "loader would need the same decision. Measure with GNSCallback there instead")
+
+    def _time_sizes(self) -> Throughput:
+        "Step time at each candidate size on this device, the Learner's state restored (`probe_throughput`)."
+        sizes = candidate_sizes(self.base_bs, dataset_len(self.dls.train))
+        if self.max_bs is not None:
+            sizes = [b for b in sizes if b <= self.max_bs or b == self.base_bs]
+        tgt = as_target(self.learn, measuring=False)
+        return probe_throughput(tgt, sizes, resolve_amp(self.learn, None), saturate_above=self.base_bs)
+
+    def before_epoch(self):
+        if self.progress.done:
+            raise CancelFitException()
+        if self.epoch == 0:
+            return
+        interval = noise_scale_interval([r.noise_raw for r in self.recorder_.records],
+                                        [r.scale_raw for r in self.recorder_.records], self.estimator.beta,
+                                        weights=[r.n_batch for r in self.recorder_.records])
+        d = self.policy.decide(self.bs, interval, planned_at=self.planned_at, step=self.progress.steps_taken,
+                               epoch=self.epoch, progress=self.progress.pct)
+        self.record.decisions.append(d)
+        self.planned_at = d.planned_at
+        if d.changed:
+            self.dls.train.bs = self.bs = d.new_bs
+        if self.on_decision is not None:
+            self.on_decision(d)
+
+    def before_train(self):
+        self.learn.pct_train = self.progress.pct  # fastai sets epoch / n_epoch: the schedule runs on progress
+        gain = self.policy.step_gain(self.bs, self.planned_at)
+        needed = math.ceil((self.progress.planned - self.progress.steps_done) / gain - 1e-9)
+        if needed < len(self.dl):  # the plan ends in this epoch: its first batches, then validation as usual
+            self.learn.dl = _FirstBatches(self.dl, needed)
+
+    def before_batch(self):
+        if self.training and self.progress.done:  # only if a step's gain changed under the epoch's count
+            raise CancelTrainException()
+
+    def before_step(self):
+        super().before_step()
+        factor = self.policy.lr_factor(self.bs, self.planned_at)
+        self._lrs = [h["lr"] for h in self.opt.hypers]
+        if factor != 1.0:
+            for h in self.opt.hypers:
+                h["lr"] = h["lr"] * factor
+        self._lr = self.opt.hypers[-1]["lr"]
+
+    def after_step(self):
+        if self._lrs is not None:  # the schedule sets the next lr; a constant lr must not compound
+            for h, lr in zip(self.opt.hypers, self._lrs):
+                h["lr"] = lr
+            self._lrs = None
+
+    def after_batch(self):
+        if not self.training:
+            return
+        self.progress.advance(self.policy.step_gain(self.bs, self.planned_at), batch_size_of(self.yb, self.xb))
+        self.learn.pct_train = self.progress.pct
+        self.record.log_step(self.epoch, self.bs, self._lr, self.progress.pct)
+        if self.on_step is not None:
+            self.on_step(self.record)
+
+    def after_fit(self):
+        super().after_fit()
+        if self.record is not None:
+            self.dls.train.bs = self.base_bs  # the user's loader as it was; the record keeps what was used
+            self.learn.n_epoch = self.planned_epochs
+
+
+class _FirstBatches:
+    """The first `n` batches of a fastai DataLoader's epoch (shuffled over the whole dataset as usual), for the epoch
+    in which the planned progress is reached; every other attribute is the loader's."""
+
+    def __init__(self, dl: Any, n: int):
+        self.dl, self.n = dl, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        it = iter(self.dl)
+        try:
+            for _ in range(self.n):
+                try:
+                    yield next(it)
+                except StopIteration:
+                    return
+        finally:
+            it.close()  # ends the loader's epoch (its worker processes too)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dl, name)

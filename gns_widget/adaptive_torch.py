@@ -1,0 +1,189 @@
+"""`AdaptiveLoader`: batches for a plain PyTorch loop whose batch size follows the noise scale."""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, candidate_sizes, default_n_batch
+from .advice import detect_rule
+from .engine import TRAINING_BETA
+from .estimator import NoiseScaleEstimator
+from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
+from .interval import noise_scale_interval
+from .memory_plan import check_positive_int
+from .result import GNSResult, RunRecorder
+from .suggest import check_rule
+from .throughput import Throughput, measure_throughput
+
+__all__ = ["AdaptiveLoader"]
+
+
+class AdaptiveLoader:
+    """The batches of `epochs` epochs at `batch_size`, at the batch size with the most progress per second.
+
+    ```
+    adapt = AdaptiveLoader(train_ds, 64, epochs=5, model=model, opt=opt, loss_func=loss_func)
+    for xb, yb in adapt:                    # ends when the progress of 5 epochs at 64 is reached
+        loss = loss_func(model(xb), yb)
+        loss.backward()
+        for g in opt.param_groups:          # any schedule, on the planned run's progress (0 → 1)
+            g["lr"] = 1e-3 * (1 + math.cos(math.pi * adapt.pct)) / 2
+        adapt.step(loss)                    # measures, steps the optimizer at the scaled lr, zeroes the gradients
+    ```
+
+    It times training steps at the candidate sizes on this device when iteration starts (model, optimizer
+    and RNG restored), measures the noise scale from the loop's own gradients, and at each epoch's start
+    (and every `decide_every` steps, if given) moves to the size with the most progress per second
+    (`adaptive.py`); `pct` counts a step at a bigger size for more of the plan. `step` multiplies each
+    parameter group's lr by the rule's factor for that step only, so a schedule that sets the lr each step,
+    a constant lr and a torch scheduler all keep their meaning. With a `torch.amp.GradScaler`, pass
+    `scaler=`: `step` unscales, measures, steps and updates it.
+
+    `loader_kwargs` go to each epoch's `DataLoader` (num_workers, collate_fn, pin_memory...); the batches
+    are always shuffled. `self.record` holds the decisions and per-step batch size and lr; `self.result`
+    the noise scale's `GNSResult`.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, epochs: int, *, model: nn.Module,
+                 opt: torch.optim.Optimizer, loss_func: Callable, n_batch: int | None = None,
+                 beta: float = TRAINING_BETA, rule: str | None = None, gain_needed: float = GAIN_NEEDED,
+                 max_bs: int | None = None, decide_every: int | None = None, throughput: Throughput | None = None,
+                 scaler: Any = None, on_decision: Callable[[Decision], Any] | None = None,
+                 on_step: Callable[[AdaptiveRecord], Any] | None = None, **loader_kwargs):
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("epochs", epochs)
+        if decide_every is not None:
+            check_positive_int("decide_every", decide_every)
+        if rule is not None:
+            check_rule(rule)
+        for key in ("shuffle", "sampler", "batch_sampler", "drop_last"):
+            if key in loader_kwargs:
+                raise ValueError(f"{key}= is AdaptiveLoader's to set: it draws shuffled batches of the size it "
+                                 "decides; pass the other DataLoader arguments only")
+        self.n_train = len(dataset)
+        steps_per_epoch = math.ceil(self.n_train / batch_size)
+        self.dataset, self.base_bs, self.epochs, self.loader_kwargs = dataset, batch_size, epochs, loader_kwargs
+        self.model, self.opt, self.loss_func, self.scaler = model, opt, loss_func, scaler
+        self.decide_every, self.given_throughput = decide_every, throughput
+        self.on_decision, self.on_step = on_decision, on_step
+        self.rule = rule or detect_rule(opt) or "momentum"
+        self.gain_needed, self.max_bs = gain_needed, max_bs
+        self.estimator = NoiseScaleEstimator(default_n_batch(steps_per_epoch) if n_batch is None else n_batch, beta,
+                                             n_train=self.n_train)
+        self.progress = Progress(planned=epochs * steps_per_epoch)
+        self.recorder = RunRecorder(self.estimator, total=epochs * steps_per_epoch)
+        self.record = AdaptiveRecord(batch_size, self.progress.planned)
+        self.batch_size, self.planned_at, self.epoch = batch_size, math.nan, 0
+        self.policy: BatchSizePolicy | None = None
+        self._batch: tuple[int, int] | None = None  # the last yielded batch's examples and the size it was drawn at
+
+    @property
+    def pct(self) -> float:
+        "The planned run's progress, 0 → 1: what a schedule should follow."
+        return self.progress.pct
+
+    @property
+    def result(self) -> GNSResult:
+        "The noise scale measured along the run."
+        return self.recorder.result(batch_size=self.base_bs, n_train=self.n_train, lr=self._lr(), method="training")
+
+    def _lr(self) -> float:
+        return float(self.opt.param_groups[-1]["lr"])
+
+    def _timing(self) -> Throughput:
+        sizes = candidate_sizes(self.base_bs, self.n_train)
+        if self.max_bs is not None:
+            sizes = [b for b in sizes if b <= self.max_bs or b == self.base_bs]
+        dl = DataLoader(self.dataset, batch_size=self.base_bs, shuffle=True, **self.loader_kwargs)
+        return measure_throughput(self.model, dl, self.loss_func, batch_sizes=sizes, opt=self.opt)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.policy is None:
+            self.throughput = self.given_throughput or self._timing()
+            self.policy = BatchSizePolicy(self.base_bs, self.throughput, n_train=self.n_train, rule=self.rule,
+                                          gain_needed=self.gain_needed, max_bs=self.max_bs)
+        for epoch in range(self.epoch, math.ceil(self.epochs * MAX_EXAMPLES_FACTOR)):
+            self.epoch = epoch
+            if self.progress.done:
+                return
+            if epoch > 0:
+                self._decide()
+            sizes: deque[tuple[int, int]] = deque()  # (examples, size drawn at) of each batch: workers draw ahead
+            it = iter(DataLoader(self.dataset, batch_sampler=_Batches(self, sizes), **self.loader_kwargs))
+            try:
+                for batch in it:
+                    if self.progress.done:
+                        return
+                    self._batch = sizes.popleft()
+                    yield batch
+            finally:
+                del it  # ends the epoch's worker processes
+        self.epoch += 1  # past the last epoch: iterating again yields nothing
+
+    def _decide(self) -> None:
+        recs = self.recorder.records
+        interval = noise_scale_interval([r.noise_raw for r in recs], [r.scale_raw for r in recs], self.estimator.beta,
+                                        weights=[r.n_batch for r in recs])
+        d = self.policy.decide(self.batch_size, interval, planned_at=self.planned_at,
+                               step=self.progress.steps_taken, epoch=self.epoch, progress=self.progress.pct)
+        self.record.decisions.append(d)
+        self.planned_at, self.batch_size = d.planned_at, d.new_bs
+        if self.on_decision is not None:
+            self.on_decision(d)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """After `loss.backward()`: measure the gradients, step the optimizer at the lr scaled for this batch size,
+        zero the gradients and count the step's progress."""
+        if self._batch is None:
+            raise RuntimeError("step() comes after a batch from iterating the AdaptiveLoader and its backward")
+        (n, bs), self._batch = self._batch, None  # an epoch's short last batch is a step at its epoch's size
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        self.recorder.step(loss, n, self.model, epoch=self.epoch)
+        factor = self.policy.lr_factor(bs, self.planned_at)
+        lrs = [g["lr"] for g in self.opt.param_groups]
+        for g in self.opt.param_groups:
+            g["lr"] = g["lr"] * factor
+        lr = self._lr()
+        try:
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+        finally:
+            for g, old in zip(self.opt.param_groups, lrs):
+                g["lr"] = old
+        self.opt.zero_grad()
+        self.progress.advance(self.policy.step_gain(bs, self.planned_at), n)
+        self.record.log_step(self.epoch, bs, lr, self.progress.pct)
+        if self.on_step is not None:
+            self.on_step(self.record)
+        if self.decide_every and self.progress.steps_taken % self.decide_every == 0:
+            self._decide()
+
+    def __repr__(self) -> str:
+        return f"AdaptiveLoader(batch_size={self.batch_size}, base {self.base_bs}, pct={self.pct:.2f})\n{self.record}"
+
+
+class _Batches:
+    "Index lists over one shuffled epoch, each of the loader's batch size when it is drawn (noted in `sizes`)."
+
+    def __init__(self, owner: AdaptiveLoader, sizes: deque[tuple[int, int]]):
+        self.owner, self.sizes = owner, sizes
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.owner.n_train).tolist()
+        start = 0
+        while start < len(order):
+            bs = self.owner.batch_size
+            batch = order[start:start + bs]
+            start += len(batch)
+            self.sizes.append((len(batch), bs))
+            yield batch

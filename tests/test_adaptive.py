@@ -1,0 +1,251 @@
+"""The adaptive batch size: the policy on synthetic noise-scale curves, the progress count, and the fastai
+callback and torch loader that carry it out (a run that never moves trains exactly as the user's own)."""
+import math
+
+import pytest
+import torch
+from fastai.basics import Learner, set_seed
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
+from fastai.callback.training import GradientAccumulation
+from fastai.data.core import DataLoaders
+from fastai.optimizer import Adam
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from gns_widget import AdaptiveBatchSize, AdaptiveLoader
+from gns_widget.adaptive import BatchSizePolicy, Progress, candidate_sizes, default_n_batch, step_gain
+from gns_widget.advice import MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH
+from gns_widget.datasets import digits
+from gns_widget.goodput import MAX_EXAMPLES_FACTOR, examples_ratio
+from gns_widget.interval import Interval
+from gns_widget.throughput import Throughput
+
+SIZES = [16, 32, 64, 128, 256, 512, 1024]
+STEP_BOUND = Throughput({b: 0.01 for b in SIZES}, device="step-bound")  # a GPU far from saturation
+PER_EXAMPLE = Throughput({b: 0.001 * b for b in SIZES}, device="per-example")  # a CPU on a conv net
+
+
+def _policy(tp=STEP_BOUND, rule="momentum", n_train=100_000, **kw):
+    return BatchSizePolicy(16, tp, n_train=n_train, rule=rule, **kw)
+
+
+def _at(value, rel=0.1):
+    return Interval(value, value * (1 - rel), value * (1 + rel))
+
+
+# ---------------------------------------------------------------- the policy
+def test_the_batch_grows_with_the_noise_scale_on_a_step_bound_device():
+    p, bs, sizes = _policy(), 16, []
+    for ns in (20, 60, 150, 400, 1000, 3000):  # a noise scale that grows as training goes, as in the paper
+        d = p.decide(bs, _at(ns))
+        bs = d.new_bs
+        sizes.append(bs)
+        lo = ns * 0.9
+        assert examples_ratio(16, bs, lo) <= MAX_EXAMPLES_FACTOR + 1e-9
+        assert p.lr_factor(bs, lo) <= MAX_LR_FACTOR + 1e-9
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert sizes[-1] == max(p.allowed(3000 * 0.9)) == 64  # then the lr bound: ×2 is a gain of 4 under sqrt
+
+
+def test_nothing_grows_where_time_is_per_example():
+    p = _policy(PER_EXAMPLE)
+    for ns in (20, 200, 2000, 20000):
+        assert not p.decide(16, _at(ns)).changed
+
+
+def test_no_interval_or_one_that_reaches_zero_keeps_the_size_and_its_plan():
+    p = _policy()
+    d = p.decide(64, None, planned_at=300.0)
+    assert not d.changed and d.planned_at == 300.0 and "too few" in d.reason
+    d = p.decide(64, Interval(300.0, 0.0, math.inf), planned_at=300.0)
+    assert not d.changed and d.planned_at == 300.0 and "noise" in d.reason
+
+
+def test_a_small_predicted_gain_does_not_move():
+    # 32 at the low end 9: ×(1 + 9/16)/(1 + 9/32) = ×1.22 progress per step, on a device where 32 costs ×1.15 time
+    tp = Throughput({16: 0.01, 32: 0.0115, 64: 1.0}, device="d")
+    assert not _policy(tp).decide(16, _at(10)).changed
+    assert _policy(tp, gain_needed=1.0).decide(16, _at(10)).new_bs == 32
+
+
+def test_timing_noise_raises_the_gain_a_move_needs():
+    quiet = Throughput({16: 0.01, 32: 0.01}, device="d")
+    noisy = Throughput({16: 0.01, 32: 0.01}, device="d", spread={16: 0.0, 32: 0.5})
+    assert _policy(quiet).decide(16, _at(12)).new_bs == 32  # ×1.27 per step at 10.8
+    assert not _policy(noisy).decide(16, _at(12)).changed  # needs ×1.1 × 1.5
+
+
+def test_a_falling_noise_scale_brings_the_size_back_within_bounds():
+    p = _policy()
+    big = p.decide(16, _at(2000)).new_bs
+    assert big >= 64
+    d = p.decide(big, _at(30))  # the noise fell (a BatchNorm net's swings): big needs > ×2 the examples now
+    assert d.new_bs < big and examples_ratio(16, d.new_bs, 27) <= MAX_EXAMPLES_FACTOR
+    assert "past its bounds" in d.reason
+
+
+def test_the_plain_sgd_rule_grows_less_than_the_square_root_rule():
+    # the lr may at most double: linear in the gain stops at a gain of 2, its square root at 4
+    assert _policy(rule="sgd").decide(16, _at(5000)).new_bs < _policy(rule="adam").decide(16, _at(5000)).new_bs
+
+
+def test_an_epoch_keeps_its_minimum_of_steps():
+    assert max(candidate_sizes(16, 2000)) <= 2000 // MIN_STEPS_PER_EPOCH
+    assert candidate_sizes(16, 100) == [16]  # the base size always
+
+
+def test_max_bs_caps_the_policy():
+    assert _policy(max_bs=64).decide(16, _at(5000)).new_bs == 64
+
+
+def test_bad_policy_arguments_are_named():
+    with pytest.raises(ValueError, match="rule"):
+        _policy(rule="lamb")
+    with pytest.raises(ValueError, match="gain_needed"):
+        _policy(gain_needed=0.5)
+    with pytest.raises(ValueError, match="base batch size 8"):
+        BatchSizePolicy(8, STEP_BOUND, n_train=1000)
+
+
+def test_step_gain_and_progress():
+    assert step_gain(16, 16, 100) == 1.0 and step_gain(16, 64, math.nan) == 1.0
+    assert step_gain(16, 64, 48) == pytest.approx((1 + 3) / (1 + 0.75))
+    p = Progress(planned=10)
+    for _ in range(4):
+        p.advance(2.5, 64)
+    assert p.done and p.pct == 1.0 and p.steps_taken == 4 and p.examples == 256
+    assert default_n_batch(45) == 4 and default_n_batch(135) == 13 and default_n_batch(10_000) == 20
+
+
+# ---------------------------------------------------------------- fastai
+def _learner(n_train=640, bs=16, seed=0) -> Learner:
+    set_seed(seed)
+    xt, yt, xv, yv = digits()
+    dls = DataLoaders.from_dsets(TensorDataset(xt[:n_train], yt[:n_train]), TensorDataset(xv[:128], yv[:128]),
+                                 bs=bs, device="cpu")
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=Adam)
+
+
+def _fit(learn, cbs, epochs=4):
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(epochs, 3e-3, cbs=cbs)
+    return learn
+
+
+def test_a_run_that_never_moves_trains_exactly_as_the_plain_fit():
+    plain = _fit(_learner(), [])
+    cb = AdaptiveBatchSize(throughput=PER_EXAMPLE)
+    adaptive = _fit(_learner(), [cb])
+    for a, b in zip(plain.model.parameters(), adaptive.model.parameters()):
+        assert torch.equal(a, b)
+    assert plain.recorder.lrs == adaptive.recorder.lrs
+    assert len(cb.record.steps) == 4 * (640 // 16) and not cb.record.changes
+    assert [len(v) for v in adaptive.recorder.values] == [len(v) for v in plain.recorder.values]
+
+
+def test_the_fastai_batch_grows_and_the_schedule_ends_on_progress():
+    learn = _learner()
+    cb = AdaptiveBatchSize(throughput=STEP_BOUND)
+    _fit(learn, [cb], epochs=6)
+    steps, planned = cb.record.steps, 6 * (640 // 16)
+    assert cb.record.changes and steps.bs.iloc[-1] > 16
+    assert len(steps) < planned  # fewer optimizer steps than the plan at 16
+    assert steps.pct.iloc[-1] == 1.0 and cb.progress.done
+    # every epoch ran whole but the last, whose first batches reach the plan; each was validated
+    assert len(learn.recorder.values) == steps.epoch.iloc[-1] + 1 and all(len(v) == 2 for v in learn.recorder.values)
+    # the lr at a bigger size is the schedule's times the rule's factor (Adam: the square root of the gain)
+    d = cb.record.changes[0]
+    assert d.lr_factor == pytest.approx(math.sqrt(step_gain(16, d.new_bs, d.planned_at)))
+    assert learn.dls.train.bs == 16 and learn.n_epoch == 6  # the Learner as the user set it
+    # the one-cycle reached its end: the last step's lr is annealed to under 1% of the peak, scaled
+    assert steps.lr.iloc[-1] < 3e-3 * cb.record.decisions[-1].lr_factor / 100
+
+
+def test_the_fastai_callback_refuses_gradient_accumulation():
+    with pytest.raises(ValueError, match="GradientAccumulation"):
+        _fit(_learner(), [AdaptiveBatchSize(throughput=STEP_BOUND), GradientAccumulation(64)])
+
+
+@pytest.mark.parametrize("kw, match", [({"rule": "x"}, "rule"), ({"gain_needed": 0}, "gain_needed"),
+                                       ({"max_bs": 0}, "max_bs"), ({"n_batch": 1}, "n_batch")])
+def test_bad_callback_arguments_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptiveBatchSize(**kw)
+
+
+def test_the_callback_times_the_learner_and_restores_it():
+    learn = _learner()
+    cb = AdaptiveBatchSize()
+    w0 = [p.detach().clone() for p in learn.model.parameters()]
+    cb.learn, cb.base_bs = learn, 16
+    tp = cb._time_sizes()
+    assert tp.batch_sizes[0] == 16 and set(tp.batch_sizes) <= set(candidate_sizes(16, 640))
+    assert all(torch.equal(a, b) for a, b in zip(w0, learn.model.parameters()))
+
+
+# ---------------------------------------------------------------- torch
+def _torch_setup(seed=0, n_train=640):
+    torch.manual_seed(seed)
+    xt, yt, _, _ = digits()
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return TensorDataset(xt[:n_train], yt[:n_train]), model, opt
+
+
+def _loop(adapt, model, opt, lr=0.05):
+    lrs, seen = [], []
+    for xb, yb in adapt:
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = lr * (1 + math.cos(math.pi * adapt.pct)) / 2
+        adapt.step(loss)
+        lrs.append(opt.param_groups[0]["lr"])
+        seen.append(len(xb))
+    return lrs, seen
+
+
+def test_the_torch_loader_that_never_moves_runs_the_planned_epochs():
+    ds, model, opt = _torch_setup()
+    adapt = AdaptiveLoader(ds, 16, epochs=3, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
+                           throughput=PER_EXAMPLE)
+    lrs, seen = _loop(adapt, model, opt)
+    assert len(seen) == 3 * 40 and sum(seen) == 3 * 640 and adapt.pct == 1.0
+    # step() scales the lr for its step only: the schedule's value is back after it
+    assert lrs[5] == pytest.approx(0.05 * (1 + math.cos(math.pi * 5 / 120)) / 2)
+
+
+def test_the_torch_loader_grows_and_ends_on_progress():
+    ds, model, opt = _torch_setup()
+    adapt = AdaptiveLoader(ds, 16, epochs=6, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
+                           throughput=STEP_BOUND)
+    _, seen = _loop(adapt, model, opt)
+    assert adapt.record.changes and max(seen) > 16
+    assert len(seen) < 6 * 40 and adapt.pct == 1.0
+    assert adapt.rule == "momentum" and len(adapt.result.history) > 10
+    assert list(adapt) == []  # done: iterating again yields nothing
+
+
+def test_the_torch_loader_decides_every_k_steps_and_refuses_its_own_arguments():
+    ds, model, opt = _torch_setup()
+    adapt = AdaptiveLoader(ds, 16, epochs=4, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
+                           throughput=STEP_BOUND, decide_every=10, n_batch=4)
+    _loop(adapt, model, opt)
+    assert adapt.record.decisions[0].step == 10
+    for key in ("shuffle", "sampler", "drop_last"):
+        with pytest.raises(ValueError, match=key):
+            AdaptiveLoader(ds, 16, 2, model=model, opt=opt, loss_func=nn.functional.cross_entropy, **{key: None})
+    with pytest.raises(ValueError, match="epochs"):
+        AdaptiveLoader(ds, 16, 0, model=model, opt=opt, loss_func=nn.functional.cross_entropy)
+    with pytest.raises(RuntimeError, match="after a batch"):
+        AdaptiveLoader(ds, 16, 2, model=model, opt=opt, loss_func=nn.functional.cross_entropy).step(torch.tensor(1.))
+
+
+def test_the_torch_loader_times_the_model_and_restores_it():
+    ds, model, opt = _torch_setup()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    adapt = AdaptiveLoader(ds, 16, epochs=1, model=model, opt=opt, loss_func=nn.functional.cross_entropy)
+    next(iter(adapt))
+    assert 16 in adapt.throughput.step_seconds
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
