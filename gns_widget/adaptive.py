@@ -28,10 +28,12 @@ from .advice import MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH
 from .goodput import GAIN_NEEDED, MAX_DOUBLINGS, MAX_EXAMPLES_FACTOR, examples_ratio
 from .interval import Interval
 from .suggest import check_rule, lr_factor
-from .throughput import Throughput
+from .throughput import MIN_REPEATS, MIN_TIMED_SECONDS, ROUNDS, Throughput
 
 __all__ = ["Decision", "BatchSizePolicy", "Progress", "AdaptiveRecord", "step_gain", "candidate_sizes",
-           "default_n_batch"]
+           "default_n_batch", "timing_pays", "PAYBACK"]
+
+PAYBACK = 10  # sizes are timed only when the run has at least this many times the timing's cost left
 
 
 def step_gain(base_bs: int, bs: int, noise_scale: float) -> float:
@@ -53,6 +55,20 @@ def default_n_batch(steps_per_epoch: int) -> int:
     first epoch gives the interval its MIN_WINDOWS, between 4 (a big batch of 4 is still well apart from a
     small one) and 20 (the finder's default)."""
     return max(4, min(20, steps_per_epoch // 10))
+
+
+def timing_pays(sizes: list[int], bs: int, seconds_per_step: float, steps_left: float) -> tuple[bool, str]:
+    """Whether timing `sizes` (`probe_throughput`) is worth it with `steps_left` steps of `seconds_per_step` (measured
+    in training at `bs`) to go, and if not, why. Its cost is estimated as if time were per example (a CPU's case,
+    the most it can be): a short run has no time to win back."""
+    if not sizes:
+        return True, ""
+    cost = ROUNDS * sum(max(MIN_REPEATS * seconds_per_step * b / bs, MIN_TIMED_SECONDS) for b in sizes)
+    left = steps_left * seconds_per_step
+    if left >= PAYBACK * cost:
+        return True, ""
+    return False, (f"timing batch sizes {', '.join(map(str, sizes))} would cost about {cost:.2g} s, more than "
+                   f"1/{PAYBACK} of the {left:.2g} s left: too short a run to win it back")
 
 
 @dataclass(frozen=True)
@@ -90,22 +106,34 @@ class BatchSizePolicy:
     move must clear (times 1 + the timing noise).
     """
 
-    def __init__(self, base_bs: int, throughput: Throughput, *, n_train: int | None, rule: str = "momentum",
-                 gain_needed: float = GAIN_NEEDED, max_bs: int | None = None):
+    def __init__(self, base_bs: int, throughput: Throughput | None = None, *, n_train: int | None,
+                 rule: str = "momentum", gain_needed: float = GAIN_NEEDED, max_bs: int | None = None):
         check_rule(rule)
         if not gain_needed >= 1:
             raise ValueError(f"gain_needed must be a number >= 1 (the predicted speedup a move must clear), "
                              f"got {gain_needed!r}")
-        if base_bs not in throughput.step_seconds:
-            raise ValueError(f"throughput must include the base batch size {base_bs}; it has {throughput.batch_sizes}")
-        self.base_bs, self.throughput, self.n_train, self.rule = base_bs, throughput, n_train, rule
+        self.base_bs, self.n_train, self.rule = base_bs, n_train, rule
         self.gain_needed, self.max_bs = gain_needed, max_bs
+        self.throughput = Throughput({}, device="not timed")
+        self.stale: set[int] = set()  # sizes whose timing was too noisy to decide on: timed again when asked
+        if throughput is not None:
+            self.add_timing(throughput)
 
-    def allowed(self, noise_scale: float) -> list[int]:
-        "The timed sizes a plan at `noise_scale` may use: within the examples, lr and memory bounds."
+    def add_timing(self, tp: Throughput) -> None:
+        "Merge a timing of some sizes into what is known (a later timing of a size replaces the earlier one)."
+        old = self.throughput
+        self.throughput = Throughput({**old.step_seconds, **tp.step_seconds}, {**old.load_seconds, **tp.load_seconds},
+                                     tp.workers, tp.device, tp.max_fit if tp.max_fit is not None else old.max_fit,
+                                     {**{b: v for b, v in old.spread.items() if b not in tp.step_seconds},
+                                      **tp.spread})
+        if tp.max_fit is not None:  # a size that ran out of memory is never chosen
+            self.max_bs = min(self.max_bs or tp.max_fit, tp.max_fit)
+
+    def within_bounds(self, noise_scale: float) -> list[int]:
+        "The candidate sizes a plan at `noise_scale` may use: within the examples, lr, memory and epoch bounds."
         out = []
-        for b in self.throughput.batch_sizes:
-            if b < self.base_bs or (self.max_bs is not None and b > self.max_bs and b != self.base_bs):
+        for b in candidate_sizes(self.base_bs, self.n_train):
+            if b != self.base_bs and self.max_bs is not None and b > self.max_bs:
                 continue
             if examples_ratio(self.base_bs, b, noise_scale) > MAX_EXAMPLES_FACTOR:
                 continue
@@ -114,17 +142,38 @@ class BatchSizePolicy:
             out.append(b)
         return out
 
+    def allowed(self, noise_scale: float) -> list[int]:
+        "The sizes within bounds at `noise_scale` whose step time is known."
+        return [b for b in self.within_bounds(noise_scale) if b in self.throughput.step_seconds]
+
+    def timed(self, tp: Throughput, asked: list[int]) -> None:
+        """Add a timing of the sizes `asked`; those it left out (past the device's saturation, too slow a step, out
+        of memory) cap the sizes from then on, so they are not asked again."""
+        self.add_timing(tp)
+        self.stale -= set(tp.step_seconds)
+        if any(b not in tp.step_seconds for b in asked):
+            top = max(tp.step_seconds)
+            self.max_bs = top if self.max_bs is None else min(self.max_bs, top)
+
+    def to_time(self, bs: int, noise_scale: float) -> list[int]:
+        "The sizes a decision at `noise_scale` needs timed: those within bounds not timed yet, and the current one."
+        known = self.throughput.step_seconds
+        need = [b for b in self.within_bounds(noise_scale) if b not in known or b in self.stale]
+        return sorted(set(need) | ({bs} if need or bs not in known else set()))
+
     def progress_rate(self, bs: int, noise_scale: float) -> float:
         "Planned steps at the base size done per second at `bs`."
         return step_gain(self.base_bs, bs, noise_scale) / self.throughput.seconds_per_step(bs)
 
     def decide(self, bs: int, interval: Interval | None, *, planned_at: float = math.nan, step: int = 0,
-               epoch: int = 0, progress: float = 0.0) -> Decision:
+               epoch: int = 0, progress: float = 0.0, untimed: str = "") -> Decision:
         """The decision at batch size `bs` for the noise scale's current interval. `planned_at` is the noise scale
         the current size was planned at: a look that cannot decide keeps it, one that can re-plans at the new low
-        end (a step at the same size is then worth more, or less, as AdaScale's gain follows the noise)."""
+        end (a step at the same size is then worth more, or less, as AdaScale's gain follows the noise).
+        `untimed` says why sizes within bounds were not timed (a run too short): added to a decision to keep."""
         def keep(reason: str, value: float = math.nan, lo: float = math.nan, hi: float = math.nan,
                  at: float = planned_at) -> Decision:
+            reason = f"{reason}; {untimed}" if untimed else reason
             return Decision(step, epoch, progress, bs, bs, value, lo, hi, at, 1.0, self.lr_factor(bs, at), reason)
 
         if interval is None:
@@ -132,6 +181,9 @@ class BatchSizePolicy:
         value, lo, hi = interval.value, interval.lo, interval.hi
         if not lo > 0:
             return keep("|G|² is not yet distinguishable from its noise (the interval reaches 0)", value, lo, hi)
+        if bs not in self.throughput.step_seconds:
+            return Decision(step, epoch, progress, bs, bs, value, lo, hi, planned_at, 1.0,
+                            self.lr_factor(bs, planned_at), untimed or f"batch size {bs} is not timed on this device")
         sizes = self.allowed(lo)
         if bs not in sizes:  # the interval fell below what the current size needs: back to the best allowed
             sizes = sizes or [self.base_bs]
@@ -143,6 +195,8 @@ class BatchSizePolicy:
             return keep(f"{bs} makes the most progress per second at the noise scale's low end {lo:.3g}",
                         value, lo, hi, lo)
         if bs in sizes and gain < needed:
+            if gain >= self.gain_needed:  # only the timing's noise stands in the way: time both again next look
+                self.stale |= {bs, best}
             return keep(f"{best} would gain ×{gain:.2f} at the low end {lo:.3g}, below the ×{needed:.2f} a move "
                         "needs", value, lo, hi, lo)
         why = (f"noise scale {interval}: {best} makes ×{gain:.2f} the progress per second of {bs} at the low end"

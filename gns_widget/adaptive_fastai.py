@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
 from fastai.callback.core import CancelFitException, CancelTrainException
 from fastai.callback.training import GradientAccumulation
 
-from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, candidate_sizes, default_n_batch
+from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, timing_pays
 from .advice import detect_rule
 from .callback import GNSCallback
 from .engine import TRAINING_BETA
@@ -70,14 +71,15 @@ class AdaptiveBatchSize(GNSCallback):
             self.n_batch = default_n_batch(steps_per_epoch)
         super().before_fit()
         self.n_train = dataset_len(self.dls.train)
-        self.throughput = self.given_throughput or self._time_sizes()
         rule = self.rule or detect_rule(self.learn.opt_func) or "momentum"
-        self.policy = BatchSizePolicy(self.base_bs, self.throughput, n_train=self.n_train, rule=rule,
+        # sizes are timed when a decision needs them, once the noise scale says which could pay (`_decide`)
+        self.policy = BatchSizePolicy(self.base_bs, self.given_throughput, n_train=self.n_train, rule=rule,
                                       gain_needed=self.gain_needed, max_bs=self.max_bs)
         self.planned_epochs = self.n_epoch
         self.progress = Progress(planned=self.n_epoch * steps_per_epoch)
         self.record = AdaptiveRecord(self.base_bs, self.progress.planned)
         self.bs, self.planned_at, self.lr_scale, self._lrs = self.base_bs, math.nan, 1.0, None
+        self.step_seconds = math.nan  # wall time per training step in the last epoch, measured as it trains
         # fastai's epoch loop reads n_epoch once, after before_fit: room for the examples a bigger batch needs
         self.learn.n_epoch = math.ceil(self.n_epoch * MAX_EXAMPLES_FACTOR)
 
@@ -89,24 +91,36 @@ class AdaptiveBatchSize(GNSCallback):
             raise ValueError("AdaptiveBatchSize does not support distributed training (distrib_ctx): each rank's "
                              "loader would need the same decision. Measure with GNSCallback there instead")
 
-    def _time_sizes(self) -> Throughput:
-        "Step time at each candidate size on this device, the Learner's state restored (`probe_throughput`)."
-        sizes = candidate_sizes(self.base_bs, dataset_len(self.dls.train))
-        if self.max_bs is not None:
-            sizes = [b for b in sizes if b <= self.max_bs or b == self.base_bs]
+    @property
+    def throughput(self) -> Throughput:
+        "What is known of this device's step time by batch size (the sizes the decisions needed)."
+        return self.policy.throughput
+
+    def _time_sizes(self, sizes: list[int]) -> Throughput:
+        "Step time at `sizes` on this device, the Learner's state restored (`probe_throughput`)."
         tgt = as_target(self.learn, measuring=False)
-        return probe_throughput(tgt, sizes, resolve_amp(self.learn, None), saturate_above=self.base_bs)
+        return probe_throughput(tgt, sizes, resolve_amp(self.learn, None), saturate_above=self.bs)
 
     def before_epoch(self):
         if self.progress.done:
             raise CancelFitException()
-        if self.epoch == 0:
-            return
-        interval = noise_scale_interval([r.noise_raw for r in self.recorder_.records],
-                                        [r.scale_raw for r in self.recorder_.records], self.estimator.beta,
-                                        weights=[r.n_batch for r in self.recorder_.records])
+        if self.epoch > 0:
+            self._decide()
+
+    def _decide(self) -> None:
+        records = self.recorder_.records
+        interval = noise_scale_interval([r.noise_raw for r in records], [r.scale_raw for r in records],
+                                        self.estimator.beta, weights=[r.n_batch for r in records])
+        why = ""
+        if interval is not None and interval.lo > 0:
+            need = self.policy.to_time(self.bs, interval.lo)
+            steps_left = (self.progress.planned - self.progress.steps_done) / self.policy.step_gain(self.bs,
+                                                                                                  self.planned_at)
+            pays, why = timing_pays(need, self.bs, self.step_seconds, steps_left)
+            if need and pays:
+                self.policy.timed(self._time_sizes(need), need)
         d = self.policy.decide(self.bs, interval, planned_at=self.planned_at, step=self.progress.steps_taken,
-                               epoch=self.epoch, progress=self.progress.pct)
+                               epoch=self.epoch, progress=self.progress.pct, untimed=why)
         self.record.decisions.append(d)
         self.planned_at = d.planned_at
         if d.changed:
@@ -115,15 +129,19 @@ class AdaptiveBatchSize(GNSCallback):
             self.on_decision(d)
 
     def before_train(self):
-        self.learn.pct_train = self.progress.pct  # fastai sets epoch / n_epoch: the schedule runs on progress
-        gain = self.policy.step_gain(self.bs, self.planned_at)
-        needed = math.ceil((self.progress.planned - self.progress.steps_done) / gain - 1e-9)
-        if needed < len(self.dl):  # the plan ends in this epoch: its first batches, then validation as usual
-            self.learn.dl = _FirstBatches(self.dl, needed)
+        self._follow_progress()
+        self._train_start, self._train_steps = time.perf_counter(), 0
+        steps = (self.progress.planned - self.progress.steps_done) / self.policy.step_gain(self.bs, self.planned_at)
+        if steps < len(self.dl):  # the plan ends in this epoch: its first batches, then validation as usual
+            self.learn.dl = _FirstBatches(self.dl, math.ceil(steps - 1e-9))
 
     def before_batch(self):
         if self.training and self.progress.done:  # only if a step's gain changed under the epoch's count
             raise CancelTrainException()
+
+    def _follow_progress(self) -> None:
+        "fastai counts the schedule's progress in epochs (TrainEvalCallback): here it is the planned run's."
+        self.learn.pct_train = self.progress.pct
 
     def before_step(self):
         super().before_step()
@@ -144,10 +162,15 @@ class AdaptiveBatchSize(GNSCallback):
         if not self.training:
             return
         self.progress.advance(self.policy.step_gain(self.bs, self.planned_at), batch_size_of(self.yb, self.xb))
-        self.learn.pct_train = self.progress.pct
+        self._follow_progress()
+        self._train_steps += 1
         self.record.log_step(self.epoch, self.bs, self._lr, self.progress.pct)
         if self.on_step is not None:
             self.on_step(self.record)
+
+    def after_train(self):
+        if self._train_steps:
+            self.step_seconds = (time.perf_counter() - self._train_start) / self._train_steps
 
     def after_fit(self):
         super().after_fit()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, candidate_sizes, default_n_batch
+from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, timing_pays
 from .advice import detect_rule
 from .engine import TRAINING_BETA
 from .estimator import NoiseScaleEstimator
@@ -70,7 +71,7 @@ class AdaptiveLoader:
         steps_per_epoch = math.ceil(self.n_train / batch_size)
         self.dataset, self.base_bs, self.epochs, self.loader_kwargs = dataset, batch_size, epochs, loader_kwargs
         self.model, self.opt, self.loss_func, self.scaler = model, opt, loss_func, scaler
-        self.decide_every, self.given_throughput = decide_every, throughput
+        self.decide_every = decide_every
         self.on_decision, self.on_step = on_decision, on_step
         self.rule = rule or detect_rule(opt) or "momentum"
         self.gain_needed, self.max_bs = gain_needed, max_bs
@@ -80,7 +81,12 @@ class AdaptiveLoader:
         self.recorder = RunRecorder(self.estimator, total=epochs * steps_per_epoch)
         self.record = AdaptiveRecord(batch_size, self.progress.planned)
         self.batch_size, self.planned_at, self.epoch = batch_size, math.nan, 0
-        self.policy: BatchSizePolicy | None = None
+        self.max_epochs = math.ceil(epochs * MAX_EXAMPLES_FACTOR)  # a bigger batch needs at most ×2 the examples
+        # sizes are timed when a decision needs them, once the noise scale says which could pay (`_decide`)
+        self.policy = BatchSizePolicy(batch_size, throughput, n_train=self.n_train, rule=self.rule,
+                                      gain_needed=gain_needed, max_bs=max_bs)
+        self.step_seconds = math.nan
+        self._epoch_start, self._epoch_steps = time.perf_counter(), 0
         self._batch: tuple[int, int] | None = None  # the last yielded batch's examples and the size it was drawn at
 
     @property
@@ -96,19 +102,18 @@ class AdaptiveLoader:
     def _lr(self) -> float:
         return float(self.opt.param_groups[-1]["lr"])
 
-    def _timing(self) -> Throughput:
-        sizes = candidate_sizes(self.base_bs, self.n_train)
-        if self.max_bs is not None:
-            sizes = [b for b in sizes if b <= self.max_bs or b == self.base_bs]
-        dl = DataLoader(self.dataset, batch_size=self.base_bs, shuffle=True, **self.loader_kwargs)
+    @property
+    def throughput(self) -> Throughput:
+        "What is known of this device's step time by batch size (the sizes the decisions needed)."
+        return self.policy.throughput
+
+    def _time_sizes(self, sizes: list[int]) -> Throughput:
+        "Step time at `sizes` on this device, the model, optimizer and RNG restored (`measure_throughput`)."
+        dl = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, **self.loader_kwargs)
         return measure_throughput(self.model, dl, self.loss_func, batch_sizes=sizes, opt=self.opt)
 
     def __iter__(self) -> Iterator[Any]:
-        if self.policy is None:
-            self.throughput = self.given_throughput or self._timing()
-            self.policy = BatchSizePolicy(self.base_bs, self.throughput, n_train=self.n_train, rule=self.rule,
-                                          gain_needed=self.gain_needed, max_bs=self.max_bs)
-        for epoch in range(self.epoch, math.ceil(self.epochs * MAX_EXAMPLES_FACTOR)):
+        for epoch in range(self.epoch, self.max_epochs):
             self.epoch = epoch
             if self.progress.done:
                 return
@@ -116,6 +121,7 @@ class AdaptiveLoader:
                 self._decide()
             sizes: deque[tuple[int, int]] = deque()  # (examples, size drawn at) of each batch: workers draw ahead
             it = iter(DataLoader(self.dataset, batch_sampler=_Batches(self, sizes), **self.loader_kwargs))
+            self._epoch_start, self._epoch_steps = time.perf_counter(), 0
             try:
                 for batch in it:
                     if self.progress.done:
@@ -127,13 +133,24 @@ class AdaptiveLoader:
         self.epoch += 1  # past the last epoch: iterating again yields nothing
 
     def _decide(self) -> None:
+        if self._epoch_steps:  # the loop's own wall time per step since the last decision: loading, forward, all
+            self.step_seconds = (time.perf_counter() - self._epoch_start) / self._epoch_steps
         recs = self.recorder.records
         interval = noise_scale_interval([r.noise_raw for r in recs], [r.scale_raw for r in recs], self.estimator.beta,
                                         weights=[r.n_batch for r in recs])
-        d = self.policy.decide(self.batch_size, interval, planned_at=self.planned_at,
-                               step=self.progress.steps_taken, epoch=self.epoch, progress=self.progress.pct)
+        why = ""
+        if interval is not None and interval.lo > 0:
+            need = self.policy.to_time(self.batch_size, interval.lo)
+            steps_left = (self.progress.planned - self.progress.steps_done) / self.policy.step_gain(
+                self.batch_size, self.planned_at)
+            pays, why = timing_pays(need, self.batch_size, self.step_seconds, steps_left)
+            if need and pays:
+                self.policy.timed(self._time_sizes(need), need)
+        d = self.policy.decide(self.batch_size, interval, planned_at=self.planned_at, step=self.progress.steps_taken,
+                               epoch=self.epoch, progress=self.progress.pct, untimed=why)
         self.record.decisions.append(d)
         self.planned_at, self.batch_size = d.planned_at, d.new_bs
+        self._epoch_start, self._epoch_steps = time.perf_counter(), 0
         if self.on_decision is not None:
             self.on_decision(d)
 
@@ -162,6 +179,7 @@ class AdaptiveLoader:
                 g["lr"] = old
         self.opt.zero_grad()
         self.progress.advance(self.policy.step_gain(bs, self.planned_at), n)
+        self._epoch_steps += 1
         self.record.log_step(self.epoch, bs, lr, self.progress.pct)
         if self.on_step is not None:
             self.on_step(self.record)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from gns_widget import AdaptiveBatchSize, AdaptiveLoader
-from gns_widget.adaptive import BatchSizePolicy, Progress, candidate_sizes, default_n_batch, step_gain
+from gns_widget.adaptive import BatchSizePolicy, Progress, candidate_sizes, default_n_batch, step_gain, timing_pays
 from gns_widget.advice import MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH
 from gns_widget.datasets import digits
 from gns_widget.goodput import MAX_EXAMPLES_FACTOR, examples_ratio
@@ -26,7 +26,7 @@ PER_EXAMPLE = Throughput({b: 0.001 * b for b in SIZES}, device="per-example")  #
 
 
 def _policy(tp=STEP_BOUND, rule="momentum", n_train=100_000, **kw):
-    return BatchSizePolicy(16, tp, n_train=n_train, rule=rule, **kw)
+    return BatchSizePolicy(16, kw.pop("throughput", tp), n_train=n_train, rule=rule, **kw)
 
 
 def _at(value, rel=0.1):
@@ -72,7 +72,11 @@ def test_timing_noise_raises_the_gain_a_move_needs():
     quiet = Throughput({16: 0.01, 32: 0.01}, device="d")
     noisy = Throughput({16: 0.01, 32: 0.01}, device="d", spread={16: 0.0, 32: 0.5})
     assert _policy(quiet).decide(16, _at(12)).new_bs == 32  # ×1.27 per step at 10.8
-    assert not _policy(noisy).decide(16, _at(12)).changed  # needs ×1.1 × 1.5
+    p = _policy(noisy)
+    assert not p.decide(16, _at(12)).changed  # needs ×1.1 × 1.5
+    assert p.to_time(16, 12) == [16, 32]  # so both are timed again at the next look
+    p.timed(quiet, [16, 32])
+    assert p.decide(16, _at(12)).new_bs == 32
 
 
 def test_a_falling_noise_scale_brings_the_size_back_within_bounds():
@@ -103,8 +107,21 @@ def test_bad_policy_arguments_are_named():
         _policy(rule="lamb")
     with pytest.raises(ValueError, match="gain_needed"):
         _policy(gain_needed=0.5)
-    with pytest.raises(ValueError, match="base batch size 8"):
-        BatchSizePolicy(8, STEP_BOUND, n_train=1000)
+
+
+
+def test_sizes_are_timed_only_when_a_decision_needs_them_and_the_run_can_pay_for_it():
+    p = _policy(throughput=None)
+    assert p.to_time(16, 20) == [16, 32]  # at a noise scale of 20 only 32 is within bounds (examples ≤ ×2)
+    assert not p.decide(16, _at(20)).changed and "not timed" in p.decide(16, _at(20)).reason
+    p.timed(Throughput({16: 0.01, 32: 0.01}, device="d"), [16, 32])
+    assert p.to_time(16, 20) == [] and p.decide(16, _at(20)).new_bs == 32
+    p.timed(Throughput({32: 0.01, 64: 0.01}, device="d"), [32, 64, 128])  # 128 saturated: never asked again
+    assert p.max_bs == 64 and p.to_time(64, 5000) == []
+    assert timing_pays([16, 32], 16, 0.001, steps_left=100_000) == (True, "")
+    pays, why = timing_pays([16, 32], 16, 0.001, steps_left=100)
+    assert not pays and "too short a run" in why
+    assert "too short" in _policy(throughput=None).decide(16, _at(20), untimed=why).reason
 
 
 def test_step_gain_and_progress():
@@ -178,9 +195,9 @@ def test_the_callback_times_the_learner_and_restores_it():
     learn = _learner()
     cb = AdaptiveBatchSize()
     w0 = [p.detach().clone() for p in learn.model.parameters()]
-    cb.learn, cb.base_bs = learn, 16
-    tp = cb._time_sizes()
-    assert tp.batch_sizes[0] == 16 and set(tp.batch_sizes) <= set(candidate_sizes(16, 640))
+    cb.learn, cb.bs = learn, 16
+    tp = cb._time_sizes([16, 32, 64])
+    assert tp.batch_sizes[0] == 16 and set(tp.batch_sizes) <= {16, 32, 64}
     assert all(torch.equal(a, b) for a, b in zip(w0, learn.model.parameters()))
 
 
@@ -246,6 +263,5 @@ def test_the_torch_loader_times_the_model_and_restores_it():
     ds, model, opt = _torch_setup()
     w0 = [p.detach().clone() for p in model.parameters()]
     adapt = AdaptiveLoader(ds, 16, epochs=1, model=model, opt=opt, loss_func=nn.functional.cross_entropy)
-    next(iter(adapt))
-    assert 16 in adapt.throughput.step_seconds
+    assert 16 in adapt._time_sizes([16, 32]).step_seconds
     assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
