@@ -15,8 +15,8 @@ from .engine import TRAINING_BETA
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
 from .interval import noise_scale_interval
 from .loaders import current_batch_size, dataset_len
+from .lr_rules import check_rule
 from .precision import resolve_amp
-from .suggest import check_rule
 from .targets import as_target
 from .targets.base import batch_size_of
 from .throughput import Throughput, probe_throughput

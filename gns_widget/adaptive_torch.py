@@ -16,9 +16,10 @@ from .engine import TRAINING_BETA
 from .estimator import NoiseScaleEstimator
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
 from .interval import noise_scale_interval
+from .lr_rules import check_rule
 from .memory_plan import check_positive_int
-from .result import GNSResult, RunRecorder
-from .suggest import check_rule
+from .recorder import RunRecorder
+from .result import GNSResult
 from .throughput import Throughput, measure_throughput
 
 __all__ = ["AdaptiveLoader"]

@@ -8,7 +8,8 @@ from .advice import detect_rule
 from .engine import TRAINING_BETA
 from .estimator import NoiseScaleEstimator
 from .loaders import current_batch_size, dataset_len, population_size
-from .result import GNSResult, RunRecorder
+from .recorder import RunRecorder
+from .result import GNSResult
 from .targets.base import batch_size_of
 
 __all__ = ["GNSCallback"]

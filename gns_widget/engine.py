@@ -31,19 +31,21 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .advice import MIN_STEPS_PER_EPOCH, detect_rule
 from .ddp import allreduce_norms, is_distributed
-from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
+from .estimator import NoiseScaleEstimator, gradients_of
 from .goodput import sizes_worth_timing
 from .guard import FinderBusyError, RunInfo, claim, refuse_other_threads
 from .interval import MIN_WINDOWS as MIN_ESTIMATES
 from .interval import AutoStop
-from .loaders import population_size
+from .loaders import loader_len, population_size
 from .memory import fitting_batch_size, plan_batch
+from .norms import squared_norm
 from .per_example import PerExampleNorms
 from .precision import LossScale, resolve_amp
-from .result import GNSRecord, GNSResult, RunRecorder
+from .recorder import RunRecorder
+from .result import GNSRecord, GNSResult
 from .state import UserState
 from .targets import Target, as_target
-from .targets.base import batch_size_of, loader_len, to_device
+from .targets.base import batch_size_of, to_device
 from .throughput import probe_throughput
 
 __all__ = ["bs_find", "METHODS", "resolve_beta", "TRAINING_BETA"]

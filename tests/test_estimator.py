@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gns_widget import NoiseScaleEstimator
-from gns_widget.estimator import piece_norms, squared_norm
+from gns_widget.norms import piece_norms, squared_norm
 
 
 def _synthetic_grads(G: torch.Tensor, sigma: float, b: int, gen: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Target", "BatchFn", "pair_batch", "to_device", "batch_size_of", "loader_len", "default_device",
+__all__ = ["Target", "BatchFn", "pair_batch", "to_device", "batch_size_of", "default_device",
            "check_device", "check_loss", "check_model", "user_stacklevel"]
 
 # batch -> (inputs, targets); the model is called as model(*inputs), the loss as loss_func(pred, *targets)
@@ -141,13 +141,6 @@ def batch_size_of(*parts: Sequence[Any]) -> int:
             if isinstance(t, torch.Tensor) and t.ndim > 0:
                 return t.shape[0]
     raise ValueError("cannot tell the batch size: no tensor with a batch dimension in the batch")
-
-
-def loader_len(dl: Any) -> int | None:
-    try:
-        return len(dl)
-    except TypeError:
-        return None
 
 
 def default_device() -> torch.device:

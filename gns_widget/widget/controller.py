@@ -34,12 +34,11 @@ from ..engine import METHODS
 from ..estimator import NoiseScaleEstimator
 from ..guard import FinderBusyError
 from ..interval import AutoStop
-from ..loaders import current_batch_size
+from ..loaders import current_batch_size, loader_len
 from ..precision import resolve_amp
 from ..result import GNSRecord, GNSResult
 from ..suggest import MIN_ESTIMATES
 from ..targets import as_target
-from ..targets.base import loader_len
 from . import texts
 from .interrupt import stop_on_kernel_interrupt
 from .runner import Runner, ThrottledListener, runner_of
