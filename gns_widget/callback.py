@@ -63,5 +63,5 @@ class GNSCallback(Callback):
     def after_fit(self):
         lr = self.opt.hypers[-1]["lr"] if self.opt is not None else float("nan")
         self.result = self.recorder_.result(batch_size=current_batch_size(self.dls.train),
-                                            n_train=dataset_len(self.dls.train), lr=lr, method="training")
-        self.result.rule = detect_rule(self.learn.opt_func)  # the lr rule of the optimizer that trained
+                                            n_train=dataset_len(self.dls.train), lr=lr, method="training",
+                                            rule=detect_rule(self.learn.opt_func))  # the optimizer that trained

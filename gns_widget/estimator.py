@@ -146,10 +146,27 @@ class NoiseScaleEstimator:
         # Not finite: small batches (checked or found at their window's end), accumulation cycles, update_norms steps
         # and estimates; n_dropped: windows (accumulation cycles) left out because they held such a batch
         self.n_skipped = self.n_dropped = 0
-        # whether the small batches whose check an update completed were finite, oldest first: its own batch when
-        # checked at once, every batch of the window when the window's end checks them, () in between
-        self.last_finite: tuple[bool, ...] = ()
+        self._last_finite: tuple[bool, ...] = ()
         self.last: WindowEstimate | None = None
+
+    @property
+    def last_finite(self) -> tuple[bool, ...]:
+        """Whether the small batches whose check the latest `update` completed had finite gradients, oldest first.
+
+        Its own batch when it was checked at once (`check_each`, a `grad_scale`, accumulation); every batch of the
+        window when the window's end checked them; () in between. A training loop reads it to skip the optimizer
+        step of a batch that was not finite, or to tell divergence from a stray batch.
+        """
+        return self._last_finite
+
+    def set_window(self, n_batch: int) -> None:
+        """Make every window from the next one on `n_batch` small batches (`num_it="auto"` widens them at fixed
+        weights, where a wider window measures a noise scale above the big batch better). Only between windows."""
+        n_batch = self.check_args(n_batch, self.beta)
+        if self._count and not self._window_done:
+            raise RuntimeError(f"set_window is only possible between windows: {self._count} of this window's "
+                               f"{self.n_batch} small batches are in")
+        self.n_batch = n_batch
 
     def _zero_window_counts(self) -> None:
         # small batches, Σ 1/b_i (B_small is their harmonic mean), Σ w_i and Σ w_i²/b_i (B_big = (Σw)²/Σ(w²/b)),
@@ -192,7 +209,7 @@ class NoiseScaleEstimator:
         if acc and acc[0].dtype != tensors[0].dtype:  # low-precision grads against a float32 buffer
             tensors = [g.to(a.dtype) for a, g in zip(acc, tensors)]
         checked = self.check_each or self.accumulated or grad_scale is not None
-        self.last_finite = ()
+        self._last_finite = ()
         if self.accumulated:
             w = 1.0 / self.n_batch if weight is None else float(weight)
             if not self._overflowed:
@@ -202,7 +219,7 @@ class NoiseScaleEstimator:
                 if acc:
                     torch._foreach_copy_(acc, tensors)  # the running sum, for the next micro-batch
                 self._overflowed = not torch.isfinite(sq).item()
-                self.last_finite = (not self._overflowed,)
+                self._last_finite = (not self._overflowed,)
             if self._overflowed:  # the running sum is lost for the rest of this cycle
                 return self._count_overflowed_micro_batch()
             self._loss_scale = loss_scale  # constant within a cycle: GradScaler changes it after the step
@@ -212,8 +229,8 @@ class NoiseScaleEstimator:
             if loss_scale != 1.0:
                 sq = sq / loss_scale**2
             if checked:
-                self.last_finite = (bool(torch.isfinite(sq)),)
-                if not self.last_finite[0]:  # this small batch alone is left out
+                self._last_finite = (bool(torch.isfinite(sq)),)
+                if not self._last_finite[0]:  # this small batch alone is left out
                     self.n_skipped += 1
                     return None
             if acc:
@@ -333,7 +350,7 @@ class NoiseScaleEstimator:
         self._window_done = True
         finite = tuple(math.isfinite(sq) for sq in small_sqs)  # a checked batch joined the window only if finite
         if not checked:
-            self.last_finite = finite
+            self._last_finite = finite
         if not all(finite):  # found after it joined the big batch: the whole window is lost
             self.n_skipped += finite.count(False)
             self.n_dropped += 1

@@ -6,12 +6,17 @@ step adds to the estimate, the window's mean loss and the timing.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .estimator import NoiseScaleEstimator, WindowEstimate
 from .result import GNSRecord, GNSResult
+
+if TYPE_CHECKING:
+    from .memory_plan import MemoryPlan
+    from .throughput import Throughput
 
 __all__ = ["RunRecorder"]
 
@@ -79,9 +84,10 @@ class RunRecorder:
         return record
 
     def result(self, *, batch_size: int | None, n_train: int | None, lr: float, method: str,
-               beta: float | None = None, stopped: bool = False) -> GNSResult:
-        "The run's result; `beta` is the decay the user asked for (default: the estimator's)."
+               beta: float | None = None, stopped: bool = False, throughput: Throughput | None = None,
+               rule: str | None = None, memory_plan: MemoryPlan | None = None) -> GNSResult:
+        "The run's result; `beta` is the decay the user asked for (default: the estimator's); see `GNSResult`."
         return GNSResult(self.records, batch_size=batch_size, n_train=n_train, lr=lr, n_batch=self.estimator.n_batch,
                          beta=self.estimator.beta if beta is None else beta, method=method, stopped=stopped,
                          n_skipped=self.estimator.n_skipped, n_dropped=self.estimator.n_dropped,
-                         decay=self.estimator.beta)
+                         decay=self.estimator.beta, throughput=throughput, rule=rule, memory_plan=memory_plan)

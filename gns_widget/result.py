@@ -61,7 +61,8 @@ class GNSResult:
 
     def __init__(self, records: list[GNSRecord], *, batch_size: int, n_train: int | None, lr: float,
                  n_batch: int, beta: float, method: str, stopped: bool = False, n_skipped: int = 0,
-                 n_dropped: int = 0, decay: float | None = None):
+                 n_dropped: int = 0, decay: float | None = None, throughput: Throughput | None = None,
+                 rule: str | None = None, memory_plan: MemoryPlan | None = None):
         self.history = pd.DataFrame([asdict(r) for r in records], columns=COLUMNS)
         self.batch_size, self.n_train, self.lr = batch_size, n_train, lr
         self.n_batch, self.beta, self.method, self.stopped = n_batch, beta, method, stopped
@@ -72,9 +73,9 @@ class GNSResult:
                                               weights=self.history.n_batch)
         self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval,
                                                          trained=self.trained)
-        self.memory_plan: MemoryPlan | None = None  # set when the suggestion was checked against device memory
-        self.throughput: Throughput | None = None  # this device's speed by batch size, set when bs_find timed it
-        self.rule: str | None = None  # the lr rule of the optimizer the run used (`advice.detect_rule`), if known
+        self.memory_plan = memory_plan  # when the suggestion was checked against device memory
+        self.throughput = throughput  # this device's speed by batch size, when bs_find timed it
+        self.rule = rule  # the lr rule of the optimizer the user trains with (`advice.detect_rule`), if known
 
     @property
     def trained(self) -> bool:
