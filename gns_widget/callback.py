@@ -5,11 +5,11 @@ from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 
 from .advice import detect_rule
-from .engine import TRAINING_BETA
 from .estimator import NoiseScaleEstimator
 from .loaders import current_batch_size, dataset_len, population_size
 from .recorder import RunRecorder
 from .result import GNSResult
+from .settings import TRAINING_BETA, Settings
 from .targets.base import batch_size_of
 
 __all__ = ["GNSCallback"]
@@ -31,7 +31,7 @@ class GNSCallback(Callback):
     order = 15  # after MixedPrecision (10) unscales, before GradientClip (20)
 
     def __init__(self, n_batch: int = 20, beta: float = TRAINING_BETA):  # bs_find's beta while training: it trains
-        NoiseScaleEstimator.check_args(n_batch, beta)
+        Settings(n_batch=n_batch, beta=beta).check()  # the limits and messages of bs_find and the panel
         self.n_batch, self.beta = n_batch, beta
         self.estimator: NoiseScaleEstimator | None = None
         self.result: GNSResult | None = None

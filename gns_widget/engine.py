@@ -17,13 +17,11 @@ The engine knows nothing of widgets: it reports through `on_update` and stops wh
 """
 from __future__ import annotations
 
-import math
-import numbers
 import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,22 +31,20 @@ from .ddp import allreduce_norms, is_distributed
 from .estimator import NoiseScaleEstimator, gradients_of
 from .goodput import sizes_worth_timing
 from .guard import OtherSteps, WeightWatch, claim
-from .interval import MIN_WINDOWS as MIN_ESTIMATES
 from .interval import AutoStop
-from .loaders import loader_len, population_size
+from .loaders import population_size
 from .memory import fitting_batch_size, plan_batch
 from .norms import squared_norm
 from .per_example import PerExampleNorms
 from .precision import LossScale, resolve_amp
 from .recorder import RunRecorder
 from .result import GNSRecord, GNSResult
+from .settings import Settings
 from .state import UserState
 from .targets import Target, as_target
 from .throughput import probe_throughput
 
-__all__ = ["bs_find", "METHODS", "resolve_beta", "TRAINING_BETA"]
-
-METHODS = ("fixed", "sequential", "per_example")
+__all__ = ["bs_find"]
 
 
 def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None, *, lr: float = 1e-3,
@@ -76,7 +72,7 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     `n_batch` small batches make one estimate and `beta` is the EMA decay per estimate. Methods
     that estimate every step ("per_example", DDP) decay by beta**(1/n_batch) per step instead, so
     every method averages over the same number of small batches, about n_batch / (1 - beta).
-    `beta=None` picks `resolve_beta(lr)`: 0.99 while training, where the noise scale drifts with the
+    `beta=None` picks `settings.resolve_beta(lr)`: 0.99 while training, where the noise scale drifts with the
     weights, and 1 at lr=0, where nothing drifts and every estimate is averaged equally (forgetting
     would only throw measurements away: on a noisy problem that is the difference between ±60%
     and ±20% after the same run).
@@ -102,24 +98,23 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     Learner's `MixedPrecision` callback, `torch.float32` forces full precision.
 
     Only one finder run may use a model at a time: a second one raises `FinderBusyError`.
+
+    `lr`, `num_it`, `n_batch`, `beta` and `method` are checked by `settings.Settings`, as the panel's and
+    `GNSCallback`'s are: a ValueError names the argument and its accepted range.
     """
     if not isinstance(measure_speed, bool):
         raise ValueError(f"measure_speed must be True or False, got {measure_speed!r}")
-    beta = resolve_beta(lr, beta)
-    n_batch = NoiseScaleEstimator.check_args(n_batch, beta)
-    num_it = _check_args(lr=lr, num_it=num_it, n_batch=n_batch, method=method)
+    settings = Settings(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, method=method).check()
     tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
     amp = resolve_amp(target, amp)
     distributed = is_distributed(tgt.model)
-    if distributed and method != "fixed":
-        raise ValueError(f"method={method!r} is not available under DistributedDataParallel: use method='fixed' "
-                         "(each rank's batch is a small batch, the all-reduced batch the big one)")
+    settings = replace(settings, distributed=distributed).check()  # the method's check that needs the model
     tgt.check_dataset_size()
-    per_step = distributed or method == "per_example"  # one estimate per step instead of per window
-    auto = AutoStop.of(num_it)
-    total = auto.max_it if auto is not None else _total_iterations(tgt.train_dl, num_it, 1 if per_step else n_batch)
+    lr, n_batch, beta, per_step = settings.lr, settings.n_batch, settings.beta, settings.per_step
+    total = settings.iterations(tgt.train_dl)
     # beta is the decay per n_batch small batches for every method, so all average over as many batches
     step_beta = beta ** (1 / n_batch) if per_step else beta
+    auto = settings.auto
     if auto is not None:  # at fixed weights windows may widen (never for one estimate per step)
         auto.start(step_beta, widen=lr == 0 and not per_step)
     # sequential steps after every small batch, so it must know at once that one was not finite (a host sync per step)
@@ -163,16 +158,6 @@ def _rule_of(target: Any, tgt: Target, opt: Any) -> str | None:
     if tgt.user_opt is not None:
         return detect_rule(tgt.user_opt)
     return detect_rule(opt) or detect_rule(tgt.make_opt(1.0))
-
-
-TRAINING_BETA = 0.99  # the EMA decay beta=None picks while training (about the last 100 estimates)
-
-
-def resolve_beta(lr: Any, beta: float | None = None) -> float | Any:
-    "`beta`, or for None: 1 (a plain average) at lr=0, where the weights do not move, else TRAINING_BETA."
-    if beta is not None:
-        return beta
-    return 1.0 if isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr == 0 else TRAINING_BETA
 
 
 @dataclass
@@ -338,36 +323,3 @@ def _forward_backward(tgt: Target, inputs: Any, targets: Any, run: _Run,
     loss = tgt.fresh_loss(inputs, targets, run.amp, around_loss=norms.in_loss if norms is not None else nullcontext)
     (loss * run.loss_scale.value if run.loss_scale.enabled else loss).backward()
     return loss
-
-
-def _total_iterations(dl: Any, num_it: int | None, n_batch: int) -> int:
-    n = loader_len(dl)
-    if n == 0:
-        raise ValueError("train_dl is empty: give it a non-empty dataset (and drop_last=False if the dataset is "
-                         "smaller than one batch)")
-    if num_it is None:
-        if n is None:
-            raise ValueError("train_dl has no length, so 'one epoch' is unknown: pass num_it")
-        if n < n_batch:
-            raise ValueError(f"one epoch is only {n} batches, fewer than n_batch={n_batch}: pass num_it >= "
-                             f"{MIN_ESTIMATES * n_batch} (the {MIN_ESTIMATES} estimates a suggestion needs; the "
-                             "loader is cycled) or lower n_batch")
-        return n
-    return num_it
-
-
-def _check_args(*, lr: float, num_it: Any, n_batch: int, method: str) -> Any:
-    "Check the run's arguments; return num_it as a plain int (numpy integers are accepted), None or its auto rule."
-    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0 (0 measures without training), got {lr!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    least, what = (1, "1") if method == "per_example" else (n_batch, f"n_batch ({n_batch})")
-    if num_it is None:
-        return None
-    if AutoStop.of(num_it) is not None:
-        return num_it
-    if isinstance(num_it, bool) or not isinstance(num_it, numbers.Integral) or num_it < least:
-        raise ValueError(f"num_it must be an integer >= {what} so at least one estimate is made, "
-                         f"None for one epoch, or 'auto'; got {num_it!r}")
-    return int(num_it)
