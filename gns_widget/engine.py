@@ -196,18 +196,18 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
     """
     opt = _prepare(tgt, run.lr)
     step_every_batch = opt is not None and run.method == "sequential"
-    scale = run.loss_scale
+    loss_scale = run.loss_scale
     recorder = RunRecorder(estimator, total)
     watch = WeightWatch(tgt.model, run.others)
     for inputs, targets, bs, epoch in tgt.batches(total, run.stop_event):
         watch.check()
         loss = _forward_backward(tgt, inputs, targets, run)
         watch.rebase()
-        carried = scale.grad_scale
+        carried = loss_scale.grad_scale
         record = recorder.step(loss, bs, tgt.model, grad_scale=carried, epoch=epoch)
         finite = estimator.last_finite  # this batch's verdict when checked at once, else the window's at its end
         run.check_finite(finite, recorder.iteration)
-        scale.update(overflowed=False in finite)  # float16 checks every batch
+        loss_scale.update(overflowed=False in finite)  # float16 checks every batch
         if step_every_batch and finite[0]:  # sequential checks every batch
             _unscale(tgt.model, carried)
             watch.step(opt)
@@ -237,9 +237,9 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
     """
     opt = _prepare(tgt, run.lr)
     recorder = RunRecorder(estimator, total)
-    model, scale = tgt.model, run.loss_scale
+    model, loss_scale = tgt.model, run.loss_scale
     watch = WeightWatch(model, run.others)
-    every, pending = _read_every(opt, scale, run.n_batch), []
+    every, pending = _read_every(opt, loss_scale, run.n_batch), []
 
     def fold(steps: list[tuple]) -> bool:
         "Feed the read steps to the estimator in order; True when the run ends at one of them."
@@ -248,7 +248,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
         for loss, bs, small_sq, big_sq, b_small, b_big, carried, at in steps:
             record = recorder.step_norms(loss, bs, small_sq, big_sq, b_small, b_big, grad_scale=carried, at=at)
             run.check_finite((record is not None,), recorder.iteration)
-            scale.update(overflowed=record is None)
+            loss_scale.update(overflowed=record is None)
             if record is None:  # not finite: skipped, as GradScaler skips the step
                 continue
             _unscale(model, carried)  # a scaled or stepping run reads each step at once: these are its gradients
@@ -276,7 +276,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
                 loss = _forward_backward(tgt, inputs, targets, run, norms)
                 measured = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
             watch.rebase()
-            pending.append((loss.detach().reshape(()), bs, *measured, scale.grad_scale, time.perf_counter()))
+            pending.append((loss.detach().reshape(()), bs, *measured, loss_scale.grad_scale, time.perf_counter()))
             if len(pending) == every:
                 steps, pending = _read(pending), []
                 if fold(steps):
@@ -286,7 +286,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
     return recorder
 
 
-def _read_every(opt: Any, scale: LossScale, n_batch: int) -> int:
+def _read_every(opt: Any, loss_scale: LossScale, n_batch: int) -> int:
     """How many steps of `_run_paired` to read from the device at once.
 
     A step that trains must know before the optimizer steps whether its gradients were finite (they are
@@ -294,7 +294,7 @@ def _read_every(opt: Any, scale: LossScale, n_batch: int) -> int:
     host read per step as GradScaler makes. Measuring at lr=0 in full precision or bfloat16 reads n_batch at a
     time: a non-finite step is still left out, and divergence found, when its burst is read.
     """
-    return 1 if opt is not None or scale.enabled else n_batch
+    return 1 if opt is not None or loss_scale.enabled else n_batch
 
 
 def _read(steps: list[tuple]) -> list[tuple]:

@@ -55,8 +55,13 @@ class GNSResult:
     what to change. `noise_scale_interval` is its 90% interval and `advice()` the batch size,
     learning rate and epochs to train with. Like fastai's `lr_find` result, it plots itself.
 
+    `lr` is the trial run's lr (0: it measured at fixed weights), which need not be the one you train with:
+    `advice(lr=...)` takes yours. Without it, the advice scales the trial run's lr when the run trained, and its
+    text says so; at lr=0 there is no lr to scale, and the advice gives the lr factor alone.
+
     `decay` is the EMA decay per record (default `beta`; methods with an estimate per step decay
-    by beta**(1/n_batch) per record).
+    by beta**(1/n_batch) per record). `throughput` (this device's speed by batch size), `rule` (the lr rule of
+    the optimizer you train with) and `memory_plan` are what `bs_find` measured besides, None where it did not.
     """
 
     def __init__(self, records: list[GNSRecord], *, batch_size: int, n_train: int | None, lr: float,
@@ -151,8 +156,9 @@ class GNSResult:
                throughput: Throughput | None = None) -> BatchAdvice:
         """The batch size, learning rate and epochs that reach the same loss soonest on this device; `.text` says why.
 
-        `lr` and `epochs` are what you train with at the current batch size (lr defaults to the
-        run's when it trained; fastai's `slice(body, head)` gets both ends scaled). `rule` is the lr
+        `lr` and `epochs` are what you train with at the current batch size (fastai's `slice(body, head)` gets
+        both ends scaled). Without `lr`, the trial run's lr (`self.lr`) stands in when the run trained, and the
+        text says it is the run's: pass yours when you train at another. `rule` is the lr
         rule, "sgd" (linear), "momentum" or "adam" (square root); None takes the one of the optimizer
         the run used (`self.rule`), and the square root when that is unknown. `throughput` is the
         device's speed by batch size (default: what `bs_find` measured; `measure_throughput` for a
@@ -160,7 +166,7 @@ class GNSResult:
         """
         if rule is not None:
             check_rule(rule)
-        from_run = lr is None and self.lr > 0
+        from_run = lr is None and self.trained  # the trial run's lr stands in for yours, said in the text
         if from_run:
             lr = self.lr
         plan = self.memory_plan  # probed for the raw suggestion: its per-step batch fits

@@ -117,9 +117,8 @@ def _loss_rose(history: pd.DataFrame) -> str:
     below the start (a run that diverged and never came back), else ''.
 
     Every value is a mean over at least LOSS_SPAN_BATCHES small batches (the start, and the rolling peak): a record
-    is one small batch with per_example, and a converged model's batch losses spike to 6× a lucky first one while
-    their mean stays flat (digits after 30 epochs: record by record this said 'rose' for a reliable run; over 30
-    batches the peak is 1.47× the start). A falling loss never reaches the peak.
+    is one small batch with per_example, and a converged model's single batch losses spike to several times a
+    lucky first one while their mean stays flat, which is no divergence. A falling loss never reaches the peak.
     """
     loss = history.loss
     per_record = float(history.n_batch.median()) if "n_batch" in history else 1.0
