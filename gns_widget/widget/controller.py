@@ -176,7 +176,8 @@ class GNSWidget(PanelView):
     # ---------------------------------------------------------------- state
     @property
     def rule(self) -> str:
-        "'adam' or 'sgd': how the advice scales the lr, from the optimizer that trains now (learn.opt_func may change)."
+        """The lr rule of the optimizer the next run is given (learn.opt_func may change): "sgd", "momentum" or "adam".
+        A result's advice scales the lr by the rule of the optimizer its run was given (`GNSResult.rule`)."""
         return optimizer_rule(self.target, self._extra["opt"])[0]
 
     @property
@@ -384,14 +385,15 @@ class GNSWidget(PanelView):
         return float(train_lr) if math.isfinite(train_lr) and train_lr > 0 else None  # None: the run's lr
 
     def advice(self) -> BatchAdvice | None:
-        "The latest result's advice at the training lr and the optimizer's scaling rule (None without a result)."
+        """The latest result's advice (None without a result): `w.result.advice(lr, epochs)` with the lr and epochs the
+        panel holds (`training_lr()`, the epochs box), the same answer for the same inputs."""
         res = self.result
         return None if res is None else self._advice_for(res)
 
     def _advice_for(self, result: GNSResult) -> BatchAdvice:
-        "`result.advice` at the training lr, the optimizer's rule and the epochs typed in the panel (0: none)."
+        "`result.advice` at the panel's training lr and the epochs typed in it (0: none); all else is the result's."
         epochs = self.epochs_text.value
-        return result.advice(lr=self.training_lr(), epochs=epochs if epochs > 0 else None, rule=self.rule)
+        return result.advice(lr=self.training_lr(), epochs=epochs if epochs > 0 else None)
 
     def apply(self) -> Any:
         """Use the advised batch size for training; returns the loader to train with (or the DataLoaders).
@@ -546,7 +548,7 @@ class GNSWidget(PanelView):
         advice = self._advice_for(result)
         with self.headline.hold_sync():
             self.headline.value = texts.headline_html(advice, result)
-        self.result_box.value = texts.details_html(result, advice, shown, self.rule, self.opt_name)
+        self.result_box.value = texts.details_html(result, advice, shown, self.opt_name)
         self.details.layout.display = None  # shown, still collapsed
         can_apply = advice.kind in ("grow", "shrink") and advice.batch_size != advice.old_batch_size
         self.apply_button.disabled = not can_apply
