@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from gns_widget import bs_find, datasets
 from gns_widget.goodput import examples_ratio, round_epochs
 from gns_widget.interval import AutoStop
-from gns_widget.suggest import lr_factor
+from gns_widget.lr_rules import lr_factor
 
 BS, N_BATCH = 32, 20  # beta is bs_find's default: 1 (a plain average) at lr=0, 0.99 while training
 

@@ -21,7 +21,8 @@ from original_method import OriginalGNS
 from torch import Tensor, nn
 
 from gns_widget import NoiseScaleEstimator
-from gns_widget.estimator import gradients_of, squared_norm
+from gns_widget.estimator import gradients_of
+from gns_widget.norms import squared_norm
 from gns_widget.per_example import PerExampleNorms, norm_layer_params
 from tests.gpt import GPT, next_token_loss
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from . import bs_find
 from .datasets import digits_loaders
-from .engine import METHODS
 from .result import GNSRecord
+from .settings import METHODS
 
 
 class _Progress:

@@ -27,7 +27,7 @@ import pandas as pd
 from .advice import MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH
 from .goodput import GAIN_NEEDED, MAX_DOUBLINGS, MAX_EXAMPLES_FACTOR, examples_ratio
 from .interval import Interval
-from .suggest import check_rule, lr_factor
+from .lr_rules import check_rule, lr_factor
 from .throughput import MIN_REPEATS, MIN_TIMED_SECONDS, ROUNDS, Throughput
 
 __all__ = ["Decision", "BatchSizePolicy", "Progress", "AdaptiveRecord", "step_gain", "candidate_sizes",

@@ -12,12 +12,12 @@ from fastai.callback.training import GradientAccumulation
 from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, timing_pays
 from .advice import detect_rule
 from .callback import GNSCallback
-from .engine import TRAINING_BETA
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
 from .interval import noise_scale_interval
 from .loaders import current_batch_size, dataset_len
+from .lr_rules import check_rule
 from .precision import resolve_amp
-from .suggest import check_rule
+from .settings import TRAINING_BETA
 from .targets import as_target
 from .targets.base import batch_size_of
 from .throughput import Throughput, probe_throughput

@@ -13,13 +13,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, timing_pays
 from .advice import detect_rule
-from .engine import TRAINING_BETA
 from .estimator import NoiseScaleEstimator
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
 from .interval import noise_scale_interval
+from .lr_rules import check_rule
 from .memory_plan import check_positive_int
-from .result import GNSResult, RunRecorder
-from .suggest import check_rule
+from .recorder import RunRecorder
+from .result import GNSResult
+from .settings import TRAINING_BETA
 from .throughput import Throughput, measure_throughput
 
 __all__ = ["AdaptiveLoader"]

@@ -33,7 +33,8 @@ from typing import Any
 
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR, conservative_end, examples_ratio, round_epochs, speedup
 from .interval import Interval
-from .suggest import MAX_HALFWIDTH, check_rule, lr_factor
+from .lr_rules import check_rule, lr_factor
+from .suggest import MAX_HALFWIDTH
 from .throughput import Throughput
 
 __all__ = ["BatchAdvice", "advise", "detect_rule", "check_epochs", "check_lr", "format_lr", "MIN_STEPS_PER_EPOCH",

@@ -5,10 +5,11 @@ from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 
 from .advice import detect_rule
-from .engine import TRAINING_BETA
 from .estimator import NoiseScaleEstimator
 from .loaders import current_batch_size, dataset_len, population_size
-from .result import GNSResult, RunRecorder
+from .recorder import RunRecorder
+from .result import GNSResult
+from .settings import TRAINING_BETA, Settings
 from .targets.base import batch_size_of
 
 __all__ = ["GNSCallback"]
@@ -30,7 +31,7 @@ class GNSCallback(Callback):
     order = 15  # after MixedPrecision (10) unscales, before GradientClip (20)
 
     def __init__(self, n_batch: int = 20, beta: float = TRAINING_BETA):  # bs_find's beta while training: it trains
-        NoiseScaleEstimator.check_args(n_batch, beta)
+        Settings(n_batch=n_batch, beta=beta).check()  # the limits and messages of bs_find and the panel
         self.n_batch, self.beta = n_batch, beta
         self.estimator: NoiseScaleEstimator | None = None
         self.result: GNSResult | None = None
@@ -62,5 +63,5 @@ class GNSCallback(Callback):
     def after_fit(self):
         lr = self.opt.hypers[-1]["lr"] if self.opt is not None else float("nan")
         self.result = self.recorder_.result(batch_size=current_batch_size(self.dls.train),
-                                            n_train=dataset_len(self.dls.train), lr=lr, method="training")
-        self.result.rule = detect_rule(self.learn.opt_func)  # the lr rule of the optimizer that trained
+                                            n_train=dataset_len(self.dls.train), lr=lr, method="training",
+                                            rule=detect_rule(self.learn.opt_func))  # the optimizer that trained

@@ -21,7 +21,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from .estimator import NoiseScaleEstimator, WindowEstimate, check_batch_size, loss_scale_of, piece_norms
+from .estimator import NoiseScaleEstimator, WindowEstimate, check_batch_size
+from .norms import loss_scale_of, piece_norms
 
 __all__ = ["DDPNoiseScale", "allreduce_measured", "allreduce_norms", "is_distributed"]
 

@@ -17,38 +17,34 @@ The engine knows nothing of widgets: it reports through `on_update` and stops wh
 """
 from __future__ import annotations
 
-import math
-import numbers
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .advice import MIN_STEPS_PER_EPOCH, detect_rule
 from .ddp import allreduce_norms, is_distributed
-from .estimator import NoiseScaleEstimator, gradients_of, squared_norm
+from .estimator import NoiseScaleEstimator, gradients_of
 from .goodput import sizes_worth_timing
-from .guard import FinderBusyError, RunInfo, claim, refuse_other_threads
-from .interval import MIN_WINDOWS as MIN_ESTIMATES
+from .guard import OtherSteps, WeightWatch, claim
 from .interval import AutoStop
 from .loaders import population_size
 from .memory import fitting_batch_size, plan_batch
+from .norms import squared_norm
 from .per_example import PerExampleNorms
 from .precision import LossScale, resolve_amp
-from .result import GNSRecord, GNSResult, RunRecorder
+from .recorder import RunRecorder
+from .result import GNSRecord, GNSResult
+from .settings import Settings
 from .state import UserState
 from .targets import Target, as_target
-from .targets.base import batch_size_of, loader_len, to_device
 from .throughput import probe_throughput
 
-__all__ = ["bs_find", "METHODS", "resolve_beta", "TRAINING_BETA"]
-
-METHODS = ("fixed", "sequential", "per_example")
+__all__ = ["bs_find"]
 
 
 def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None, *, lr: float = 1e-3,
@@ -76,7 +72,7 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     `n_batch` small batches make one estimate and `beta` is the EMA decay per estimate. Methods
     that estimate every step ("per_example", DDP) decay by beta**(1/n_batch) per step instead, so
     every method averages over the same number of small batches, about n_batch / (1 - beta).
-    `beta=None` picks `resolve_beta(lr)`: 0.99 while training, where the noise scale drifts with the
+    `beta=None` picks `settings.resolve_beta(lr)`: 0.99 while training, where the noise scale drifts with the
     weights, and 1 at lr=0, where nothing drifts and every estimate is averaged equally (forgetting
     would only throw measurements away: on a noisy problem that is the difference between ±60%
     and ±20% after the same run).
@@ -102,24 +98,23 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     Learner's `MixedPrecision` callback, `torch.float32` forces full precision.
 
     Only one finder run may use a model at a time: a second one raises `FinderBusyError`.
+
+    `lr`, `num_it`, `n_batch`, `beta` and `method` are checked by `settings.Settings`, as the panel's and
+    `GNSCallback`'s are: a ValueError names the argument and its accepted range.
     """
     if not isinstance(measure_speed, bool):
         raise ValueError(f"measure_speed must be True or False, got {measure_speed!r}")
-    beta = resolve_beta(lr, beta)
-    n_batch = NoiseScaleEstimator.check_args(n_batch, beta)
-    num_it = _check_args(lr=lr, num_it=num_it, n_batch=n_batch, method=method)
+    settings = Settings(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, method=method).check()
     tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)
     amp = resolve_amp(target, amp)
     distributed = is_distributed(tgt.model)
-    if distributed and method != "fixed":
-        raise ValueError(f"method={method!r} is not available under DistributedDataParallel: use method='fixed' "
-                         "(each rank's batch is a small batch, the all-reduced batch the big one)")
-    _check_dataset_size(tgt)
-    per_step = distributed or method == "per_example"  # one estimate per step instead of per window
-    auto = AutoStop.of(num_it)
-    total = auto.max_it if auto is not None else _total_iterations(tgt.train_dl, num_it, 1 if per_step else n_batch)
+    settings = replace(settings, distributed=distributed).check()  # the method's check that needs the model
+    tgt.check_dataset_size()
+    lr, n_batch, beta, per_step = settings.lr, settings.n_batch, settings.beta, settings.per_step
+    total = settings.iterations(tgt.train_dl)
     # beta is the decay per n_batch small batches for every method, so all average over as many batches
     step_beta = beta ** (1 / n_batch) if per_step else beta
+    auto = settings.auto
     if auto is not None:  # at fixed weights windows may widen (never for one estimate per step)
         auto.start(step_beta, widen=lr == 0 and not per_step)
     # sequential steps after every small batch, so it must know at once that one was not finite (a host sync per step)
@@ -128,26 +123,30 @@ def bs_find(target: Any, train_dl: Any = None, loss_func: Callable | None = None
     with claim(tgt.model, "bs_find", stop_event) as held, tgt.during_run():
         stop_event = held.stop_event  # one the user passed, or the guard's: a new panel can stop this run
         state = UserState(tgt.model, tgt.user_opt, tgt.train_dl, tgt.loss_func)
-        others = _OtherSteps(tgt.model, held)
+        others = OtherSteps(tgt.model, held)
         run = _Run(lr, method, amp, LossScale(amp == torch.float16), on_update, stop_event, n_batch, others, auto)
+        throughput = None
         try:
             with torch.inference_mode(False), torch.enable_grad(), others:  # called under no_grad, it still trains
                 recorder = (_run_paired if per_step else _run_windows)(tgt, estimator, total, run)
-                result = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta,
-                                         method=method, stopped=stop_event.is_set())
-                if measure_speed and result.decidable and tgt.batch_size and not distributed:  # a stopped run's too
-                    sizes = sizes_worth_timing(tgt.batch_size, result.interval, tgt.n_train, MIN_STEPS_PER_EPOCH)
+                stopped = stop_event.is_set()
+                # what was measured decides what else is worth measuring; the result is built once all of it is in
+                measured = recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta,
+                                           method=method, stopped=stopped)
+                if measure_speed and measured.decidable and tgt.batch_size and not distributed:  # a stopped run's too
+                    sizes = sizes_worth_timing(tgt.batch_size, measured.interval, tgt.n_train, MIN_STEPS_PER_EPOCH)
                     with others.own():  # its steps are the run's; other threads stay refused while it trains
-                        result.throughput = probe_throughput(tgt, sizes, amp, saturate_above=tgt.batch_size)
+                        throughput = probe_throughput(tgt, sizes, amp, saturate_above=tgt.batch_size)
         finally:
             state.restore()
             others.release()  # other threads' forward and zero_grad stay refused until the model is restored
-        result.rule = _rule_of(target, tgt, opt)
+        plan = None
         probe = tgt.device.type == "cuda" if probe_memory is None else probe_memory
-        if probe and result.reliable and not distributed:
-            fits = fitting_batch_size(tgt, limit=result.suggested_bs, amp=amp)
-            result.memory_plan = plan_batch(result.suggested_bs, fits)
-    return result
+        if probe and measured.reliable and not distributed:
+            fits = fitting_batch_size(tgt, limit=measured.suggested_bs, amp=amp)
+            plan = plan_batch(measured.suggested_bs, fits)
+    return recorder.result(batch_size=tgt.batch_size, n_train=tgt.n_train, lr=lr, beta=beta, method=method,
+                           stopped=stopped, throughput=throughput, rule=_rule_of(target, tgt, opt), memory_plan=plan)
 
 
 def _rule_of(target: Any, tgt: Target, opt: Any) -> str | None:
@@ -161,16 +160,6 @@ def _rule_of(target: Any, tgt: Target, opt: Any) -> str | None:
     return detect_rule(opt) or detect_rule(tgt.make_opt(1.0))
 
 
-TRAINING_BETA = 0.99  # the EMA decay beta=None picks while training (about the last 100 estimates)
-
-
-def resolve_beta(lr: Any, beta: float | None = None) -> float | Any:
-    "`beta`, or for None: 1 (a plain average) at lr=0, where the weights do not move, else TRAINING_BETA."
-    if beta is not None:
-        return beta
-    return 1.0 if isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr == 0 else TRAINING_BETA
-
-
 @dataclass
 class _Run:
     "How one run trains and reports (the target says what it trains)."
@@ -181,7 +170,7 @@ class _Run:
     on_update: Callable[[GNSRecord], None] | None
     stop_event: threading.Event
     n_batch: int
-    others: _OtherSteps  # refuses other optimizers' steps on the model while the run trains it
+    others: OtherSteps  # refuses other optimizers' steps on the model while the run trains it
     auto: AutoStop | None = None  # num_it="auto": ends the run once the interval is narrow enough
     bad_streak: int = 0  # consecutive small batches whose gradients were not finite
 
@@ -207,18 +196,18 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
     """
     opt = _prepare(tgt, run.lr)
     step_every_batch = opt is not None and run.method == "sequential"
-    scale = run.loss_scale
+    loss_scale = run.loss_scale
     recorder = RunRecorder(estimator, total)
-    watch = _WeightWatch(tgt.model, run.others)
-    for inputs, targets, bs, epoch in _batches(tgt, total, run.stop_event):
+    watch = WeightWatch(tgt.model, run.others)
+    for inputs, targets, bs, epoch in tgt.batches(total, run.stop_event):
         watch.check()
         loss = _forward_backward(tgt, inputs, targets, run)
         watch.rebase()
-        carried = scale.grad_scale
+        carried = loss_scale.grad_scale
         record = recorder.step(loss, bs, tgt.model, grad_scale=carried, epoch=epoch)
         finite = estimator.last_finite  # this batch's verdict when checked at once, else the window's at its end
         run.check_finite(finite, recorder.iteration)
-        scale.update(overflowed=False in finite)  # float16 checks every batch
+        loss_scale.update(overflowed=False in finite)  # float16 checks every batch
         if step_every_batch and finite[0]:  # sequential checks every batch
             _unscale(tgt.model, carried)
             watch.step(opt)
@@ -236,7 +225,7 @@ def _run_windows(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _
         if run.auto is not None:
             if run.auto.update(record):
                 break
-            estimator.n_batch = run.auto.n_batch_for(record, estimator.n_batch)
+            estimator.set_window(run.auto.n_batch_for(record, estimator.n_batch))
     return recorder
 
 
@@ -248,9 +237,9 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
     """
     opt = _prepare(tgt, run.lr)
     recorder = RunRecorder(estimator, total)
-    model, scale = tgt.model, run.loss_scale
-    watch = _WeightWatch(model, run.others)
-    every, pending = _read_every(opt, scale, run.n_batch), []
+    model, loss_scale = tgt.model, run.loss_scale
+    watch = WeightWatch(model, run.others)
+    every, pending = _read_every(opt, loss_scale, run.n_batch), []
 
     def fold(steps: list[tuple]) -> bool:
         "Feed the read steps to the estimator in order; True when the run ends at one of them."
@@ -259,7 +248,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
         for loss, bs, small_sq, big_sq, b_small, b_big, carried, at in steps:
             record = recorder.step_norms(loss, bs, small_sq, big_sq, b_small, b_big, grad_scale=carried, at=at)
             run.check_finite((record is not None,), recorder.iteration)
-            scale.update(overflowed=record is None)
+            loss_scale.update(overflowed=record is None)
             if record is None:  # not finite: skipped, as GradScaler skips the step
                 continue
             _unscale(model, carried)  # a scaled or stepping run reads each step at once: these are its gradients
@@ -274,7 +263,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
         return False
 
     with (nullcontext() if is_distributed(model) else PerExampleNorms(model)) as norms:
-        for inputs, targets, bs, _ in _batches(tgt, total, run.stop_event):
+        for inputs, targets, bs, _ in tgt.batches(total, run.stop_event):
             watch.check()
             if norms is None:  # DDP: the local gradient first, then the same all-reduce DDP would do
                 with model.no_sync():
@@ -287,7 +276,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
                 loss = _forward_backward(tgt, inputs, targets, run, norms)
                 measured = norms.pop().mean(), squared_norm(gradients_of(model)), 1, bs
             watch.rebase()
-            pending.append((loss.detach().reshape(()), bs, *measured, scale.grad_scale, time.perf_counter()))
+            pending.append((loss.detach().reshape(()), bs, *measured, loss_scale.grad_scale, time.perf_counter()))
             if len(pending) == every:
                 steps, pending = _read(pending), []
                 if fold(steps):
@@ -297,7 +286,7 @@ def _run_paired(tgt: Target, estimator: NoiseScaleEstimator, total: int, run: _R
     return recorder
 
 
-def _read_every(opt: Any, scale: LossScale, n_batch: int) -> int:
+def _read_every(opt: Any, loss_scale: LossScale, n_batch: int) -> int:
     """How many steps of `_run_paired` to read from the device at once.
 
     A step that trains must know before the optimizer steps whether its gradients were finite (they are
@@ -305,7 +294,7 @@ def _read_every(opt: Any, scale: LossScale, n_batch: int) -> int:
     host read per step as GradScaler makes. Measuring at lr=0 in full precision or bfloat16 reads n_batch at a
     time: a non-finite step is still left out, and divergence found, when its burst is read.
     """
-    return 1 if opt is not None or scale.enabled else n_batch
+    return 1 if opt is not None or loss_scale.enabled else n_batch
 
 
 def _read(steps: list[tuple]) -> list[tuple]:
@@ -313,118 +302,6 @@ def _read(steps: list[tuple]) -> list[tuple]:
     tensors = [v for step in steps for v in step if isinstance(v, torch.Tensor)]
     values = iter(torch.stack(tensors).tolist())  # promoted to the widest dtype: every value read exactly
     return [tuple(next(values) if isinstance(v, torch.Tensor) else v for v in step) for step in steps]
-
-
-class _WeightWatch:
-    """Notices when something other than this run changes the model's weights or its train mode during the run.
-
-    Training the same model in another cell (or thread) while the panel runs would be silently
-    undone by the restore at the end, and mixes two trainings meanwhile. Every in-place change of
-    a tensor bumps its version counter; the run's own optimizer steps are accounted for. An
-    evaluation in another cell (`model.eval()`) would leave the rest of the run measuring in eval mode.
-    """
-
-    def __init__(self, model: torch.nn.Module, others: _OtherSteps):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.others = others
-        self.version = self._sum()
-        self.model, self.training = model, model.training  # the mode the run set: eval elsewhere would measure eval
-
-    def _sum(self) -> int:
-        return sum(p._version for p in self.params)
-
-    def step(self, opt: Any) -> None:
-        "The run's own optimizer step."
-        self.check()
-        with self.others.own():
-            opt.step()
-        self.rebase()
-
-    def rebase(self) -> None:
-        """After the run's own forward and backward: what the model changed in them is its own doing
-        (`nn.Embedding(max_norm=...)` renormalises its rows in place). Checked before each batch and step."""
-        self.version = self._sum()
-
-    def check(self) -> None:
-        if self.others.refused is not None:
-            thread, what = self.others.refused
-            done = ("another optimizer stepped this model's weights during the run" if what == "step" else
-                    f"another optimizer or training loop reached for this model during the run ({what})")
-            raise RuntimeError(f"{done} (in thread {thread!r}: training in another cell?). It was refused with a "
-                               "FinderBusyError where it was called, and this run stopped and put the weights back "
-                               "as they were before it started: run the finder and your training one after the other")
-        if self.model.training != self.training:
-            raise RuntimeError("the model was switched to eval mode by something other than the finder during the "
-                               "run (model.eval() or an evaluation in another cell or thread?): the rest of the run "
-                               "would have measured it without dropout and with BatchNorm's running statistics, "
-                               "another noise scale. The run stopped and put the model back as it was before it "
-                               "started, its train/eval mode too: evaluate before or after the run")
-        if self._sum() != self.version:
-            raise RuntimeError("the model's weights were changed by something other than the finder during the run "
-                               "(training in another cell or thread?). The run stopped and put the weights back as "
-                               "they were before it started, so changes made meanwhile are undone: run the finder "
-                               "and your training one after the other")
-
-
-class _OtherSteps:
-    """While a run trains a model, refuses every optimizer step on its weights but the run's own.
-
-    The weight watch sees in-place changes between the run's steps, but not one that lands during its forward and
-    backward, which it must take for the model's own doing (`rebase`): a training loop in another cell would
-    then be measured as if it were the run's, and undone at its end. torch calls global step hooks from every
-    thread, so the other loop's first `opt.step()` fails in its own cell, before it changes anything.
-
-    Its forward (with gradients) and zero_grad come before any step and race the run's backward on the same
-    `.grad` tensors (autograd's in-place error, or a segmentation fault that kills the kernel): they are refused
-    on any thread but the run's, before they touch a gradient (`guard.refuse_other_threads`).
-    """
-
-    def __init__(self, model: torch.nn.Module, held: RunInfo):
-        self.model = model
-        self.ids = {id(p) for p in model.parameters()}
-        self.held = held
-        self.refused: tuple[str, str] | None = None  # (the thread whose work was refused, what it was)
-        self._local = threading.local()
-
-    def __enter__(self) -> _OtherSteps:  # on the run's thread: the one thread whose forward and zero_grad may run
-        self._handle = register_optimizer_step_pre_hook(self._check)
-        self._others = refuse_other_threads(self.model, self._refuse)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._handle.remove()
-
-    def release(self) -> None:
-        "After the restore: the model is the user's again (the restore writes weights and gradients too)."
-        if hasattr(self, "_others"):
-            self._others.remove()
-
-    def _refuse(self, what: str) -> None:
-        "Another thread's forward or zero_grad on the model: refused in its own cell, and the run stops."
-        self.refused = self.refused or (threading.current_thread().name, what)  # the first one says why the run stopped
-        raise FinderBusyError(f"{what} refused: a finder run is training this model ({self.held.describe()}), and "
-                              "training it from another cell at the same time would mix both trainings (the run puts "
-                              "the weights back when it ends). The run stops now; train once it has ended, or stop it "
-                              "first (its panel's Stop button, widget.stop())")
-
-    @contextmanager
-    def own(self) -> Iterator[None]:
-        "The run's own step, on the run's thread."
-        self._local.own = True
-        try:
-            yield
-        finally:
-            self._local.own = False
-
-    def _check(self, opt: Any, args: Any, kwargs: Any) -> None:
-        if getattr(self._local, "own", False):
-            return
-        if any(id(p) in self.ids for group in opt.param_groups for p in group["params"]):
-            self.refused = self.refused or (threading.current_thread().name, "step")
-            raise FinderBusyError(f"optimizer step refused: the model's weights would be changed by something other "
-                                  f"than the finder during its run ({self.held.describe()}), and the run puts them "
-                                  "back when it ends, so this training would be undone. The run stops now; train "
-                                  "once it has ended, or stop it first (its panel's Stop button, widget.stop())")
 
 
 def _unscale(model: torch.nn.Module, grad_scale: float | None) -> None:
@@ -440,84 +317,9 @@ def _prepare(tgt: Target, lr: float) -> Any:
     return tgt.make_opt(lr) if lr > 0 else None
 
 
-def _batches(tgt: Target, total: int, stop_event: threading.Event) -> Iterator[tuple[Any, Any, int, int]]:
-    "(inputs, targets, batch size, epoch) on the run's device, `total` of them, until `stop_event` is set."
-    batches = _cycle(tgt.train_dl)
-    for _ in range(total):
-        if stop_event.is_set():
-            return
-        epoch, batch = next(batches)
-        inputs, targets = tgt.inputs_and_targets(to_device(batch, tgt.device))
-        bs = batch_size_of(targets, inputs)
-        if tgt.batch_size is None:
-            tgt.batch_size = bs
-        yield inputs, targets, bs, epoch
-
-
 def _forward_backward(tgt: Target, inputs: Any, targets: Any, run: _Run,
                       norms: PerExampleNorms | None = None) -> torch.Tensor:
     "The loss, after its (scaled, under float16) backward pass; `norms` follow the loss too (parameters it uses)."
     loss = tgt.fresh_loss(inputs, targets, run.amp, around_loss=norms.in_loss if norms is not None else nullcontext)
     (loss * run.loss_scale.value if run.loss_scale.enabled else loss).backward()
     return loss
-
-
-def _cycle(dl: Any) -> Iterator[tuple[int, Any]]:
-    "(epoch, batch) from `dl`, epoch after epoch (a fresh iterator each epoch, as a training loop does)."
-    epoch, first_epoch_len = 0, None
-    while True:
-        n = 0
-        for b in dl:
-            n += 1
-            yield epoch, b
-        if n == 0 and first_epoch_len:
-            raise ValueError(f"train_dl was exhausted after {first_epoch_len} batches and yields nothing on a second "
-                             "pass: it is a one-shot iterator (a generator?). Pass a DataLoader or a list of "
-                             f"batches, or num_it <= {first_epoch_len}")
-        if n == 0:
-            raise ValueError("train_dl yielded no batches: give it a non-empty dataset (and drop_last=False if the "
-                             "dataset is smaller than one batch); a generator can only be iterated once")
-        first_epoch_len = first_epoch_len or n
-        epoch += 1
-
-
-def _check_dataset_size(tgt: Target) -> None:
-    "Refuse a training set that fits in one batch: every batch is then the full gradient, with no noise to measure."
-    if tgt.n_train and tgt.batch_size and tgt.n_train <= tgt.batch_size:
-        raise ValueError(f"the training set ({tgt.n_train} examples) fits in one batch of {tgt.batch_size}: every "
-                         "batch is the whole dataset, so there is no gradient noise to measure and no batch size "
-                         f"to suggest beyond {tgt.n_train} (full-batch training). Measure with a smaller batch "
-                         "size, or on more data")
-
-
-def _total_iterations(dl: Any, num_it: int | None, n_batch: int) -> int:
-    n = loader_len(dl)
-    if n == 0:
-        raise ValueError("train_dl is empty: give it a non-empty dataset (and drop_last=False if the dataset is "
-                         "smaller than one batch)")
-    if num_it is None:
-        if n is None:
-            raise ValueError("train_dl has no length, so 'one epoch' is unknown: pass num_it")
-        if n < n_batch:
-            raise ValueError(f"one epoch is only {n} batches, fewer than n_batch={n_batch}: pass num_it >= "
-                             f"{MIN_ESTIMATES * n_batch} (the {MIN_ESTIMATES} estimates a suggestion needs; the "
-                             "loader is cycled) or lower n_batch")
-        return n
-    return num_it
-
-
-def _check_args(*, lr: float, num_it: Any, n_batch: int, method: str) -> Any:
-    "Check the run's arguments; return num_it as a plain int (numpy integers are accepted), None or its auto rule."
-    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0 (0 measures without training), got {lr!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    least, what = (1, "1") if method == "per_example" else (n_batch, f"n_batch ({n_batch})")
-    if num_it is None:
-        return None
-    if AutoStop.of(num_it) is not None:
-        return num_it
-    if isinstance(num_it, bool) or not isinstance(num_it, numbers.Integral) or num_it < least:
-        raise ValueError(f"num_it must be an integer >= {what} so at least one estimate is made, "
-                         f"None for one epoch, or 'auto'; got {num_it!r}")
-    return int(num_it)

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NoiseScaleEstimator", "WindowEstimate", "gradients_of", "trainable_grads", "loss_scale_of", "piece_norms",
-           "squared_norm"]
+from .norms import loss_scale_of, piece_norms, squared_norm
+
+__all__ = ["NoiseScaleEstimator", "WindowEstimate", "gradients_of", "trainable_grads", "check_batch_size"]
 
 
 @dataclass(frozen=True)
@@ -145,10 +146,27 @@ class NoiseScaleEstimator:
         # Not finite: small batches (checked or found at their window's end), accumulation cycles, update_norms steps
         # and estimates; n_dropped: windows (accumulation cycles) left out because they held such a batch
         self.n_skipped = self.n_dropped = 0
-        # whether the small batches whose check an update completed were finite, oldest first: its own batch when
-        # checked at once, every batch of the window when the window's end checks them, () in between
-        self.last_finite: tuple[bool, ...] = ()
+        self._last_finite: tuple[bool, ...] = ()
         self.last: WindowEstimate | None = None
+
+    @property
+    def last_finite(self) -> tuple[bool, ...]:
+        """Whether the small batches whose check the latest `update` completed had finite gradients, oldest first.
+
+        Its own batch when it was checked at once (`check_each`, a `grad_scale`, accumulation); every batch of the
+        window when the window's end checked them; () in between. A training loop reads it to skip the optimizer
+        step of a batch that was not finite, or to tell divergence from a stray batch.
+        """
+        return self._last_finite
+
+    def set_window(self, n_batch: int) -> None:
+        """Make every window from the next one on `n_batch` small batches (`num_it="auto"` widens them at fixed
+        weights, where a wider window measures a noise scale above the big batch better). Only between windows."""
+        n_batch = self.check_args(n_batch, self.beta)
+        if self._count and not self._window_done:
+            raise RuntimeError(f"set_window is only possible between windows: {self._count} of this window's "
+                               f"{self.n_batch} small batches are in")
+        self.n_batch = n_batch
 
     def _zero_window_counts(self) -> None:
         # small batches, Σ 1/b_i (B_small is their harmonic mean), Σ w_i and Σ w_i²/b_i (B_big = (Σw)²/Σ(w²/b)),
@@ -191,7 +209,7 @@ class NoiseScaleEstimator:
         if acc and acc[0].dtype != tensors[0].dtype:  # low-precision grads against a float32 buffer
             tensors = [g.to(a.dtype) for a, g in zip(acc, tensors)]
         checked = self.check_each or self.accumulated or grad_scale is not None
-        self.last_finite = ()
+        self._last_finite = ()
         if self.accumulated:
             w = 1.0 / self.n_batch if weight is None else float(weight)
             if not self._overflowed:
@@ -201,7 +219,7 @@ class NoiseScaleEstimator:
                 if acc:
                     torch._foreach_copy_(acc, tensors)  # the running sum, for the next micro-batch
                 self._overflowed = not torch.isfinite(sq).item()
-                self.last_finite = (not self._overflowed,)
+                self._last_finite = (not self._overflowed,)
             if self._overflowed:  # the running sum is lost for the rest of this cycle
                 return self._count_overflowed_micro_batch()
             self._loss_scale = loss_scale  # constant within a cycle: GradScaler changes it after the step
@@ -211,8 +229,8 @@ class NoiseScaleEstimator:
             if loss_scale != 1.0:
                 sq = sq / loss_scale**2
             if checked:
-                self.last_finite = (bool(torch.isfinite(sq)),)
-                if not self.last_finite[0]:  # this small batch alone is left out
+                self._last_finite = (bool(torch.isfinite(sq)),)
+                if not self._last_finite[0]:  # this small batch alone is left out
                     self.n_skipped += 1
                     return None
             if acc:
@@ -332,7 +350,7 @@ class NoiseScaleEstimator:
         self._window_done = True
         finite = tuple(math.isfinite(sq) for sq in small_sqs)  # a checked batch joined the window only if finite
         if not checked:
-            self.last_finite = finite
+            self._last_finite = finite
         if not all(finite):  # found after it joined the big batch: the whole window is lost
             self.n_skipped += finite.count(False)
             self.n_dropped += 1
@@ -404,42 +422,6 @@ class NoiseScaleEstimator:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(n_batch={self.n_batch}, beta={self.beta}, "
                 f"estimates={self.n_estimates}, noise_scale={self.noise_scale:.4g})")
-
-
-def loss_scale_of(grad_scale: float | Tensor | None) -> float:
-    "The loss scale gradients carry (1 without mixed precision); a ValueError unless finite and positive."
-    scale = 1.0 if grad_scale is None else float(grad_scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"grad_scale must be a finite positive number (scaler.get_scale()), got {grad_scale!r}")
-    return scale
-
-
-_CPU_PIECE = 1 << 16  # elements per piece when norming long tensors on the CPU (see piece_norms)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def piece_norms(tensors: list[Tensor]) -> Tensor:
-    """2-norms whose squares add up to Σ |t|² accurately, stacked on the tensors' device (no host sync).
-
-    Half-precision tensors are normed in float32. On the CPU a float32 norm adds each vector lane
-    up sequentially, so its relative error grows with the length: 7e-4 at 10M elements, which the
-    cancellation in the |G|² estimate multiplies by about B_simple/B_small. Long tensors are
-    therefore normed in 64k-element pieces there (error about 3e-7, for 1.5x the time of one
-    norm). GPU reductions are trees, accurate at any length: no split.
-    """
-    if tensors and tensors[0].device.type == "cpu":
-        tensors = [p for t in tensors for p in (t.reshape(-1).split(_CPU_PIECE) if t.numel() > _CPU_PIECE else (t,))]
-    low = [t for t in tensors if t.dtype in _LOW_PRECISION]
-    rest = [t for t in tensors if t.dtype not in _LOW_PRECISION]
-    parts = [torch.stack(torch._foreach_norm(low, 2, dtype=torch.float32))] if low else []
-    parts += [torch.stack(torch._foreach_norm(rest))] if rest else []
-    return parts[0] if len(parts) == 1 else torch.cat(parts)  # promotes to the wider dtype when both kinds are there
-
-
-def squared_norm(tensors: list[Tensor]) -> Tensor:
-    "Σ |t|² over a list of tensors, as one float32 scalar on their device (no host sync); see `piece_norms`."
-    norms = piece_norms(tensors).float()
-    return norms.dot(norms)  # one kernel, where square().sum() is two
 
 
 def _is_int(x: object) -> bool:

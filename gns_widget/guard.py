@@ -6,6 +6,10 @@ over the other's. Every run (`bs_find`, the panel's, the memory probe) claims it
 first; a second claim is refused with `FinderBusyError`, which names the run holding the
 model and how to stop it. `active_run(model)` lets a new panel find an old run and stop it.
 `refuse_other_threads` refuses another thread's forward and zero_grad on a model while a run trains it.
+
+While a run trains, `OtherSteps` refuses every optimizer step on the model but the run's own (and, through
+`refuse_other_threads`, other threads' gradient work), and `WeightWatch` notices any other change of its
+weights or train mode between the run's steps: the run stops rather than measure, and then undo, two trainings.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-__all__ = ["FinderBusyError", "RunInfo", "active_run", "claim", "refuse_other_threads"]
+__all__ = ["FinderBusyError", "RunInfo", "active_run", "claim", "refuse_other_threads", "OtherSteps", "WeightWatch"]
 
 
 class FinderBusyError(RuntimeError):
@@ -160,3 +165,116 @@ def _patch_zero_grad() -> None:
 
     torch.optim.Optimizer.zero_grad = optimizer_zero_grad
     nn.Module.zero_grad = module_zero_grad
+
+
+# ---------------------------------------------------------------- the run's own training, told from anyone else's
+class WeightWatch:
+    """Notices when something other than this run changes the model's weights or its train mode during the run.
+
+    Training the same model in another cell (or thread) while the panel runs would be silently
+    undone by the restore at the end, and mixes two trainings meanwhile. Every in-place change of
+    a tensor bumps its version counter; the run's own optimizer steps are accounted for. An
+    evaluation in another cell (`model.eval()`) would leave the rest of the run measuring in eval mode.
+    """
+
+    def __init__(self, model: torch.nn.Module, others: OtherSteps):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.others = others
+        self.version = self._sum()
+        self.model, self.training = model, model.training  # the mode the run set: eval elsewhere would measure eval
+
+    def _sum(self) -> int:
+        return sum(p._version for p in self.params)
+
+    def step(self, opt: Any) -> None:
+        "The run's own optimizer step."
+        self.check()
+        with self.others.own():
+            opt.step()
+        self.rebase()
+
+    def rebase(self) -> None:
+        """After the run's own forward and backward: what the model changed in them is its own doing
+        (`nn.Embedding(max_norm=...)` renormalises its rows in place). Checked before each batch and step."""
+        self.version = self._sum()
+
+    def check(self) -> None:
+        if self.others.refused is not None:
+            thread, what = self.others.refused
+            done = ("another optimizer stepped this model's weights during the run" if what == "step" else
+                    f"another optimizer or training loop reached for this model during the run ({what})")
+            raise RuntimeError(f"{done} (in thread {thread!r}: training in another cell?). It was refused with a "
+                               "FinderBusyError where it was called, and this run stopped and put the weights back "
+                               "as they were before it started: run the finder and your training one after the other")
+        if self.model.training != self.training:
+            raise RuntimeError("the model was switched to eval mode by something other than the finder during the "
+                               "run (model.eval() or an evaluation in another cell or thread?): the rest of the run "
+                               "would have measured it without dropout and with BatchNorm's running statistics, "
+                               "another noise scale. The run stopped and put the model back as it was before it "
+                               "started, its train/eval mode too: evaluate before or after the run")
+        if self._sum() != self.version:
+            raise RuntimeError("the model's weights were changed by something other than the finder during the run "
+                               "(training in another cell or thread?). The run stopped and put the weights back as "
+                               "they were before it started, so changes made meanwhile are undone: run the finder "
+                               "and your training one after the other")
+
+
+class OtherSteps:
+    """While a run trains a model, refuses every optimizer step on its weights but the run's own.
+
+    The weight watch sees in-place changes between the run's steps, but not one that lands during its forward and
+    backward, which it must take for the model's own doing (`rebase`): a training loop in another cell would
+    then be measured as if it were the run's, and undone at its end. torch calls global step hooks from every
+    thread, so the other loop's first `opt.step()` fails in its own cell, before it changes anything.
+
+    Its forward (with gradients) and zero_grad come before any step and race the run's backward on the same
+    `.grad` tensors (autograd's in-place error, or a segmentation fault that kills the kernel): they are refused
+    on any thread but the run's, before they touch a gradient (`guard.refuse_other_threads`).
+    """
+
+    def __init__(self, model: torch.nn.Module, held: RunInfo):
+        self.model = model
+        self.ids = {id(p) for p in model.parameters()}
+        self.held = held
+        self.refused: tuple[str, str] | None = None  # (the thread whose work was refused, what it was)
+        self._local = threading.local()
+
+    def __enter__(self) -> OtherSteps:  # on the run's thread: the one thread whose forward and zero_grad may run
+        self._handle = register_optimizer_step_pre_hook(self._check)
+        self._others = refuse_other_threads(self.model, self._refuse)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+    def release(self) -> None:
+        "After the restore: the model is the user's again (the restore writes weights and gradients too)."
+        if hasattr(self, "_others"):
+            self._others.remove()
+
+    def _refuse(self, what: str) -> None:
+        "Another thread's forward or zero_grad on the model: refused in its own cell, and the run stops."
+        self.refused = self.refused or (threading.current_thread().name, what)  # the first one says why the run stopped
+        raise FinderBusyError(f"{what} refused: a finder run is training this model ({self.held.describe()}), and "
+                              "training it from another cell at the same time would mix both trainings (the run puts "
+                              "the weights back when it ends). The run stops now; train once it has ended, or stop it "
+                              "first (its panel's Stop button, widget.stop())")
+
+    @contextmanager
+    def own(self) -> Iterator[None]:
+        "The run's own step, on the run's thread."
+        self._local.own = True
+        try:
+            yield
+        finally:
+            self._local.own = False
+
+    def _check(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if getattr(self._local, "own", False):
+            return
+        if any(id(p) in self.ids for group in opt.param_groups for p in group["params"]):
+            self.refused = self.refused or (threading.current_thread().name, "step")
+            raise FinderBusyError(f"optimizer step refused: the model's weights would be changed by something other "
+                                  f"than the finder during its run ({self.held.describe()}), and the run puts them "
+                                  "back when it ends, so this training would be undone. The run stops now; train "
+                                  "once it has ended, or stop it first (its panel's Stop button, widget.stop())")

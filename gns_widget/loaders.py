@@ -22,7 +22,8 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["loader_at", "apply_batch_size", "current_batch_size", "dataset_len", "population_size", "shuffles"]
+__all__ = ["loader_at", "apply_batch_size", "current_batch_size", "dataset_len", "loader_len", "population_size",
+           "shuffles"]
 
 
 def _is_fastai_dls(obj: Any) -> bool:
@@ -42,6 +43,14 @@ def current_batch_size(dl: Any) -> int | None:
     if isinstance(dl, DataLoader):
         return dl.batch_size if dl.batch_size is not None else getattr(dl.batch_sampler, "batch_size", None)
     return None
+
+
+def loader_len(dl: Any) -> int | None:
+    "Batches per epoch, None for a loader without a length (an iterable dataset, a generator)."
+    try:
+        return len(dl)
+    except TypeError:
+        return None
 
 
 def dataset_len(dl: Any) -> int | None:

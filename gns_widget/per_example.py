@@ -143,8 +143,9 @@ class PerExampleNorms:
 
         A parameter the loss uses (a head applied there, `logits @ model.emb.weight.T`) is measured per example
         like one in the forward; one used after the batch was reduced (a regularizer `w.square().sum()` added to the
-        mean loss) has no per-example gradient and is refused. Unseen, either was silently left out of the
-        per-example norms while `p.grad` held it (-84% with the head applied in the loss).
+        mean loss) has no per-example gradient and is refused. Both must be seen: `p.grad` holds such a parameter's
+        gradient, so per-example norms that left it out would measure another gradient than the one that trains
+        (a head applied in the loss can be most of it).
         """
         if self._mode is not None or self._batch is None or not torch.is_grad_enabled():
             yield

@@ -2,25 +2,22 @@
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 import pandas as pd
-import torch
-from torch import Tensor
 
 from .advice import BatchAdvice, advise
-from .estimator import NoiseScaleEstimator, WindowEstimate
 from .interval import Interval, noise_scale_interval
-from .suggest import LRAdvice, Suggestion, check_rule, suggest_batch_size, tradeoff
+from .lr_rules import LRAdvice, check_rule
+from .suggest import Suggestion, suggest_batch_size, tradeoff
 
 if TYPE_CHECKING:
     from .memory_plan import MemoryPlan
     from .throughput import Throughput
 
-__all__ = ["GNSRecord", "GNSResult", "RunRecorder"]
+__all__ = ["GNSRecord", "GNSResult"]
 
 MIN_TREND_WINDOWS = 10  # windows in each half of a run before its trend is told
 GROWING = 1.25  # a second half this many times the first: still growing
@@ -58,13 +55,19 @@ class GNSResult:
     what to change. `noise_scale_interval` is its 90% interval and `advice()` the batch size,
     learning rate and epochs to train with. Like fastai's `lr_find` result, it plots itself.
 
+    `lr` is the trial run's lr (0: it measured at fixed weights), which need not be the one you train with:
+    `advice(lr=...)` takes yours. Without it, the advice scales the trial run's lr when the run trained, and its
+    text says so; at lr=0 there is no lr to scale, and the advice gives the lr factor alone.
+
     `decay` is the EMA decay per record (default `beta`; methods with an estimate per step decay
-    by beta**(1/n_batch) per record).
+    by beta**(1/n_batch) per record). `throughput` (this device's speed by batch size), `rule` (the lr rule of
+    the optimizer you train with) and `memory_plan` are what `bs_find` measured besides, None where it did not.
     """
 
     def __init__(self, records: list[GNSRecord], *, batch_size: int, n_train: int | None, lr: float,
                  n_batch: int, beta: float, method: str, stopped: bool = False, n_skipped: int = 0,
-                 n_dropped: int = 0, decay: float | None = None):
+                 n_dropped: int = 0, decay: float | None = None, throughput: Throughput | None = None,
+                 rule: str | None = None, memory_plan: MemoryPlan | None = None):
         self.history = pd.DataFrame([asdict(r) for r in records], columns=COLUMNS)
         self.batch_size, self.n_train, self.lr = batch_size, n_train, lr
         self.n_batch, self.beta, self.method, self.stopped = n_batch, beta, method, stopped
@@ -75,9 +78,9 @@ class GNSResult:
                                               weights=self.history.n_batch)
         self.suggestion: Suggestion = suggest_batch_size(self.history, n_train, self._interval,
                                                          trained=self.trained)
-        self.memory_plan: MemoryPlan | None = None  # set when the suggestion was checked against device memory
-        self.throughput: Throughput | None = None  # this device's speed by batch size, set when bs_find timed it
-        self.rule: str | None = None  # the lr rule of the optimizer the run used (`advice.detect_rule`), if known
+        self.memory_plan = memory_plan  # when the suggestion was checked against device memory
+        self.throughput = throughput  # this device's speed by batch size, when bs_find timed it
+        self.rule = rule  # the lr rule of the optimizer the user trains with (`advice.detect_rule`), if known
 
     @property
     def trained(self) -> bool:
@@ -153,8 +156,9 @@ class GNSResult:
                throughput: Throughput | None = None) -> BatchAdvice:
         """The batch size, learning rate and epochs that reach the same loss soonest on this device; `.text` says why.
 
-        `lr` and `epochs` are what you train with at the current batch size (lr defaults to the
-        run's when it trained; fastai's `slice(body, head)` gets both ends scaled). `rule` is the lr
+        `lr` and `epochs` are what you train with at the current batch size (fastai's `slice(body, head)` gets
+        both ends scaled). Without `lr`, the trial run's lr (`self.lr`) stands in when the run trained, and the
+        text says it is the run's: pass yours when you train at another. `rule` is the lr
         rule, "sgd" (linear), "momentum" or "adam" (square root); None takes the one of the optimizer
         the run used (`self.rule`), and the square root when that is unknown. `throughput` is the
         device's speed by batch size (default: what `bs_find` measured; `measure_throughput` for a
@@ -162,7 +166,7 @@ class GNSResult:
         """
         if rule is not None:
             check_rule(rule)
-        from_run = lr is None and self.lr > 0
+        from_run = lr is None and self.trained  # the trial run's lr stands in for yours, said in the text
         if from_run:
             lr = self.lr
         plan = self.memory_plan  # probed for the raw suggestion: its per-step batch fits
@@ -221,74 +225,3 @@ class GNSResult:
                 "epochs to train with)" if self.memory_plan is not None else "")
         return (f"{head}, estimates={len(self.history)}, batch_size={self.batch_size}, "
                 f"method={self.method!r}{state})\n  {self.reason}{plan}")
-
-
-class RunRecorder:
-    """Feeds an estimator step by step and turns each completed window into a `GNSRecord`.
-
-    Losses stay on the device until the window ends, so a step costs no host sync: one per record
-    (`step_norms` is given host numbers by a caller that reads many steps at once).
-    """
-
-    def __init__(self, estimator: NoiseScaleEstimator, total: int):
-        self.estimator, self.total = estimator, total
-        self.records: list[GNSRecord] = []
-        self.iteration = self.samples = 0
-        self._window_losses: list[Tensor] = []
-        self._start = time.perf_counter()
-
-    def step(self, loss: Tensor, batch_size: int, model, weight: float | None = None,
-             grad_scale: float | None = None, epoch: int | None = None) -> GNSRecord | None:
-        """Record one small batch whose gradient is ready; return the new record when a window completes.
-
-        `weight`, `grad_scale` and `epoch` are passed to the estimator (gradient accumulation, mixed
-        precision, small datasets). A skipped batch's loss is left out of the window's mean loss, a dropped
-        window's losses all are. No host sync until a window completes.
-        """
-        self.iteration += 1
-        self.samples += batch_size
-        self._window_losses.append(loss.detach())
-        skipped, dropped = self.estimator.n_skipped, self.estimator.n_dropped
-        estimate = self.estimator.update(model, batch_size, weight, grad_scale, epoch=epoch)
-        if estimate is None:
-            if self.estimator.n_dropped != dropped:  # a whole window (accumulation cycle) was dropped
-                self._window_losses = []
-            elif self.estimator.n_skipped != skipped:  # this batch alone
-                self._window_losses.pop()
-            return None
-        return self._record(estimate)
-
-    def step_norms(self, loss: float, batch_size: int, small_sq: float, big_sq: float, b_small: float,
-                   b_big: float, grad_scale: float | None = None, at: float | None = None) -> GNSRecord | None:
-        """Record one step that measured its small and big batch at once (per-example or distributed).
-
-        Takes host numbers (a tensor would be read here, one host sync each): the engine reads many steps'
-        norms and losses in one go, so `at` is the `time.perf_counter()` of the step (default: now). None when
-        the step's norms were not finite (a float16 overflow carrying `grad_scale`, or NaN/inf): it is skipped,
-        its loss too.
-        """
-        self.iteration += 1
-        self.samples += batch_size
-        estimate = self.estimator.update_norms(small_sq, big_sq, b_small, b_big, grad_scale)
-        return None if estimate is None else self._record(estimate, float(loss), at)
-
-    def _record(self, estimate: WindowEstimate, loss: float | None = None, at: float | None = None) -> GNSRecord:
-        "The record of a completed window: its mean loss from the window's losses and its time now, unless given."
-        if loss is None:
-            loss = torch.stack(self._window_losses).float().mean().item()  # one host sync per record
-        self._window_losses = []
-        est = self.estimator
-        record = GNSRecord(iteration=self.iteration, samples=self.samples, loss=loss,
-                           noise=est.noise, scale=est.scale, noise_scale=est.noise_scale,
-                           noise_raw=estimate.noise, scale_raw=estimate.scale, n_batch=estimate.n_small,
-                           elapsed=(time.perf_counter() if at is None else at) - self._start, total=self.total)
-        self.records.append(record)
-        return record
-
-    def result(self, *, batch_size: int | None, n_train: int | None, lr: float, method: str,
-               beta: float | None = None, stopped: bool = False) -> GNSResult:
-        "The run's result; `beta` is the decay the user asked for (default: the estimator's)."
-        return GNSResult(self.records, batch_size=batch_size, n_train=n_train, lr=lr, n_batch=self.estimator.n_batch,
-                         beta=self.estimator.beta if beta is None else beta, method=method, stopped=stopped,
-                         n_skipped=self.estimator.n_skipped, n_dropped=self.estimator.n_dropped,
-                         decay=self.estimator.beta)

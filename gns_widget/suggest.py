@@ -1,4 +1,4 @@
-"""From measured noise scales to a suggestion: a batch size and whether to trust it; the lr rule.
+"""From measured noise scales to a suggestion: a batch size and whether to trust it.
 
 The noise scale B_noise is where, per McCandlish et al., a bigger batch stops buying fewer
 steps: for batch B, steps ∝ 1 + B_noise/B and examples ∝ 1 + B/B_noise. We round it to a
@@ -6,7 +6,8 @@ power of two and refuse to suggest anything when the measurement does not suppor
 windows, a 90% interval wider than ±MAX_HALFWIDTH, or a value still moving. When the interval
 straddles a rounding line the lower power of two is chosen, so runs that differ only by noise
 agree (both neighbours of the line cost the same by the paper's trade-off; the lower one is the
-safer step for the learning rate). The advice built on the suggestion is in `advice.py`.
+safer step for the learning rate). The advice built on the suggestion is in `advice.py`, the lr rules it
+scales the learning rate by in `lr_rules.py`.
 """
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ import pandas as pd
 
 from .interval import MIN_WINDOWS, WIDEN_TO, Interval
 
-__all__ = ["Suggestion", "LRAdvice", "RULES", "check_rule", "suggest_batch_size", "stable_power_of_two", "lr_factor",
-           "tradeoff", "MIN_ESTIMATES", "MAX_DRIFT", "MAX_HALFWIDTH",
-           "MAX_LOSS_RISE"]
+__all__ = ["Suggestion", "suggest_batch_size", "stable_power_of_two", "tradeoff", "MIN_ESTIMATES", "MAX_DRIFT",
+           "MAX_HALFWIDTH", "MAX_LOSS_RISE"]
 
 MIN_ESTIMATES = MIN_WINDOWS  # windows needed before the estimate and its interval mean anything
 MAX_DRIFT = 0.25  # relative change over the run's last quarter above which it is "still moving"
@@ -34,14 +34,6 @@ class Suggestion:
     reason: str  # why `bs` is None, or what it rests on
     interval: Interval | None = None  # the noise scale's 90% interval, when one was computed
     usable: bool = False  # the interval may carry a decision even without `bs` (too wide or still moving for one)
-
-
-@dataclass(frozen=True)
-class LRAdvice:
-    lr: float | slice  # a slice for a slice of discriminative lrs
-    factor: float
-    rule: str  # "sgd" (linear) or "adam" (square root)
-    text: str
 
 
 def suggest_batch_size(history: pd.DataFrame, n_train: int | None = None,
@@ -125,9 +117,8 @@ def _loss_rose(history: pd.DataFrame) -> str:
     below the start (a run that diverged and never came back), else ''.
 
     Every value is a mean over at least LOSS_SPAN_BATCHES small batches (the start, and the rolling peak): a record
-    is one small batch with per_example, and a converged model's batch losses spike to 6× a lucky first one while
-    their mean stays flat (digits after 30 epochs: record by record this said 'rose' for a reliable run; over 30
-    batches the peak is 1.47× the start). A falling loss never reaches the peak.
+    is one small batch with per_example, and a converged model's single batch losses spike to several times a
+    lucky first one while their mean stays flat, which is no divergence. A falling loss never reaches the peak.
     """
     loss = history.loss
     per_record = float(history.n_batch.median()) if "n_batch" in history else 1.0
@@ -145,25 +136,6 @@ def _late_drift(noise_scale: pd.Series) -> float:
     values = noise_scale.to_numpy()
     ref, end = values[int(0.75 * (len(values) - 1))], values[-1]
     return abs(end - ref) / abs(end) if end else math.inf
-
-
-RULES = ("sgd", "momentum", "adam")  # lr rules: linear for plain SGD, square root with momentum or adaptive steps
-
-
-def check_rule(rule: object) -> None:
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))} (or None to detect it from the "
-                         f"optimizer), got {rule!r}")
-
-
-def lr_factor(old_bs: int, new_bs: int, noise_scale: float, rule: str = "sgd") -> float:
-    """The paper's ε(new_bs)/ε(old_bs), ε(B) ∝ 1/(1 + B_noise/B) (AdaScale's gain): as is for plain SGD, its square
-    root with momentum or for Adam-like optimizers."""
-    check_rule(rule)
-    if not (noise_scale > 0):
-        raise ValueError(f"noise_scale must be positive to scale the learning rate, got {noise_scale!r}")
-    ratio = (1 + noise_scale / old_bs) / (1 + noise_scale / new_bs)
-    return ratio if rule == "sgd" else math.sqrt(ratio)
 
 
 def tradeoff(noise_scale: float, batch_sizes) -> pd.DataFrame:

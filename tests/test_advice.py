@@ -15,7 +15,7 @@ from gns_widget.advice import KINDS, MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH, advise,
 from gns_widget.datasets import digits_loaders
 from gns_widget.goodput import EPOCH_SLACK, GAIN_NEEDED, examples_ratio, round_epochs, sizes_worth_timing, speedup
 from gns_widget.interval import Interval
-from gns_widget.suggest import lr_factor
+from gns_widget.lr_rules import lr_factor
 from gns_widget.throughput import Throughput
 
 SIZES = [2**k for k in range(0, 13)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gns_widget import NoiseScaleEstimator
-from gns_widget.estimator import piece_norms, squared_norm
+from gns_widget.norms import piece_norms, squared_norm
 
 
 def _synthetic_grads(G: torch.Tensor, sigma: float, b: int, gen: torch.Generator) -> torch.Tensor:
@@ -374,3 +374,19 @@ def test_beta_one_is_the_plain_mean_of_the_window_estimates():
     assert ema.noise == pytest.approx(w @ noise / w.sum(), rel=1e-12)
     assert ema.noise_scale == pytest.approx((w @ noise) / (w @ scale), rel=1e-12)
     assert flat.noise_scale != pytest.approx(ema.noise_scale, rel=1e-3)  # the two weightings differ here
+
+
+def test_set_window_changes_the_window_between_windows_only():
+    "num_it='auto' widens the windows through set_window: the next window has the new size, a begun one keeps its."
+    est = NoiseScaleEstimator(n_batch=2, beta=1.0)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, generator=gen) for _ in range(6)]
+    est.update(grads=[grads[0]], batch_size=4)
+    with pytest.raises(RuntimeError, match="between windows"):
+        est.set_window(3)
+    assert est.update(grads=[grads[1]], batch_size=4) is not None
+    with pytest.raises(ValueError, match="n_batch must be an integer >= 2"):
+        est.set_window(1)
+    est.set_window(4)
+    assert [est.update(grads=[g], batch_size=4) is not None for g in grads[2:]] == [False, False, False, True]
+    assert est.n_batch == 4 and est.last.n_small == 4

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from gns_widget.interval import Interval
-from gns_widget.suggest import MAX_DRIFT, lr_factor, suggest_batch_size, tradeoff
+from gns_widget.lr_rules import lr_factor
+from gns_widget.suggest import MAX_DRIFT, suggest_batch_size, tradeoff
 
 
 def _history(noise_scales, noise=1.0, scale=None):

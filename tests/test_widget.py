@@ -715,6 +715,18 @@ def test_epochs_box_gives_the_advice_an_epoch_budget(train_dl):
     assert w.advice().epochs is None and "type your epochs in" in w.result_box.value
 
 
+
+def test_the_panels_advice_is_the_results_at_the_panels_lr_and_epochs(train_dl):
+    """w.advice() is w.result.advice(lr, epochs) with what the panel holds: the lr rule too is the result's (a factory
+    tells its optimizer once built), not one the panel would read again."""
+    w = GNSWidget(mlp(), train_dl, nn.CrossEntropyLoss(), opt=lambda params: torch.optim.SGD(params, lr=0.1),
+                  epochs=5, train_lr=0.1, **QUICK)
+    w.start()
+    res = w.wait(60)
+    assert res.rule == "sgd" and w.rule == "momentum"  # the panel cannot tell the factory's optimizer unbuilt
+    assert w.advice() == res.advice(lr=w.training_lr(), epochs=5) == res.advice(lr=0.1, epochs=5)
+    assert w.advice().rule == "sgd"
+
 def test_a_measurement_warning_is_given_when_the_panel_is_built_not_again_on_start(train_dl):
     "An unshuffled loader is named under the cell that builds the panel; the worker thread's run does not repeat it."
     dl = DataLoader(train_dl.dataset, batch_size=32)  # shuffle=False

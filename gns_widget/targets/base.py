@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Target", "BatchFn", "pair_batch", "to_device", "batch_size_of", "loader_len", "default_device",
+__all__ = ["Target", "BatchFn", "pair_batch", "to_device", "batch_size_of", "default_device",
            "check_device", "check_loss", "check_model", "user_stacklevel"]
 
 # batch -> (inputs, targets); the model is called as model(*inputs), the loss as loss_func(pred, *targets)
@@ -44,6 +45,28 @@ class Target:
             # load_state_dict casts each state tensor to its parameter's device (Adam's step stays where it must)
             self.user_opt.load_state_dict(self.user_opt.state_dict())
 
+    def check_dataset_size(self) -> None:
+        "Refuse a training set that fits in one batch: every batch is then the full gradient, with no noise to measure."
+        if self.n_train and self.batch_size and self.n_train <= self.batch_size:
+            raise ValueError(f"the training set ({self.n_train} examples) fits in one batch of {self.batch_size}: "
+                             "every batch is the whole dataset, so there is no gradient noise to measure and no batch "
+                             f"size to suggest beyond {self.n_train} (full-batch training). Measure with a smaller "
+                             "batch size, or on more data")
+
+    def batches(self, total: int, stop_event: threading.Event) -> Iterator[tuple[Any, Any, int, int]]:
+        """(inputs, targets, batch size, epoch) on the run's device, `total` of them, until `stop_event` is set; the
+        loader is cycled epoch after epoch. A loader that cannot tell its batch size learns it from the first batch."""
+        batches = _cycle(self.train_dl)
+        for _ in range(total):
+            if stop_event.is_set():
+                return
+            epoch, batch = next(batches)
+            inputs, targets = self.inputs_and_targets(to_device(batch, self.device))
+            bs = batch_size_of(targets, inputs)
+            if self.batch_size is None:
+                self.batch_size = bs
+            yield inputs, targets, bs, epoch
+
     def inputs_and_targets(self, batch: Any) -> tuple[Sequence[Any], Sequence[Any]]:
         "`split_batch(batch)`, checked: a batch_fn that returns anything but (inputs, targets) is named."
         out = self.split_batch(batch)
@@ -64,6 +87,25 @@ class Target:
             pred = self.model(*inputs)
             with around_loss():
                 return _checked_loss(self.loss_func, pred, targets)
+
+
+def _cycle(dl: Any) -> Iterator[tuple[int, Any]]:
+    "(epoch, batch) from `dl`, epoch after epoch (a fresh iterator each epoch, as a training loop does)."
+    epoch, first_epoch_len = 0, None
+    while True:
+        n = 0
+        for b in dl:
+            n += 1
+            yield epoch, b
+        if n == 0 and first_epoch_len:
+            raise ValueError(f"train_dl was exhausted after {first_epoch_len} batches and yields nothing on a second "
+                             "pass: it is a one-shot iterator (a generator?). Pass a DataLoader or a list of "
+                             f"batches, or num_it <= {first_epoch_len}")
+        if n == 0:
+            raise ValueError("train_dl yielded no batches: give it a non-empty dataset (and drop_last=False if the "
+                             "dataset is smaller than one batch); a generator can only be iterated once")
+        first_epoch_len = first_epoch_len or n
+        epoch += 1
 
 
 def _checked_loss(loss_func: Callable, pred: Any, targets: Sequence[Any]) -> torch.Tensor:
@@ -141,13 +183,6 @@ def batch_size_of(*parts: Sequence[Any]) -> int:
             if isinstance(t, torch.Tensor) and t.ndim > 0:
                 return t.shape[0]
     raise ValueError("cannot tell the batch size: no tensor with a batch dimension in the batch")
-
-
-def loader_len(dl: Any) -> int | None:
-    try:
-        return len(dl)
-    except TypeError:
-        return None
 
 
 def default_device() -> torch.device:

@@ -22,6 +22,7 @@ import functools
 import math
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import ipywidgets as ipw
@@ -30,16 +31,14 @@ from torch import nn
 
 from ..advice import BatchAdvice, check_epochs, check_lr, detect_rule, format_lr
 from ..ddp import is_distributed
-from ..engine import METHODS
-from ..estimator import NoiseScaleEstimator
 from ..guard import FinderBusyError
 from ..interval import AutoStop
-from ..loaders import current_batch_size
+from ..loaders import current_batch_size, loader_len
 from ..precision import resolve_amp
 from ..result import GNSRecord, GNSResult
+from ..settings import PanelSettings
 from ..suggest import MIN_ESTIMATES
 from ..targets import as_target
-from ..targets.base import loader_len
 from . import texts
 from .interrupt import stop_on_kernel_interrupt
 from .runner import Runner, ThrottledListener, runner_of
@@ -121,24 +120,26 @@ class GNSWidget(PanelView):
             raise TypeError(f"target must be a fastai Learner or a torch nn.Module, got {type(target).__name__}")
         if on_apply is not None and not callable(on_apply):
             raise TypeError(f"on_apply must be a function new_loader -> None, got {on_apply!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.target, self.train_dl, self.loss_func, self.on_apply = target, train_dl, loss_func, on_apply
         self._extra = dict(opt=opt, method=method, amp=amp, device=device, batch_fn=batch_fn,
                            probe_memory=probe_memory)
         tgt = as_target(target, train_dl, loss_func, opt=opt, device=device, batch_fn=batch_fn)  # checks them
         resolve_amp(target, amp)
         self.model = tgt.model
-        self._per_step = method == "per_example" or is_distributed(tgt.model)
-        _check_build_args(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, epochs=epochs, train_lr=train_lr)
-        auto = AutoStop.of(num_it)
+        self._distributed = is_distributed(tgt.model)
+        settings = PanelSettings(lr=lr, num_it=num_it, n_batch=n_batch, beta=beta, method=method,
+                                 distributed=self._distributed)
+        settings.check()  # never a silent clamp: a ValueError naming the argument
+        check_epochs(epochs)
+        if train_lr is not None:
+            check_lr(train_lr)
+        auto = settings.auto
         self._auto_rule = auto or AutoStop()  # the rule each auto run copies (a run changes its state)
         self._auto_run: AutoStop | None = None  # the latest run's rule, when it ran with auto
-        if auto is not None:
-            num_it = None
-        if num_it is None:
-            num_it = 0 if self._check_num_it(0, n_batch) is None else self.least_num_it(n_batch)
-        elif (msg := self._check_num_it(num_it, n_batch)) is not None:
+        if auto is not None or num_it is None:  # the num_it box: one epoch (0) when that can suggest
+            one_epoch = replace(settings, num_it=0)
+            num_it = 0 if one_epoch.epoch_problem(self._train_loader()) is None else one_epoch.least_num_it()
+        elif (msg := settings.epoch_problem(self._train_loader())) is not None:
             raise ValueError(msg)
         self._status_lock = threading.Lock()
         self._live = False  # a run is going and its final status is not written yet
@@ -175,7 +176,8 @@ class GNSWidget(PanelView):
     # ---------------------------------------------------------------- state
     @property
     def rule(self) -> str:
-        "'adam' or 'sgd': how the advice scales the lr, from the optimizer that trains now (learn.opt_func may change)."
+        """The lr rule of the optimizer the next run is given (learn.opt_func may change): "sgd", "momentum" or "adam".
+        A result's advice scales the lr by the rule of the optimizer its run was given (`GNSResult.rule`)."""
         return optimizer_rule(self.target, self._extra["opt"])[0]
 
     @property
@@ -207,28 +209,11 @@ class GNSWidget(PanelView):
         "The loader a run iterates (a Learner's training loader, not its DataLoaders)."
         return self.target.dls.train if self._uses_learner_dls() else self.train_dl
 
-    def least_num_it(self, n_batch: int) -> int:
-        "The fewest small batches that give the estimates a suggestion needs."
-        return MIN_ESTIMATES * (1 if self._per_step else n_batch)
-
-    def _check_num_it(self, num_it: int, n_batch: int) -> str | None:
-        "Why `num_it` (0: one epoch) cannot give a suggestion, or None."
-        least = self.least_num_it(n_batch)
-        need = (f"a suggestion needs {MIN_ESTIMATES} estimates"
-                + ("" if self._per_step else f" of n_batch={n_batch} small batches each"))
-        if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 0:
-            return f"num_it must be an integer ≥ {least} ({need}), 0 for one epoch, or 'auto'; got {num_it!r}"
-        if num_it == 0:
-            epoch = loader_len(self._train_loader())
-            if epoch is None:
-                return f"num_it=0 means one epoch, but the loader has no length: set num_it ≥ {least}"
-            if epoch < least:
-                return (f"one epoch is only {epoch} batches at batch size {current_batch_size(self._loader())}, "
-                        f"and {need}: set num_it ≥ {least} (the loader is cycled) or lower n_batch")
-            return None
-        if num_it < least:
-            return f"num_it must be ≥ {least} ({need}), or 0 for one epoch; got {num_it}"
-        return None
+    def _settings(self) -> PanelSettings:
+        "The controls' run settings, with the panel's limits (`settings.PanelSettings`)."
+        s = self.settings()
+        return PanelSettings(lr=s["lr"], num_it=s["num_it"], n_batch=s["n_batch"], beta=s["beta"],
+                             method=self._extra["method"], distributed=self._distributed)
 
     def _show_bs(self) -> None:
         self.bs_label.value = texts.bs_text(current_batch_size(self._loader()), self._applied, self._uses_learner_dls())
@@ -255,12 +240,11 @@ class GNSWidget(PanelView):
 
     def _validate(self) -> str | None:
         "Check the controls; show the problem inline and refuse Start while there is one."
-        s = self.settings()
-        n_batch = s["n_batch"]
+        s = self._settings()
         self._show_bs()  # the loader may have changed since (learn.dls replaced, dls.train.bs set by hand)
         epoch = loader_len(self._train_loader())
         epoch_text = f"; one epoch = {epoch} batches" if epoch is not None else ""
-        per = "" if self._per_step else f" × n_batch {n_batch}"
+        per = "" if s.per_step else f" × n_batch {s.n_batch}"
         auto = self.auto_box.value
         self.num_it_text.disabled = auto
         if auto:
@@ -270,12 +254,8 @@ class GNSWidget(PanelView):
                 f"at most {rule.max_it:,} small batches{epoch_text}; untick to set num_it")
         else:
             self.num_it_help.value = texts.help_text(f"{HELP['num_it']}. A suggestion needs num_it ≥ {MIN_ESTIMATES}"
-                                                f"{per} = {self.least_num_it(n_batch)}{epoch_text}")
-        msg = None
-        if not (math.isfinite(s["lr"]) and s["lr"] >= 0):
-            msg = f"lr must be a finite number ≥ 0 (0 measures without training), got {s['lr']}"
-        elif not auto:
-            msg = self._check_num_it(self.num_it_text.value, n_batch)
+                                                f"{per} = {s.least_num_it()}{epoch_text}")
+        msg = s.problem() or s.epoch_problem(self._train_loader())
         if msg is None and self.epochs_text.value < 0:
             msg = (f"epochs must be ≥ 0 (the epochs you train for at your batch size; 0: not given), "
                    f"got {self.epochs_text.value}")
@@ -325,7 +305,7 @@ class GNSWidget(PanelView):
         model = self.target.model if _is_learner(self.target) else self.target
         if model is not self.model:  # learn.model was replaced since the panel was built: claim the one that trains
             self.model, self._runner = model, Runner(model)
-            self._per_step = self._extra["method"] == "per_example" or is_distributed(model)
+            self._distributed = is_distributed(model)
         msg = self._validate()
         if msg is not None:
             self._set_status(f"error: {msg}", "error")
@@ -405,14 +385,15 @@ class GNSWidget(PanelView):
         return float(train_lr) if math.isfinite(train_lr) and train_lr > 0 else None  # None: the run's lr
 
     def advice(self) -> BatchAdvice | None:
-        "The latest result's advice at the training lr and the optimizer's scaling rule (None without a result)."
+        """The latest result's advice (None without a result): `w.result.advice(lr, epochs)` with the lr and epochs the
+        panel holds (`training_lr()`, the epochs box), the same answer for the same inputs."""
         res = self.result
         return None if res is None else self._advice_for(res)
 
     def _advice_for(self, result: GNSResult) -> BatchAdvice:
-        "`result.advice` at the training lr, the optimizer's rule and the epochs typed in the panel (0: none)."
+        "`result.advice` at the panel's training lr and the epochs typed in it (0: none); all else is the result's."
         epochs = self.epochs_text.value
-        return result.advice(lr=self.training_lr(), epochs=epochs if epochs > 0 else None, rule=self.rule)
+        return result.advice(lr=self.training_lr(), epochs=epochs if epochs > 0 else None)
 
     def apply(self) -> Any:
         """Use the advised batch size for training; returns the loader to train with (or the DataLoaders).
@@ -567,25 +548,9 @@ class GNSWidget(PanelView):
         advice = self._advice_for(result)
         with self.headline.hold_sync():
             self.headline.value = texts.headline_html(advice, result)
-        self.result_box.value = texts.details_html(result, advice, shown, self.rule, self.opt_name)
+        self.result_box.value = texts.details_html(result, advice, shown, self.opt_name)
         self.details.layout.display = None  # shown, still collapsed
         can_apply = advice.kind in ("grow", "shrink") and advice.batch_size != advice.old_batch_size
         self.apply_button.disabled = not can_apply
         self.apply_button.tooltip = texts.apply_tooltip(advice, lr_too=self._lr_box())
         return advice
-
-
-def _check_build_args(*, lr: Any, num_it: Any, n_batch: Any, beta: Any, epochs: Any, train_lr: Any) -> None:
-    "The control values given to the constructor: a ValueError naming the argument, never a silent clamp."
-    lo, hi = N_BATCH_RANGE
-    if isinstance(n_batch, bool) or not isinstance(n_batch, int) or not lo <= n_batch <= hi:
-        raise ValueError(f"n_batch must be an integer from {lo} to {hi} (the slider's range), got {n_batch!r}")
-    if beta is not None:
-        NoiseScaleEstimator.check_args(n_batch, beta)
-        if beta <= 0:
-            raise ValueError(f"beta must be in (0, 1] or None (smoothing; None picks it from the lr), got {beta!r}")
-    check_epochs(epochs)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number ≥ 0 (0 measures without training), got {lr!r}")
-    if train_lr is not None:
-        check_lr(train_lr)

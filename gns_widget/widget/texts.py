@@ -210,8 +210,8 @@ def _optimizer_words(rule: str, opt_name: str) -> str:
     return f"scaled {way}; the optimizer: {opt_name}"
 
 
-def details_html(res: GNSResult, advice: BatchAdvice, shown: Shown, rule: str, opt_name: str) -> str:
-    "The collapsed details: noise scale, suggestion, memory, lr rule, the advice in full, trade-off, how measured."
+def details_html(res: GNSResult, advice: BatchAdvice, shown: Shown, opt_name: str) -> str:
+    "The collapsed details: noise scale, suggestion, memory, the advice's lr rule and text, trade-off, how measured."
     if res.interval is not None:
         ns = f"{res.interval} examples (90% interval in brackets)"
     else:
@@ -230,7 +230,7 @@ def details_html(res: GNSResult, advice: BatchAdvice, shown: Shown, rule: str, o
     else:
         rows.append(f"<b>no suggestion</b>: {html.escape(plain(res.reason))}")
     if advice.kind != "uncertain":  # the advice may act on an interval too wide for a raw suggestion
-        rows.append(f"<b>learning rate</b>: {html.escape(_optimizer_words(rule, opt_name))}")
+        rows.append(f"<b>learning rate</b>: {html.escape(_optimizer_words(advice.rule, opt_name))}")
         rows.append(f"<b>advice in full</b>: {html.escape(plain(advice.text))}")
     if res.noise_scale > 0 and math.isfinite(res.noise_scale):
         rows.append(tradeoff_html(res, advice))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipywidgets as ipw
 
 from ..interval import AutoStop
+from ..settings import PANEL_N_BATCH
 from .charts import GNSCharts
 from .texts import HELP, STYLE, help_text
 
@@ -17,7 +18,7 @@ __all__ = ["PanelView", "BETAS", "AUTO_BETA", "N_BATCH_RANGE"]
 
 BETAS = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
 AUTO_BETA = "auto"  # the beta slider's first stop: bs_find(beta=None), chosen from the lr
-N_BATCH_RANGE = (2, 100)  # the n_batch slider's range
+N_BATCH_RANGE = PANEL_N_BATCH  # the n_batch slider's range: the panel's limit (settings.PanelSettings)
 DETAILS_TITLE = "Details: noise scale, trade-off table, how it was measured"
 
 
