@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .per_example import PerExampleNorms
     from .result import GNSRecord, GNSResult
     from .throughput import Throughput, measure_throughput
-    from .widget import GNSWidget
+    from .widget import AdaptiveView, GNSWidget
 
 _learner.install()
 
@@ -45,6 +45,7 @@ _LAZY = {
     "AdaptiveLoader": ".adaptive_torch",
     "apply_batch_size": ".loaders",
     "GNSWidget": ".widget",          # ipywidgets, bqplot
+    "AdaptiveView": ".widget",       # ipywidgets, bqplot
     "FinderBusyError": ".guard",
     "BatchAdvice": ".advice",
     "AutoStop": ".interval",
@@ -57,7 +58,8 @@ _LAZY = {
 
 __all__ = ["bs_find", "NoiseScaleEstimator", "GNSRecord", "GNSResult", "GNSCallback", "apply_batch_size",
            "GNSWidget", "FinderBusyError", "BatchAdvice", "AutoStop", "DDPNoiseScale", "max_batch_size",
-           "PerExampleNorms", "measure_throughput", "Throughput", "AdaptiveBatchSize", "AdaptiveLoader"]
+           "PerExampleNorms", "measure_throughput", "Throughput", "AdaptiveBatchSize", "AdaptiveLoader",
+           "AdaptiveView"]
 __version__ = "0.1.0"
 
 
