@@ -49,6 +49,10 @@ __all__ = ["AdaptiveView", "AdaptiveCharts", "Throttle", "Snapshot", "FIT_METHOD
 
 FIT_METHODS = ("fit_one_cycle", "fit", "fit_flat_cos")  # the Learner methods `fit` runs: one fit, one schedule
 MAX_POINTS = 2000  # points per line sent to the browser; longer runs are thinned (every batch-size change kept)
+# the panel's STYLE lets words break anywhere (long paths); numbers and headers in these tables stay whole
+TABLE_STYLE = ("<style>.gns-adaptive .gns-decisions td,.gns-adaptive .gns-decisions th,.gns-adaptive .gns-epochs td,"
+               ".gns-adaptive .gns-epochs th{white-space:nowrap;overflow-wrap:normal}"
+               ".gns-adaptive .gns-decisions td.gns-why{white-space:normal;overflow-wrap:break-word}</style>")
 _LINE, _MARK = "#1f77b4", "#ff7f0e"  # the finder's colours: the curve, and what was decided
 _numbers = itertools.count(1)
 _live: weakref.WeakSet[_FitJob] = weakref.WeakSet()  # background fits in progress
@@ -175,7 +179,8 @@ def decisions_html(decisions: Sequence[Decision]) -> str:
         cls = " class='gns-advised'" if d.changed else ""
         gain = f"{d.gain:.2f}×" if d.changed else "–"
         rows.append(f"<tr{cls}><td>{d.step:,}</td><td>{d.epoch}</td><td>{d.old_bs}</td><td>{d.new_bs}</td>"
-                    f"<td>{gain}</td><td style='text-align:left'>{html.escape(plain_reason(d.reason))}</td></tr>")
+                    f"<td>{gain}</td><td class='gns-why' style='text-align:left'>"
+                    f"{html.escape(plain_reason(d.reason))}</td></tr>")
     return ("<b>decisions</b>: each time the batch size was reconsidered (bold: it changed; the predicted gain is "
             "the training speed at the new size over the old, on this machine)"
             "<div style='overflow-x:auto;max-width:100%'><table class='gns-tradeoff gns-decisions'><tr><th>step</th>"
@@ -256,10 +261,10 @@ CHARTS = (  # (name, title, y label, log y, the plain line under the chart)
     ("noise_scale", "noise scale, in examples", "examples", True,
      "The batch size beyond which bigger batches barely cut the steps needed, as measured while training "
      "(smoothed). Dashed: the batch size, in the same units. Diamonds: the batch size changed here."),
-    ("bs", "batch size", "examples per step", False,
+    ("bs", "batch size", "examples", False,
      "Examples per optimizer step. It moves only where a bigger (or smaller) batch is predicted to train faster "
      "on this machine; hover a diamond for why."),
-    ("lr", "learning rate", "learning rate", False,
+    ("lr", "learning rate", "lr", False,
      "The lr each step used: your schedule's, scaled for the batch size as your optimizer needs."),
 )
 
@@ -463,7 +468,7 @@ class AdaptiveView(ipw.VBox):
         super().__init__([self.headline, ipw.HBox([self.stop_button, self.progress, self.progress_label],
                                                   layout=row),
                           self.status, self.details, self.charts,
-                          ipw.HTML(texts.STYLE, layout={"display": "none"})], layout={"min_width": "0"})
+                          ipw.HTML(texts.STYLE + TABLE_STYLE, layout={"display": "none"})], layout={"min_width": "0"})
         self.add_class("gns-widget")
         self.add_class("gns-adaptive")
         self._set_status("idle: train with view.fit(learn, epochs, lr), or follow your own training with "
