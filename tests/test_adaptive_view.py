@@ -82,7 +82,7 @@ def test_a_background_fit_shows_its_record_and_trains_exactly_as_without_the_vie
     steps = cb.record.steps
     headline = _text(view.headline.value)
     assert "Finished at 100% of the planned run" in headline and f"batch size {steps.bs.iloc[-1]}" in headline
-    assert f"{len(steps)} steps for 240 planned at batch size 16" in headline
+    assert f"{len(steps)} steps instead of the planned 240 at batch size 16 ({240 / len(steps):.2f}× fewer)" in headline
     details = _text(view.details_box.value)
     for d in cb.record.decisions:
         assert f" {d.step} {d.epoch} {d.old_bs} {d.new_bs} " in details
@@ -110,7 +110,8 @@ def test_stop_ends_the_fit_at_the_next_batch_cleanly():
     assert record is cb.record and len(record.rows) == 10 and seen == list(range(1, 11))
     assert view.stopped and view.error is None and not view.running
     assert "stopped at" in _text(view.status.value) and "after 10 steps" in _text(view.status.value)
-    assert "Stopped at" in _text(view.headline.value)
+    assert "Stopped at" in _text(view.headline.value) and "10 steps, worth 10 of the 800 planned" in \
+        _text(view.headline.value)
     assert learn.dls.train.bs == 16 and learn.n_epoch == 20  # fastai's after_fit ran: the callback put them back
     assert cb.on_step is mine  # given back
     _check_charts(view, record, cb.recorder_.records)

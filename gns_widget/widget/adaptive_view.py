@@ -45,7 +45,7 @@ from .charts import Y_FORMAT, GNSCharts, _caption
 from .interrupt import stop_on_kernel_interrupt
 
 __all__ = ["AdaptiveView", "AdaptiveCharts", "Throttle", "Snapshot", "FIT_METHODS", "plain_reason",
-           "decision_text", "headline_html", "decisions_html", "epochs_html"]
+           "decision_text", "finished_text", "headline_html", "decisions_html", "epochs_html"]
 
 FIT_METHODS = ("fit_one_cycle", "fit", "fit_flat_cos")  # the Learner methods `fit` runs: one fit, one schedule
 MAX_POINTS = 2000  # points per line sent to the browser; longer runs are thinned (every batch-size change kept)
@@ -160,14 +160,20 @@ def headline_html(s: Snapshot, state: str = "running") -> str:
         else:
             how = "Finished" if s.done else "Stopped" if state == "stopped" else "Ended"
             main = f"{how} at {pct:.0%} of the planned run · batch size {bs}{moved}"
-            fewer = f" ({s.planned * pct / s.steps:.2f}× fewer)" if pct > 0 and s.steps else ""
-            sub = f"{s.steps:,} steps for {s.planned * pct:,.0f} planned at batch size {s.base_bs}{fewer}"
+            sub = finished_text(s) if s.done else (f"{s.steps:,} steps, worth {s.planned * pct:,.0f} of the "
+                                                     f"{s.planned:,.0f} planned at batch size {s.base_bs}")
         if s.changes:
             sub += " · batch size " + " → ".join([str(s.changes[0].old_bs)] + [str(d.new_bs) for d in s.changes])
     sub_html = (f'<div style="color:var(--jp-ui-font-color2,#616161);font-size:0.95em">{html.escape(sub)}</div>'
                 if sub else "")
     return (f'<div class="gns-answer gns-c-idle" style="font-size:1.3em;font-weight:600;line-height:1.35;'
             f'margin:6px 0 2px">{html.escape(main)}</div>{sub_html}')
+
+
+def finished_text(s: Snapshot) -> str:
+    "How many steps the planned run took, against the plan at the user's batch size."
+    fewer = f" ({s.planned / s.steps:.2f}× fewer)" if s.steps and s.steps < s.planned else ""
+    return f"{s.steps:,} steps instead of the planned {s.planned:,.0f} at batch size {s.base_bs}{fewer}"
 
 
 def decisions_html(decisions: Sequence[Decision]) -> str:
@@ -573,8 +579,7 @@ class AdaptiveView(ipw.VBox):
         s = self.snapshot()
         if self._state == "watching" and s.done:  # the watched run reached its plan
             self._state = "finished"
-            self._set_status(f"finished: {s.steps:,} steps for the planned {s.planned:,.0f} at batch size "
-                             f"{s.base_bs}", "finished")
+            self._set_status(f"finished: {finished_text(s)}", "finished")
         state = self._state if self._state in ("stopped", "finished", "error") else "running"
         self.charts.show(s, ended=state != "running")
         headline = headline_html(s, state)
@@ -684,8 +689,7 @@ class AdaptiveView(ipw.VBox):
             pct = f" at {float(s.pct[-1]):.0%} of the planned run" if s.steps else " before the first step"
             text, kind = f"{why}{pct}, after {s.steps:,} steps; the model keeps what it learned", "idle"
         else:
-            text, kind = f"finished: {s.steps:,} steps for the planned {s.planned:,.0f} at batch size {s.base_bs}", \
-                "finished"
+            text, kind = f"finished: {finished_text(s)}", "finished"
         self.stop_button.disabled = True
         self._set_status(text, kind)
 
