@@ -253,3 +253,15 @@ def test_a_long_run_is_thinned_but_keeps_every_change():
     i = _thin(10_000, keep)
     assert len(i) <= 2010 and i[-1] == 9_999 and set(keep) <= set(i) and np.all(np.diff(i) > 0)
     assert np.array_equal(_thin(50), np.arange(50))
+
+
+def test_a_view_that_fails_to_draw_does_not_end_the_training():
+    view = AdaptiveView(interval=0.01)
+
+    def broken(*_, **__):
+        raise RuntimeError("no frontend")
+
+    view.charts.show = broken
+    adapt, _ = _torch_run(view)
+    assert adapt.pct == 1.0  # trained to the end
+    assert "could not redraw" in _text(view.status.value) and "gns-c-warn" in view.status.value

@@ -449,7 +449,7 @@ class AdaptiveView(ipw.VBox):
         self._state = "idle"
         self._epoch_names: list[str] = []
         self._epoch_rows: list[list[Any]] = []
-        self._throttle = Throttle(self._draw, interval)
+        self._throttle = Throttle(self._draw_safely, interval)
         self._status_lock = threading.Lock()
         self._build()
 
@@ -498,6 +498,7 @@ class AdaptiveView(ipw.VBox):
 
     @property
     def redraws(self) -> int:
+        "How many times the charts were redrawn (the throttle keeps it to a few a second)."
         return self._throttle.draws
 
     def snapshot(self) -> Snapshot:
@@ -537,7 +538,7 @@ class AdaptiveView(ipw.VBox):
 
         def on_decision(decision: Decision) -> Any:
             out = user_decision(decision) if user_decision is not None else None
-            self._throttle.poke()
+            self._on_decision()
             return out
 
         source.on_step, source.on_decision = on_step, on_decision
@@ -563,12 +564,19 @@ class AdaptiveView(ipw.VBox):
 
     def _on_step(self, record: AdaptiveRecord) -> None:
         "Every training step, on the training thread: cheap (the throttle decides), and never raises into training."
+        if record.rows and record.rows[-1][4] >= 1.0:  # the planned run is done: its final state, now
+            self._throttle.flush()
+        else:
+            self._throttle.poke()
+
+    def _on_decision(self) -> None:
+        self._throttle.poke()
+
+    def _draw_safely(self) -> None:
+        "What the throttle calls, on the training thread or its timer's: a view must not end a training."
         try:
-            if record.rows and record.rows[-1][4] >= 1.0:  # the planned run is done: its final state, now
-                self._throttle.flush()
-            else:
-                self._throttle.poke()
-        except Exception as e:  # a view must not end a training
+            self._draw()
+        except Exception as e:
             self._set_status(f"the view could not redraw ({type(e).__name__}: {e}); training goes on", "warn")
 
     def refresh(self) -> None:
