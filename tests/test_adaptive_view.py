@@ -133,6 +133,23 @@ def test_an_error_in_the_fit_is_shown_and_kept():
     assert view.stop_button.disabled and "boom at batch 5" in str(view.error)
 
 
+def test_close_during_a_fit_returns_once_the_fit_has_ended():
+    started = threading.Event()
+    learn = _learner()
+    def mine(record):
+        if len(record.rows) >= 3:
+            started.set()
+
+    cb = AdaptiveBatchSize(throughput=STEP_BOUND, on_step=mine)
+    view = AdaptiveView()
+    view.fit(learn, 50, 3e-3, cb=cb)
+    assert started.wait(30)
+    view.close()
+    assert not view.running and view.stopped and len(cb.record.rows) < 50 * 40
+    assert not [t for t in threading.enumerate() if t.name.startswith("AdaptiveView fit")]
+    assert learn.dls.train.bs == 16 and learn.n_epoch == 50 and cb.on_step is mine  # the user's hook is back
+
+
 def test_bad_arguments_are_named():
     view = AdaptiveView()
     with pytest.raises(ValueError, match="method"):
