@@ -90,7 +90,7 @@ def test_a_background_fit_shows_its_record_and_trains_exactly_as_without_the_vie
     assert "finished" in _text(view.status.value) and view.stop_button.disabled
     assert view.progress.value == 1.0
     # throttled: a few redraws a second, not one per step, and the last one after the last step
-    assert 1 <= view.redraws <= elapsed / 0.25 + 3 and view.redraws < len(steps) / 4
+    assert 1 <= view.redraws <= elapsed / 0.25 + 3 and view.redraws < len(steps) / 2
     # the Learner and the callback as they were
     assert learn.dls.train.bs == 16 and learn.n_epoch == 6 and cb.on_step is None and cb.on_decision is None
     assert learn.logger is print
