@@ -59,7 +59,7 @@ class AdaptDLPolicy(BatchSizePolicy):
         gain = (1 + ns / self.base_bs) / (1 + ns / b)
         return b / (self.alpha + self.beta * b) * gain / scale
 
-    def decide(self, bs, interval, *, planned_at=math.nan, step=0, epoch=0, progress=0.0) -> Decision:
+    def decide(self, bs, interval, *, planned_at=math.nan, step=0, epoch=0, progress=0.0, untimed="") -> Decision:
         if interval is None or not interval.value > 0:
             return Decision(step, epoch, progress, bs, bs, math.nan, math.nan, math.nan, planned_at, 1.0,
                             self.lr_factor(bs, planned_at), "no estimate")

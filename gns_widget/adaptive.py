@@ -31,9 +31,10 @@ from .lr_rules import check_rule, lr_factor
 from .throughput import MIN_REPEATS, MIN_TIMED_SECONDS, ROUNDS, Throughput
 
 __all__ = ["Decision", "BatchSizePolicy", "Progress", "AdaptiveRecord", "step_gain", "candidate_sizes",
-           "default_n_batch", "timing_pays", "PAYBACK"]
+           "default_n_batch", "timing_pays", "PAYBACK", "MIN_TIMED_STEPS"]
 
 PAYBACK = 10  # sizes are timed only when the run has at least this many times the timing's cost left
+MIN_TIMED_STEPS = 5  # training steps at a size before their median counts as its step time
 
 
 def step_gain(base_bs: int, bs: int, noise_scale: float) -> float:
@@ -116,8 +117,10 @@ class BatchSizePolicy:
         self.gain_needed, self.max_bs = gain_needed, max_bs
         self.throughput = Throughput({}, device="not timed")
         self.stale: set[int] = set()  # sizes whose timing was too noisy to decide on: timed again when asked
-        if throughput is not None:
-            self.add_timing(throughput)
+        self.explore = True  # try the next size up for an epoch when it could gain and is not timed (see _trial)
+        self.probed: set[int] = set()  # sizes timed by probe_throughput (the rest: measured in training)
+        if throughput is not None:  # a given timing stands for the device's: training does not override it
+            self.timed(throughput, [])
 
     def add_timing(self, tp: Throughput) -> None:
         "Merge a timing of some sizes into what is known (a later timing of a size replaces the earlier one)."
@@ -151,6 +154,7 @@ class BatchSizePolicy:
         of memory) cap the sizes from then on, so they are not asked again."""
         self.add_timing(tp)
         self.stale -= set(tp.step_seconds)
+        self.probed |= set(tp.step_seconds)
         if any(b not in tp.step_seconds for b in asked):
             top = max(tp.step_seconds)
             self.max_bs = top if self.max_bs is None else min(self.max_bs, top)
@@ -192,6 +196,12 @@ class BatchSizePolicy:
         gain = self.progress_rate(best, lo) / current if current > 0 else math.inf
         needed = self.gain_needed * (1 + self.throughput.noise(bs, best))
         if best == bs:
+            trial = self._trial(bs, lo)
+            if trial is not None:
+                nxt, up_to = trial
+                why = (f"noise scale {interval}: trying {nxt}, up to ×{up_to:.2f} the progress per second of {bs} at "
+                       f"the low end if a step costs the same; its step time is measured as it trains")
+                return Decision(step, epoch, progress, bs, nxt, value, lo, hi, lo, up_to, self.lr_factor(nxt, lo), why)
             return keep(f"{bs} makes the most progress per second at the noise scale's low end {lo:.3g}",
                         value, lo, hi, lo)
         if bs in sizes and gain < needed:
@@ -202,6 +212,28 @@ class BatchSizePolicy:
         why = (f"noise scale {interval}: {best} makes ×{gain:.2f} the progress per second of {bs} at the low end"
                if bs in sizes else f"noise scale {interval}: {bs} is past its bounds now")
         return Decision(step, epoch, progress, bs, best, value, lo, hi, lo, gain, self.lr_factor(best, lo), why)
+
+    def _trial(self, bs: int, lo: float) -> tuple[int, float] | None:
+        """The next size up to try when `bs` is the best timed one: twice it, if within bounds, not timed yet, and
+        worth ×gain_needed even at its best (a step that costs what one at `bs` does). None otherwise."""
+        if not self.explore:
+            return None
+        nxt = 2 * bs
+        if nxt in self.throughput.step_seconds or nxt not in self.within_bounds(lo):
+            return None
+        up_to = self.step_gain(nxt, lo) / self.step_gain(bs, lo)
+        return (nxt, up_to) if up_to >= self.gain_needed else None
+
+    def observe(self, bs: int, seconds_per_step: float) -> None:
+        """The step time measured in training at `bs` (the median step of an epoch, loading included), for a size
+        no probe timed: the sizes tried one epoch at a time when the run is too short for a probe to pay."""
+        if bs in self.probed or not (seconds_per_step > 0 and math.isfinite(seconds_per_step)):
+            return  # a probed size is compared with the other probed ones, in the same conditions
+        old = self.throughput
+        self.throughput = Throughput({**old.step_seconds, bs: seconds_per_step},
+                                     {b: v for b, v in old.load_seconds.items() if b != bs}, old.workers, old.device,
+                                     old.max_fit, {b: v for b, v in old.spread.items() if b != bs})
+        self.stale.discard(bs)
 
     def lr_factor(self, bs: int, noise_scale: float) -> float:
         "The lr at `bs` over the schedule's lr (which is for the base size)."
@@ -266,8 +298,7 @@ class AdaptiveRecord:
         steps = self.steps
         if not len(steps):
             return "no step taken"
-        sizes = " → ".join(str(d.new_bs) for d in [self.decisions[0]] + self.changes) if self.decisions else \
-            str(self.base_bs)
+        sizes = " → ".join(str(b) for b in [self.base_bs] + [d.new_bs for d in self.changes])
         return (f"{len(steps)} optimizer steps for a plan of {self.planned_steps:g} at batch size {self.base_bs} "
                 f"(×{self.planned_steps / len(steps):.2f} fewer); batch size {sizes}")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -9,12 +10,12 @@ from typing import Any
 from fastai.callback.core import CancelFitException, CancelTrainException
 from fastai.callback.training import GradientAccumulation
 
-from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, timing_pays
+from .adaptive import MIN_TIMED_STEPS, AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, timing_pays
 from .advice import detect_rule
 from .callback import GNSCallback
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
 from .interval import noise_scale_interval
-from .loaders import current_batch_size, dataset_len
+from .loaders import current_batch_size, dataset_len, loader_at
 from .lr_rules import check_rule
 from .precision import resolve_amp
 from .settings import TRAINING_BETA
@@ -30,19 +31,21 @@ class AdaptiveBatchSize(GNSCallback):
 
     `learn.fit_one_cycle(5, 3e-3, cbs=AdaptiveBatchSize())` measures the noise scale as `GNSCallback`
     does, times training steps at the candidate sizes on this device before the first epoch, and at each
-    epoch's start sets `dls.train.bs` to the size with the most progress per second (`adaptive.py`). A
+    epoch's start trains on a copy of `dls.train` at the size with the most progress per second (`adaptive.py`). A
     step at a bigger size counts for more of the planned run, so fastai's schedules (one-cycle, cosine,
     flat) run on that progress and the fit ends when the progress of `n_epoch` epochs at the user's batch
     size is reached: usually in fewer epochs' worth of steps, at most ×2 the examples (the progress bar
     shows that bound). The lr is the schedule's times the optimizer's rule factor.
 
-    After the fit the loader's batch size is the user's again, and `self.record` holds the decisions and the
+    `learn.dls.train` itself is never changed (even when the fit fails), and `self.record` holds the decisions and the
     per-step batch size and lr (`self.record.plot(self.result.history)`); `self.result` is the noise scale's
     `GNSResult` as for `GNSCallback`. Decisions come at epoch boundaries: fastai builds an epoch's batches
     when it starts. `on_decision(decision)` and `on_step(record)` are called as they happen (a live view).
 
     Works with `MixedPrecision` (the gradients are read unscaled; the timing uses the same autocast);
-    `GradientAccumulation` and distributed training are refused (their step is not the loader's batch).
+    `GradientAccumulation` and distributed training are refused (their step is not the loader's batch), and
+    a bigger batch is never made by accumulating micro-batches: on one device k micro-batches cost k steps' time
+    for less progress than k steps (r(kB) < k·r(B)), so sizes that do not fit in memory are left out.
     """
 
     order = GNSCallback.order  # reads gradients after MixedPrecision unscales them, before GradientClip
@@ -79,7 +82,12 @@ class AdaptiveBatchSize(GNSCallback):
         self.progress = Progress(planned=self.n_epoch * steps_per_epoch)
         self.record = AdaptiveRecord(self.base_bs, self.progress.planned)
         self.bs, self.planned_at, self.lr_scale, self._lrs = self.base_bs, math.nan, 1.0, None
-        self.step_seconds = math.nan  # wall time per training step in the last epoch, measured as it trains
+        self.step_seconds = math.nan  # the median training step of the last epoch, measured as it trains
+        self._durations: list[float] = []
+        self._copies: dict[int, Any] = {}  # the training loader at each size used, made when first needed
+        if loader_at(self.dls.train, 2 * self.base_bs) is None:
+            raise ValueError("AdaptiveBatchSize needs a training loader it can copy at another batch size (fastai's "
+                             "DataLoader, or a torch DataLoader without a custom batch_sampler)")
         # fastai's epoch loop reads n_epoch once, after before_fit: room for the examples a bigger batch needs
         self.learn.n_epoch = math.ceil(self.n_epoch * MAX_EXAMPLES_FACTOR)
 
@@ -108,6 +116,9 @@ class AdaptiveBatchSize(GNSCallback):
             self._decide()
 
     def _decide(self) -> None:
+        if len(self._durations) >= MIN_TIMED_STEPS:  # this epoch's median step, loading included
+            self.step_seconds = statistics.median(self._durations)
+            self.policy.observe(self.bs, self.step_seconds)
         records = self.recorder_.records
         interval = noise_scale_interval([r.noise_raw for r in records], [r.scale_raw for r in records],
                                         self.estimator.beta, weights=[r.n_batch for r in records])
@@ -124,20 +135,30 @@ class AdaptiveBatchSize(GNSCallback):
         self.record.decisions.append(d)
         self.planned_at = d.planned_at
         if d.changed:
-            self.dls.train.bs = self.bs = d.new_bs
+            self.bs = d.new_bs
         if self.on_decision is not None:
             self.on_decision(d)
 
     def before_train(self):
         self._follow_progress()
-        self._train_start, self._train_steps = time.perf_counter(), 0
+        self._durations, self._last_batch = [], None
+        if self.bs != self.base_bs:  # the epoch's batches come from a copy: the user's loader is never changed
+            if self.bs not in self._copies:
+                self._copies[self.bs] = loader_at(self.dls.train, self.bs)
+            self.learn.dl = self._copies[self.bs]
         steps = (self.progress.planned - self.progress.steps_done) / self.policy.step_gain(self.bs, self.planned_at)
         if steps < len(self.dl):  # the plan ends in this epoch: its first batches, then validation as usual
             self.learn.dl = _FirstBatches(self.dl, math.ceil(steps - 1e-9))
 
     def before_batch(self):
-        if self.training and self.progress.done:  # only if a step's gain changed under the epoch's count
+        if not self.training:
+            return
+        if self.progress.done:  # only if a step's gain changed under the epoch's count
             raise CancelTrainException()
+        now = time.perf_counter()
+        if self._last_batch is not None:  # from one batch to the next: loading, forward, backward, step
+            self._durations.append(now - self._last_batch)
+        self._last_batch = now
 
     def _follow_progress(self) -> None:
         "fastai counts the schedule's progress in epochs (TrainEvalCallback): here it is the planned run's."
@@ -163,20 +184,15 @@ class AdaptiveBatchSize(GNSCallback):
             return
         self.progress.advance(self.policy.step_gain(self.bs, self.planned_at), batch_size_of(self.yb, self.xb))
         self._follow_progress()
-        self._train_steps += 1
         self.record.log_step(self.epoch, self.bs, self._lr, self.progress.pct)
         if self.on_step is not None:
             self.on_step(self.record)
 
-    def after_train(self):
-        if self._train_steps:
-            self.step_seconds = (time.perf_counter() - self._train_start) / self._train_steps
-
     def after_fit(self):
         super().after_fit()
         if self.record is not None:
-            self.dls.train.bs = self.base_bs  # the user's loader as it was; the record keeps what was used
             self.learn.n_epoch = self.planned_epochs
+        self._copies = {}
 
 
 class _FirstBatches:

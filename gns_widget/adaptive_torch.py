@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, timing_pays
+from .adaptive import MIN_TIMED_STEPS, AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, timing_pays
 from .advice import detect_rule
 from .estimator import NoiseScaleEstimator
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
@@ -20,7 +21,7 @@ from .lr_rules import check_rule
 from .memory_plan import check_positive_int
 from .recorder import RunRecorder
 from .result import GNSResult
-from .settings import TRAINING_BETA
+from .settings import TRAINING_BETA, Settings
 from .throughput import Throughput, measure_throughput
 
 __all__ = ["AdaptiveLoader"]
@@ -58,6 +59,7 @@ class AdaptiveLoader:
                  max_bs: int | None = None, decide_every: int | None = None, throughput: Throughput | None = None,
                  scaler: Any = None, on_decision: Callable[[Decision], Any] | None = None,
                  on_step: Callable[[AdaptiveRecord], Any] | None = None, **loader_kwargs):
+        Settings(n_batch=20 if n_batch is None else n_batch, beta=beta).check()  # GNSCallback's limits and words
         check_positive_int("batch_size", batch_size)
         check_positive_int("epochs", epochs)
         if decide_every is not None:
@@ -86,8 +88,9 @@ class AdaptiveLoader:
         # sizes are timed when a decision needs them, once the noise scale says which could pay (`_decide`)
         self.policy = BatchSizePolicy(batch_size, throughput, n_train=self.n_train, rule=self.rule,
                                       gain_needed=gain_needed, max_bs=max_bs)
-        self.step_seconds = math.nan
-        self._epoch_start, self._epoch_steps = time.perf_counter(), 0
+        self.step_seconds = math.nan  # the loop's median step since the last decision, measured as it trains
+        self._durations: list[float] = []
+        self._last_step: float | None = None
         self._batch: tuple[int, int] | None = None  # the last yielded batch's examples and the size it was drawn at
 
     @property
@@ -122,7 +125,7 @@ class AdaptiveLoader:
                 self._decide()
             sizes: deque[tuple[int, int]] = deque()  # (examples, size drawn at) of each batch: workers draw ahead
             it = iter(DataLoader(self.dataset, batch_sampler=_Batches(self, sizes), **self.loader_kwargs))
-            self._epoch_start, self._epoch_steps = time.perf_counter(), 0
+            self._last_step = None  # the gap across an epoch's end holds the loop's evaluation: not a step
             try:
                 for batch in it:
                     if self.progress.done:
@@ -134,8 +137,9 @@ class AdaptiveLoader:
         self.epoch += 1  # past the last epoch: iterating again yields nothing
 
     def _decide(self) -> None:
-        if self._epoch_steps:  # the loop's own wall time per step since the last decision: loading, forward, all
-            self.step_seconds = (time.perf_counter() - self._epoch_start) / self._epoch_steps
+        if len(self._durations) >= MIN_TIMED_STEPS:  # the loop's median step since the last look, loading included
+            self.step_seconds = statistics.median(self._durations)
+            self.policy.observe(self.batch_size, self.step_seconds)
         recs = self.recorder.records
         interval = noise_scale_interval([r.noise_raw for r in recs], [r.scale_raw for r in recs], self.estimator.beta,
                                         weights=[r.n_batch for r in recs])
@@ -151,7 +155,7 @@ class AdaptiveLoader:
                                epoch=self.epoch, progress=self.progress.pct, untimed=why)
         self.record.decisions.append(d)
         self.planned_at, self.batch_size = d.planned_at, d.new_bs
-        self._epoch_start, self._epoch_steps = time.perf_counter(), 0
+        self._durations, self._last_step = [], None
         if self.on_decision is not None:
             self.on_decision(d)
 
@@ -180,7 +184,10 @@ class AdaptiveLoader:
                 g["lr"] = old
         self.opt.zero_grad()
         self.progress.advance(self.policy.step_gain(bs, self.planned_at), n)
-        self._epoch_steps += 1
+        now = time.perf_counter()
+        if self._last_step is not None and bs == self.batch_size:  # one loop iteration at the current size
+            self._durations.append(now - self._last_step)
+        self._last_step = now
         self.record.log_step(self.epoch, bs, lr, self.progress.pct)
         if self.on_step is not None:
             self.on_step(self.record)

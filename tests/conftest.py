@@ -1,4 +1,5 @@
 import os
+import signal
 
 # One intra-op thread per test process, as the benchmarks use (benchmarks/common.py). On a small shared machine
 # torch's default (one thread per core) spins threads that other jobs have descheduled: the fastai and advice tests
@@ -79,3 +80,15 @@ def per_example_device():
     "`devices.fake_timing` for one test: a device whose time is per example."
     with fake_timing(per_example=True):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_left_as_found():
+    """A test that leaves another SIGINT handler behind (the panels' kernel-interrupt hook installs one where SIGINT
+    is ignored) changes how every later test of its process sees Ctrl-C: fail it, naming the handler."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"this test left SIGINT handled by {after!r} (was {before!r})")

@@ -93,6 +93,23 @@ def test_the_plain_sgd_rule_grows_less_than_the_square_root_rule():
     assert _policy(rule="sgd").decide(16, _at(5000)).new_bs < _policy(rule="adam").decide(16, _at(5000)).new_bs
 
 
+def test_without_a_probe_the_next_size_is_tried_for_an_epoch_and_kept_only_if_it_pays():
+    per_example = _policy(throughput=None)
+    per_example.observe(16, 0.01)  # the first epoch's median step
+    d = per_example.decide(16, _at(100))
+    assert d.new_bs == 32 and "trying 32" in d.reason
+    per_example.observe(32, 0.02)  # twice the time: a CPU whose time is per example
+    assert per_example.decide(32, _at(100)).new_bs == 16  # back: 16 makes ×1.15 the progress per second
+    assert not per_example.decide(16, _at(100)).changed  # and 32 is not tried again
+    step_bound = _policy(throughput=None)
+    step_bound.observe(16, 0.01)
+    step_bound.observe(32, 0.01)
+    assert step_bound.decide(32, _at(100)).new_bs == 64  # 32 paid: try 64 next
+    probed = _policy(throughput=Throughput({16: 0.01, 32: 0.02}, device="d"))
+    probed.observe(16, 0.001)  # a probed size is compared with the probe's others, not with a training step
+    assert probed.throughput.step_seconds[16] == 0.01
+
+
 def test_an_epoch_keeps_its_minimum_of_steps():
     assert max(candidate_sizes(16, 2000)) <= 2000 // MIN_STEPS_PER_EPOCH
     assert candidate_sizes(16, 100) == [16]  # the base size always
@@ -265,3 +282,39 @@ def test_the_torch_loader_times_the_model_and_restores_it():
     adapt = AdaptiveLoader(ds, 16, epochs=1, model=model, opt=opt, loss_func=nn.functional.cross_entropy)
     assert 16 in adapt._time_sizes([16, 32]).step_seconds
     assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+
+
+def test_the_fastai_callback_works_under_mixed_precision():
+    from tests.test_fastai import _CPUMixedPrecision
+
+    learn = _learner()
+    cb, mp = AdaptiveBatchSize(throughput=STEP_BOUND), _CPUMixedPrecision(scaled=True)
+    _fit(learn, [cb, mp], epochs=6)
+    assert cb.record.changes and cb.progress.done and mp.final_scale > 2.0**16  # scaled throughout
+    assert cb.result.interval is not None and cb.result.interval.lo > 0  # read unscaled: a sane noise scale
+
+
+def test_the_fastai_callback_refuses_distributed_training():
+    from fastai.callback.core import Callback
+
+    class DistributedTrainer(Callback):  # fastai.distributed's (it needs accelerate, not installed here)
+        pass
+
+    with pytest.raises(ValueError, match="distributed"):
+        _fit(_learner(), [AdaptiveBatchSize(throughput=STEP_BOUND), DistributedTrainer()])
+
+
+def test_a_fit_that_fails_after_growing_leaves_the_users_loader_as_it_was():
+    from fastai.callback.core import Callback
+
+    class FailLate(Callback):
+        def before_epoch(self):
+            if self.epoch == 3:
+                raise RuntimeError("boom")
+
+    learn = _learner()
+    cb = AdaptiveBatchSize(throughput=STEP_BOUND)
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(learn, [cb, FailLate()], epochs=6)
+    assert cb.record.changes and learn.dls.train.bs == 16
+    assert "16 → " in cb.record.summary()

@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.slow  # the benchmark scripts, end to end
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["overhead", "accuracy", "speedup", "critical_batch", "ddp", "advice"]
+SCRIPTS = ["overhead", "accuracy", "speedup", "critical_batch", "ddp", "advice", "adaptive"]
 
 
 def _check_accuracy(df: pd.DataFrame) -> None:
@@ -45,7 +45,16 @@ def _check_advice(df: pd.DataFrame, out: Path) -> None:
     assert intervals.coverage.between(0, 1).all() and intervals["auto median steps"].notna().all()
 
 
-CHECKS = {"accuracy": _check_accuracy, "overhead": _check_overhead}
+def _check_adaptive(df: pd.DataFrame) -> None:
+    "Every arm on every problem, paired with the baseline; the oracle picked among the fixed sizes."
+    arms = {"baseline", "control", "advice", "adaptive", "adaptdl"}
+    assert (df.groupby("problem").arm.apply(lambda a: arms <= set(a))).all()
+    base = df[df.arm == "baseline"]
+    assert (base.time_ratio == 1).all() and (base.steps_ratio == 1).all() and (base.steps_to_target == 1).all()
+    assert df.oracle.str.match(r"^(baseline|sweep_x\d+)$").all()
+
+
+CHECKS = {"accuracy": _check_accuracy, "overhead": _check_overhead, "adaptive": _check_adaptive}
 
 
 def _run_quick(name: str, out: Path) -> subprocess.CompletedProcess:

@@ -434,10 +434,16 @@ def test_keyboard_interrupt_while_waiting_stops_the_run_and_restores(train_dl, m
         raise AssertionError("Thread.join is not interrupt-safe on Python 3.11: wait on the run's Event")
 
     monkeypatch.setattr(w._runner.thread, "join", join)
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        w.wait()
+    # a cell runs with Python's own SIGINT handler (ipykernel installs it around each cell), whatever another
+    # test of this process left behind
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            w.wait()
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert not w.running and active_run(model) is None
     assert same_weights(model, before)
     assert "interrupted (kernel interrupt) after" in w.status.value and "model restored" in w.status.value
