@@ -84,11 +84,14 @@ def per_example_device():
 
 @pytest.fixture(autouse=True)
 def _sigint_handler_left_as_found():
-    """A test that leaves another SIGINT handler behind (the panels' kernel-interrupt hook installs one where SIGINT
-    is ignored) changes how every later test of its process sees Ctrl-C: fail it, naming the handler."""
-    before = signal.getsignal(signal.SIGINT)
+    """Every test starts with Python's own SIGINT handler, as a script or a running cell has, and must leave it so.
+
+    Something in this process can leave SIGINT ignored between tests (seen after the notebook and browser tests
+    of one worker); the panels' kernel-interrupt hook then installs itself for good where SIGINT is ignored, and
+    a later test of Ctrl-C waited forever. A test that leaves another handler behind fails, naming it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     after = signal.getsignal(signal.SIGINT)
-    if after is not before:
-        signal.signal(signal.SIGINT, before)
-        pytest.fail(f"this test left SIGINT handled by {after!r} (was {before!r})")
+    if after is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        pytest.fail(f"this test left SIGINT handled by {after!r}")
