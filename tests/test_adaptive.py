@@ -318,3 +318,36 @@ def test_a_fit_that_fails_after_growing_leaves_the_users_loader_as_it_was():
         _fit(learn, [cb, FailLate()], epochs=6)
     assert cb.record.changes and learn.dls.train.bs == 16
     assert "16 → " in cb.record.summary()
+
+
+def test_the_one_cycle_keeps_its_shape_on_the_planned_runs_progress():
+    "Each step's lr is the one-cycle's at the progress before it, times the factor of its epoch's decision."
+    from fastai.callback.schedule import combined_cos
+
+    learn = _learner()
+    cb = AdaptiveBatchSize(throughput=STEP_BOUND)
+    _fit(learn, [cb], epochs=6)
+    steps = cb.record.steps
+    assert cb.record.changes
+    one_cycle = combined_cos(0.25, 3e-3 / 25, 3e-3, 3e-3 / 1e5)
+    factor = {0: 1.0, **{d.epoch: d.lr_factor for d in cb.record.decisions}}
+    before = [0.0, *steps.pct[:-1]]
+    for lr, pct, epoch in zip(steps.lr, before, steps.epoch):
+        assert lr == pytest.approx(float(one_cycle(pct)) * factor[epoch], rel=1e-6)
+    assert max(before) > 0.95 and steps.pct.iloc[-1] == 1.0  # the whole cycle, warm-up to annealing
+
+
+@pytest.mark.slow
+def test_the_noise_scale_measured_while_the_batch_grows_matches_the_exact_value():
+    "At lr=0 (fixed weights) the fit's estimate, over windows at several batch sizes, covers the exact B_simple."
+    from tests.exact import exact_noise_scale
+
+    learn = _learner(n_train=1280)
+    xt, yt, _, _ = digits()
+    _, _, exact = exact_noise_scale(learn.model, nn.CrossEntropyLoss(), xt[:1280], yt[:1280])
+    cb = AdaptiveBatchSize(beta=1.0, throughput=STEP_BOUND)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(8, lr=0, cbs=cb)
+    assert len(set(cb.record.steps.bs)) > 1  # windows at more than one batch size
+    iv = cb.result.interval
+    assert iv.lo <= exact <= iv.hi and cb.result.noise_scale == pytest.approx(exact, rel=0.15)
