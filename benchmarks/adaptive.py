@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from advice import N_BATCH, Task, _opt, bikeshare_df, bikeshare_dls, finder_fastai, finder_torch, torch_tasks
-from common import cli, markdown, out_path, save_fig
+from common import bikeshare_df, bikeshare_dls, cli, markdown, out_path, save_fig
+from problems import N_BATCH, Task, finder_fastai, finder_torch, make_opt, torch_tasks
 from torch.utils.data import DataLoader, TensorDataset
 
 from gns_widget import AdaptiveBatchSize, AdaptiveLoader
@@ -108,7 +108,7 @@ class _Clock:
 def run_fixed(task: Task, bs: int, lr: float, epochs: int, seed: int, shuffle_seed: int) -> dict:
     torch.manual_seed(seed)
     model = task.make_model()
-    opt = _opt(task, model.parameters(), lr)
+    opt = make_opt(task, model.parameters(), lr)
     dl = DataLoader(TensorDataset(*task.train), batch_size=bs, shuffle=True,
                     generator=torch.Generator().manual_seed(shuffle_seed))
     clock, steps = _Clock(), 0
@@ -125,7 +125,7 @@ def run_fixed(task: Task, bs: int, lr: float, epochs: int, seed: int, shuffle_se
 def run_adaptive(task: Task, seed: int, shuffle_seed: int, adaptdl: bool = False) -> dict:
     torch.manual_seed(seed)
     model = task.make_model()
-    opt = _opt(task, model.parameters(), task.lr)
+    opt = make_opt(task, model.parameters(), task.lr)
     adapt = AdaptiveLoader(TensorDataset(*task.train), task.bs, task.epochs, model=model, opt=opt,
                            loss_func=F.cross_entropy)
     if adaptdl:
