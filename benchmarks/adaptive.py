@@ -99,6 +99,12 @@ class _Clock:
     def __init__(self):
         self.seconds, self.curve, self._t = 0.0, [], time.perf_counter()
 
+    def pause(self) -> None:
+        self.seconds += time.perf_counter() - self._t
+
+    def resume(self) -> None:
+        self._t = time.perf_counter()
+
     def mark(self, steps: int, metric_fn) -> None:
         self.seconds += time.perf_counter() - self._t
         self.curve.append((steps, self.seconds, metric_fn()))
@@ -179,10 +185,17 @@ def _fastai_curve():
     from fastai.callback.core import Callback
 
     class Curve(Callback):
+        "Training seconds (validation left out, as the torch loops leave out their evaluation) and the valid loss."
         order = 70  # after the Recorder has logged the epoch
 
         def before_fit(self):
             self.clock = _Clock()
+
+        def before_validate(self):
+            self.clock.pause()
+
+        def after_validate(self):
+            self.clock.resume()
 
         def after_epoch(self):
             self.clock.mark(self.train_iter, lambda: float(self.recorder.values[-1][-1]))

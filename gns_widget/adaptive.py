@@ -183,6 +183,10 @@ class BatchSizePolicy:
         if interval is None:
             return keep("too few estimates for an interval yet")
         value, lo, hi = interval.value, interval.lo, interval.hi
+        if not value > 0:  # the smoothed |G|² itself is negative: consecutive steps' gradients cancel out
+            return keep("the gradient signal measured along training is negative: consecutive steps' gradients "
+                        "cancel more than noise explains (an optimizer oscillating), so this training gives no "
+                        "noise scale to act on; bs_find(lr=0) measures one at fixed weights", value, lo, hi)
         if not lo > 0:
             return keep("|G|² is not yet distinguishable from its noise (the interval reaches 0)", value, lo, hi)
         if bs not in self.throughput.step_seconds:

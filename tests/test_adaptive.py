@@ -351,3 +351,8 @@ def test_the_noise_scale_measured_while_the_batch_grows_matches_the_exact_value(
     assert len(set(cb.record.steps.bs)) > 1  # windows at more than one batch size
     iv = cb.result.interval
     assert iv.lo <= exact <= iv.hi and cb.result.noise_scale == pytest.approx(exact, rel=0.15)
+
+
+def test_a_negative_noise_scale_along_training_is_said_not_acted_on():
+    d = _policy().decide(16, Interval(-2500.0, 0.0, math.inf))
+    assert not d.changed and "cancel" in d.reason and "bs_find(lr=0)" in d.reason
