@@ -52,10 +52,12 @@ def candidate_sizes(base_bs: int, n_train: int | None) -> list[int]:
 
 
 def default_n_batch(steps_per_epoch: int) -> int:
-    """Small batches per estimate while adapting: about ten windows per epoch at the user's batch size, so the
-    first epoch gives the interval its MIN_WINDOWS, between 4 (a big batch of 4 is still well apart from a
-    small one) and 20 (the finder's default)."""
-    return max(4, min(20, steps_per_epoch // 10))
+    """Small batches per estimate while adapting: 4, or fewer for an epoch under 40 steps (at least ten windows per
+    epoch, the interval's MIN_WINDOWS by the first decision; never under 2). Short windows because the weights move
+    between a window's batches while training: consecutive gradients of an optimizer that oscillates cancel, which
+    biases |G|² low, the more so the longer the window (on a Fashion-MNIST MLP with Adam the noise scale read with
+    20 batches per window was negative every epoch, with 4 it was 150-250 and positive)."""
+    return max(2, min(4, steps_per_epoch // 10))
 
 
 def timing_pays(sizes: list[int], bs: int, seconds_per_step: float, steps_left: float) -> tuple[bool, str]:

@@ -148,7 +148,7 @@ def test_step_gain_and_progress():
     for _ in range(4):
         p.advance(2.5, 64)
     assert p.done and p.pct == 1.0 and p.steps_taken == 4 and p.examples == 256
-    assert default_n_batch(45) == 4 and default_n_batch(135) == 13 and default_n_batch(10_000) == 20
+    assert default_n_batch(45) == 4 and default_n_batch(25) == 2 and default_n_batch(10_000) == 4
 
 
 # ---------------------------------------------------------------- fastai
