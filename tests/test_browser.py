@@ -28,6 +28,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # an SVG path with at least 5 points (bqplot draws one segment per estimate) and no NaN coordinate
 MANY_POINTS = re.compile(r"^M[^N]*(?:L[^N]*){4,}$")
 SEGMENT = re.compile(r"^M[^NL]*L[^NL]*$")  # the suggested batch size: one horizontal segment
+MANY_STEPS = re.compile(r"^M[^N]*(?:[LHV][^N]*){4,}$")  # the same, drawn in steps too (the batch size's line)
+DIAMOND = ".object_grp .dot"  # a bqplot Scatter's point: a decision's marker (a one-point line's dot is not one)
 
 pytestmark = pytest.mark.browser
 
@@ -68,6 +70,27 @@ CHECK = ("print('same weights:', all(torch.equal(v, before[k]) for k, v in model
          "      '| runs alive:', sum(t.name.startswith('GNSWidget run') for t in threading.enumerate()))")
 STAND_IN_DEVICE = ("\nfrom tests.devices import fake_timing\n"
                    "_device = fake_timing()  # held: the patch lasts while it lives\n_device.__enter__()")
+# a tiny fastai Learner on the digits at batch size 16, and a stand-in timing whose step costs the same at every
+# size (a GPU far from saturation), so that the batch grows at the first decision whatever this CPU's timing says
+ADAPTIVE_SETUP = """from fastai.basics import Learner, set_seed
+from fastai.data.core import DataLoaders
+from fastai.optimizer import Adam
+from torch import nn
+from torch.utils.data import TensorDataset
+from gns_widget import AdaptiveBatchSize, AdaptiveView
+from gns_widget.datasets import digits
+from gns_widget.throughput import Throughput
+
+set_seed(0)
+xt, yt, xv, yv = digits()
+dls = DataLoaders.from_dsets(TensorDataset(xt[:640], yt[:640]), TensorDataset(xv[:128], yv[:128]), bs=16,
+                             device="cpu")
+learn = Learner(dls, nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
+                loss_func=nn.CrossEntropyLoss(), opt_func=Adam)
+
+
+def step_bound():
+    return AdaptiveBatchSize(throughput=Throughput({b: 0.01 for b in (16, 32, 64, 128, 256)}, device="step-bound"))"""
 FINISHED = "w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), lr=0.0, num_it=300, n_batch=10)\nw"
 SCENARIOS = {
     "rerun.ipynb": [SETUP, PANEL, CHECK],
@@ -77,6 +100,13 @@ SCENARIOS = {
     "layout.ipynb": [SETUP + STAND_IN_DEVICE, FINISHED, "w.start()\nres = w.wait()",
                      "train_dl = w.apply()\nprint('batch size after apply:', len(next(iter(train_dl))[0]))"],
     "apply_first.ipynb": [SETUP, PANEL, "train_dl = w.apply()\nprint('loader kept:', len(next(iter(train_dl))[0]))"],
+    # the adaptive batch size live during a fastai fit: a long fit the test stops, a cell run while it trains, a
+    # 6-epoch fit to its end, and the Learner's own batch size after
+    "adaptive.ipynb": [ADAPTIVE_SETUP, "view = AdaptiveView()\nview",
+                       "view.fit(learn, 200, 3e-3, cb=step_bound())  # long: the test stops it",
+                       "print('usable while training:', view.running)",
+                       "view.fit(learn, 6, 3e-3, cb=step_bound())",
+                       "print('learn.dls.train.bs:', learn.dls.train.bs, '| stopped:', view.stopped)"],
 }
 
 
@@ -367,6 +397,54 @@ def test_apply_before_any_run_keeps_the_loader(lab, browser):
     _shutdown(page)
 
 
+def test_adaptive_view_live_during_a_fit_stop_and_finish(lab, browser):
+    """Issue 21: `AdaptiveView.fit` trains in the background while its three charts, headline and progress follow it
+    live and another cell runs; Stop ends it early; a second fit runs to its end; the Learner keeps batch size 16."""
+    from playwright.sync_api import expect
+
+    page = _open(browser, lab, "adaptive.ipynb")
+    for i in range(3):
+        _run_cell(page, i)
+    view = page.locator(".gns-adaptive")
+    status, headline, label = (view.locator(f".gns-{c}") for c in ("status", "headline", "progress-label"))
+    expect(status).to_contain_text("training (fit one cycle, 200 planned epochs)", timeout=60_000)
+    # the first decision (end of the first epoch) grows the batch: a diamond on each chart, while the fit goes on
+    for name in ("noise-scale", "bs", "lr"):
+        expect(view.locator(f".gns-chart-adaptive-{name} {DIAMOND}").first).to_be_attached(timeout=30_000)
+    expect(headline).to_contain_text(re.compile(r"Batch size \d+ now \(started at 16\) · \d+% of the planned run"))
+    for name in ("noise-scale", "bs", "lr"):
+        paths = _line_paths(view.locator(f".gns-chart-adaptive-{name}"), pattern=MANY_STEPS)
+        assert any(MANY_STEPS.match(d) for d in paths), (name, paths)
+    shown = label.inner_text()
+    assert re.fullmatch(r"\d+% of the planned run · step [\d,]+", shown), shown
+    expect(label).not_to_have_text(shown, timeout=30_000)  # the progress moves on
+    _run_cell(page, 3)  # the notebook is usable while it trains
+    expect(_cell(page, 3).locator(".jp-OutputArea")).to_contain_text("usable while training: True", timeout=30_000)
+    expect(status).to_contain_text("training")
+
+    view.locator("button.gns-stop").click()
+    expect(status).to_contain_text(re.compile(r"stopped at \d+% of the planned run, after [\d,]+ steps"),
+                                   timeout=30_000)
+    expect(headline).to_contain_text("Stopped at")
+    expect(view.locator("button.gns-stop")).to_be_disabled()
+
+    _run_cell(page, 4)  # 6 epochs planned at 16: they end in fewer, bigger steps
+    expect(status).to_contain_text("finished: ", timeout=60_000)
+    expect(status).to_contain_text("instead of the planned 240 at batch size 16")
+    expect(headline).to_contain_text(re.compile(r"Finished at 100% of the planned run · batch size \d+ \(started at "
+                                                r"16\)"))
+    expect(label).to_contain_text("100% of the planned run")
+    assert view.locator(".gns-progress .progress-bar").evaluate("e => e.style.width") == "100%"
+    expect(view.locator(f".gns-chart-adaptive-bs {DIAMOND}").first).to_be_attached()
+    _run_cell(page, 5)
+    expect(_cell(page, 5).locator(".jp-OutputArea")).to_contain_text("learn.dls.train.bs: 16 | stopped: False",
+                                                                     timeout=30_000)
+    _dismiss_news(page)
+    view.scroll_into_view_if_needed()
+    view.screenshot(path=str(ARTIFACTS / "adaptive_view.png"))
+    _shutdown(page)
+
+
 def _open_file_browser(page) -> None:
     "The left sidebar's file browser, open (the layout in which the result box overflowed at 800 px)."
     from playwright.sync_api import expect
@@ -468,12 +546,12 @@ CONTRAST_JS = """sel => {
 }"""
 
 
-def _line_paths(figure, timeout: float = 10.0) -> list[str]:
-    "The `d` of every bqplot line in `figure`, once they are drawn (SVG updates lag the widget state a little)."
+def _line_paths(figure, timeout: float = 10.0, pattern: re.Pattern = MANY_POINTS) -> list[str]:
+    "The `d` of every bqplot line in `figure`, once one matches `pattern` (SVG updates lag the widget state a little)."
     deadline = time.monotonic() + timeout
     while True:
         ds = figure.locator("path.line").evaluate_all("ps => ps.map(p => p.getAttribute('d') || '')")
-        if any(MANY_POINTS.match(d) for d in ds) or time.monotonic() > deadline:
+        if any(pattern.match(d) for d in ds) or time.monotonic() > deadline:
             return ds
         time.sleep(0.2)
 
