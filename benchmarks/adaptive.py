@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from common import bikeshare_df, bikeshare_dls, cli, markdown, out_path, save_fig
-from problems import N_BATCH, Task, finder_fastai, finder_torch, make_opt, torch_tasks
+from common import cli, markdown, out_path, save_fig
+from problems import N_BATCH, Tabular, Task, finder_fastai, finder_torch, make_opt, tabular_tasks, torch_tasks
 from torch.utils.data import DataLoader, TensorDataset
 
 from gns_widget import AdaptiveBatchSize, AdaptiveLoader
@@ -177,8 +177,8 @@ def torch_rows(task: Task, seed: int) -> list[dict]:
     return [dict(problem=task.name, seed=seed, **r) for r in rows]
 
 
-# ---------------------------------------------------------------- fastai: Bikeshare, fit_one_cycle(5, 3e-3) from 64
-BIKE_BS, BIKE_LR, BIKE_EPOCHS = 64, 3e-3, 5
+# ---------------------------------------------------------------- fastai tabular: Bikeshare, Caravan
+BIKESHARE = dict(bs=64, lr=3e-3, epochs=5)  # the write-up's case: fit_one_cycle(5, 3e-3) from bs 64
 
 
 def _fastai_curve():
@@ -216,15 +216,15 @@ class _AdaptDLCallback(AdaptiveBatchSize):
         pass
 
 
-def fastai_run(df, bs, lr, seed, shuffle_seed, cb=None) -> dict:
-    from fastai.tabular.all import MSELossFlat, set_seed, tabular_learner
+def fastai_run(task: Tabular, bs: int, lr: float, epochs: int, seed: int, shuffle_seed: int, cb=None) -> dict:
+    from fastai.tabular.all import set_seed
 
     set_seed(seed, reproducible=True)
-    learn = tabular_learner(bikeshare_dls(bs, 0, df), layers=[200, 100], loss_func=MSELossFlat())
+    learn = task.learner(bs)
     set_seed(shuffle_seed, reproducible=True)
     curve = _fastai_curve()
     with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(BIKE_EPOCHS, lr, cbs=[curve] + ([cb] if cb is not None else []))
+        learn.fit_one_cycle(epochs, lr, cbs=[curve] + ([cb] if cb is not None else []))
     out = _summary(curve.clock, curve.clock.curve[-1][0], bs)
     if cb is not None:
         out["decisions"] = " ".join(f"{d.old_bs}→{d.new_bs}@{d.epoch}" for d in cb.record.changes)
@@ -232,33 +232,17 @@ def fastai_run(df, bs, lr, seed, shuffle_seed, cb=None) -> dict:
     return out
 
 
-def bikeshare_rows(seed: int, df) -> list[dict]:
-    arms = [("baseline", BIKE_BS, BIKE_LR, seed), ("control", BIKE_BS, BIKE_LR, seed + 1000)]
-    arms += [(f"sweep_x{k}", BIKE_BS * k, BIKE_LR * math.sqrt(k), seed) for k in SWEEP]
-    res = finder_fastai(df, seed, BIKE_LR, dict(lr=0, num_it=AutoStop(max_it=3000), n_batch=N_BATCH))
-    a = res.advice(lr=BIKE_LR, epochs=BIKE_EPOCHS)
-    rows = [dict(arm=arm, bs=b, lr=r, epochs=BIKE_EPOCHS, **fastai_run(df, b, r, seed, sh)) for arm, b, r, sh in arms]
-    if a.batch_size and a.epochs == BIKE_EPOCHS:
-        rows.append(dict(arm="advice", bs=a.batch_size, lr=a.lr, epochs=a.epochs,
-                         **fastai_run(df, a.batch_size, a.lr, seed, seed)))
-    else:  # fit_one_cycle's epochs are fixed here; the advice's other epochs are run by advice.py
-        rows.append(dict(arm="advice", bs=a.batch_size or BIKE_BS, lr=a.lr or BIKE_LR, epochs=a.epochs or BIKE_EPOCHS,
-                         **_advice_fastai(df, a, seed)))
-    rows.append(dict(arm="adaptive", bs=BIKE_BS, lr=BIKE_LR, epochs=BIKE_EPOCHS,
-                     **fastai_run(df, BIKE_BS, BIKE_LR, seed, seed, AdaptiveBatchSize())))
-    rows.append(dict(arm="adaptdl", bs=BIKE_BS, lr=BIKE_LR, epochs=BIKE_EPOCHS,
-                     **fastai_run(df, BIKE_BS, BIKE_LR, seed, seed, _AdaptDLCallback())))
-    return [dict(problem="bikeshare_tabular_fastai", seed=seed, **r) for r in rows]
-
-
-def _advice_fastai(df, a, seed) -> dict:
-    "The advice followed with its own epochs (fit_one_cycle(a.epochs, a.lr) at a.batch_size)."
-    global BIKE_EPOCHS
-    saved, BIKE_EPOCHS = BIKE_EPOCHS, a.epochs or BIKE_EPOCHS
-    try:
-        return fastai_run(df, a.batch_size or BIKE_BS, a.lr or BIKE_LR, seed, seed)
-    finally:
-        BIKE_EPOCHS = saved
+def tabular_rows(task: Tabular, seed: int) -> list[dict]:
+    bs, lr, epochs = task.bs, task.lr, task.epochs
+    arms = [("baseline", bs, lr, epochs, seed), ("control", bs, lr, epochs, seed + 1000)]
+    arms += [(f"sweep_x{k}", bs * k, lr * math.sqrt(k), epochs, seed) for k in SWEEP]  # Adam: the square root
+    res = finder_fastai(task, seed, dict(lr=0, num_it=AutoStop(max_it=3000), n_batch=N_BATCH))
+    a = res.advice(lr=lr, epochs=epochs)
+    arms.append(("advice", a.batch_size or bs, a.lr or lr, a.epochs or epochs, seed))
+    rows = [dict(arm=arm, bs=b, lr=r, epochs=e, **fastai_run(task, b, r, e, seed, sh)) for arm, b, r, e, sh in arms]
+    for arm, cb in (("adaptive", AdaptiveBatchSize()), ("adaptdl", _AdaptDLCallback())):
+        rows.append(dict(arm=arm, bs=bs, lr=lr, epochs=epochs, **fastai_run(task, bs, lr, epochs, seed, seed, cb)))
+    return [dict(problem=task.name, seed=seed, **r) for r in rows]
 
 
 # ---------------------------------------------------------------- summary
@@ -276,7 +260,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     ratios, and the steps and time to reach the baseline's final metric (as fractions of the baseline's)."""
     rows = []
     for (problem, seed), g in df.groupby(["problem", "seed"], sort=False):
-        lower = problem.startswith("bikeshare")
+        lower = problem.endswith("tabular_fastai")
         base = g[g.arm == "baseline"].iloc[0]
         b_steps, b_secs = _steps_to(base.curve, base.metric, lower)
         for _, r in g.iterrows():
@@ -287,7 +271,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                              time_ratio=r.seconds / base.seconds, steps_ratio=r.steps / base.steps,
                              steps_to_target=s / b_steps, time_to_target=t / b_secs))
     d = pd.DataFrame(rows)
-    d["harm"] = [v if p.startswith("bikeshare") else -v for p, v in zip(d.problem, d.delta)]  # > 0: worse
+    d["harm"] = [v if p.endswith("tabular_fastai") else -v for p, v in zip(d.problem, d.delta)]  # > 0: worse
     g = d.groupby(["problem", "arm"], sort=False).agg(
         bs=("final_bs", lambda s: "/".join(str(int(v)) for v in sorted(set(s)))),
         delta=("delta", "median"), worst_harm=("harm", "max"), time_ratio=("time_ratio", "median"),
@@ -301,7 +285,7 @@ def oracle(summary: pd.DataFrame) -> pd.DataFrame:
     "Per problem: the fastest fixed size (baseline or sweep) whose median metric is within the control's worst."
     out = []
     for problem, g in summary.groupby("problem", sort=False):
-        sign = 1 if problem.startswith("bikeshare") else -1
+        sign = 1 if problem.endswith("tabular_fastai") else -1
         control = g[g.arm == "control"].iloc[0]
         fixed = g[g.arm.isin(["baseline"] + [f"sweep_x{k}" for k in SWEEP])]
         ok = fixed[sign * fixed.delta <= control.worst_harm]
@@ -324,7 +308,7 @@ def plot(summary: pd.DataFrame, path) -> None:
         axs[0].bar(x, d.delta, width=0.2, label=arm)
         axs[1].bar(x, d.time_ratio, width=0.2, label=arm)
         axs[2].bar(x, d.steps_ratio, width=0.2, label=arm)
-    for ax, t in zip(axs, ["paired Δ metric (accuracy points; loss % for bikeshare)", "wall time / baseline",
+    for ax, t in zip(axs, ["paired Δ metric (accuracy points; loss % for the tabular problems)", "wall time / baseline",
                            "optimizer steps / baseline"]):
         ax.set_xticks(range(len(probs)), [p.replace("_", "\n", 2) for p in probs], fontsize=7)
         ax.set_title(t, fontsize=9)
@@ -347,17 +331,10 @@ def main() -> None:
         for seed in args.seeds:
             rows += torch_rows(task, seed)
         print(f"{task.name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if not args.problems or any(p in "bikeshare_tabular_fastai" for p in args.problems):
-        try:
-            df = bikeshare_df()
-        except FileNotFoundError as e:
-            print(f"skipped Bikeshare: {e}")
-        else:
-            if args.quick:
-                df = df.sample(2000, random_state=0).reset_index(drop=True)
-            for seed in args.seeds:
-                rows += bikeshare_rows(seed, df)
-            print(f"bikeshare done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for task in tabular_tasks(args.quick, args.problems, **BIKESHARE):
+        for seed in args.seeds:
+            rows += tabular_rows(task, seed)
+        print(f"{task.name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     runs = pd.DataFrame(rows)
     runs.to_csv(out_path(args, "adaptive_runs", "csv"), index=False)
     summary = summarize(runs)

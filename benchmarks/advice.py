@@ -26,8 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 from common import (
-    bikeshare_df,
-    bikeshare_dls,
     cli,
     conv_problem,
     exact_noise_scale,
@@ -38,7 +36,7 @@ from common import (
     save_fig,
     tabular_problem,
 )
-from problems import BS, N_BATCH, Task, finder_fastai, finder_torch, fit_torch, torch_tasks
+from problems import BS, N_BATCH, Tabular, Task, finder_fastai, finder_torch, fit_torch, tabular_tasks, torch_tasks
 
 from gns_widget import bs_find
 from gns_widget.goodput import examples_ratio, round_epochs
@@ -104,12 +102,12 @@ def train_torch(task: Task, bs: int, lr: float, epochs: int, seed: int, shuffle_
     return dict(metric=100 * acc, seconds=seconds, steps=steps)
 
 
-def train_fastai(df: pd.DataFrame, bs: int, lr: float, epochs: int, seed: int, shuffle_seed: int) -> dict:
-    "fastai tabular_learner, fit_one_cycle (its own warm-up); the validation MSE of log1p(bikers)."
-    from fastai.tabular.all import MSELossFlat, set_seed, tabular_learner
+def train_fastai(task: Tabular, bs: int, lr: float, epochs: int, seed: int, shuffle_seed: int) -> dict:
+    "fastai tabular_learner, fit_one_cycle (its own warm-up); the validation loss."
+    from fastai.tabular.all import set_seed
 
     set_seed(seed, reproducible=True)
-    learn = tabular_learner(bikeshare_dls(bs, 0, df), layers=[200, 100], loss_func=MSELossFlat())
+    learn = task.learner(bs)
     # the same initial weights; the batches' order (TabWeightedDL samples with numpy) and dropout from shuffle_seed
     set_seed(shuffle_seed, reproducible=True)
     t0 = time.perf_counter()
@@ -136,8 +134,8 @@ def training_part(quick: bool, seeds: list[int] | None = None, only: list[str] |
                 rows.append(dict(common, arm=arm, bs=bs, lr=lr, epochs=epochs, **out,
                                  text=a.text if arm == "advice" else ""))
         print(f"training: {task.name} done", flush=True)
-    if not only or any(o in "bikeshare_tabular_fastai" for o in only):
-        rows += bikeshare_rows(seeds, quick)
+    for task in tabular_tasks(quick, only):
+        rows += tabular_rows(task, seeds, quick)
     return pd.DataFrame(rows)
 
 
@@ -218,30 +216,23 @@ def _common(problem: str, seed: int, res, a, find_s: float) -> dict:
                 if res.throughput is not None else "")
 
 
-def bikeshare_rows(seeds: list[int], quick: bool) -> list[dict]:
-    try:
-        df = bikeshare_df()
-    except FileNotFoundError as e:
-        print(f"skipped Bikeshare: {e}")
-        return []
-    if quick:
-        df = df.sample(1500, random_state=0).reset_index(drop=True)
-    bs, lr, epochs = 64, 1e-2, 2 if quick else 8
+def tabular_rows(task: Tabular, seeds: list[int], quick: bool) -> list[dict]:
     finder = dict(lr=0, num_it=AutoStop(max_it=300 if quick else 3000), n_batch=N_BATCH)
     rows = []
     for seed in seeds:
         t0 = time.perf_counter()
-        res = finder_fastai(df, seed, lr, finder)
+        res = finder_fastai(task, seed, finder)
         find_s = time.perf_counter() - t0
-        a = res.advice(lr=lr, epochs=epochs)  # the Learner's opt_func (Adam) gives the rule
-        common = _common("bikeshare_tabular_fastai", seed, res, a, find_s)
-        arms = [("baseline", bs, lr, epochs, seed), ("control", bs, lr, epochs, seed + 1000),
-                ("advice", a.batch_size or bs, a.lr or lr, a.epochs or epochs, seed)]
+        a = res.advice(lr=task.lr, epochs=task.epochs)  # the Learner's opt_func (Adam) gives the rule
+        common = _common(task.name, seed, res, a, find_s)
+        arms = [("baseline", task.bs, task.lr, task.epochs, seed),
+                ("control", task.bs, task.lr, task.epochs, seed + 1000),
+                ("advice", a.batch_size or task.bs, a.lr or task.lr, a.epochs or task.epochs, seed)]
         for arm, b, r, e, shuffle in arms:
-            out = train_fastai(df, b, r, e, seed, shuffle)
+            out = train_fastai(task, b, r, e, seed, shuffle)
             rows.append(dict(common, arm=arm, bs=b, lr=r, epochs=e, **out,
                              text=a.text if arm == "advice" else ""))
-    print("training: bikeshare done", flush=True)
+    print(f"training: {task.name} done", flush=True)
     return rows
 
 
@@ -276,7 +267,7 @@ def plot(summary: pd.DataFrame, path) -> None:
         x = np.arange(len(probs)) + (i - 1) * 0.27
         axs[0].bar(x, d.vs_baseline, width=0.27, label=arm)
         axs[1].bar(x, d.time_ratio, width=0.27, label=arm)
-    for ax, t in zip(axs, ["paired Δ validation metric (accuracy points; loss for bikeshare)",
+    for ax, t in zip(axs, ["paired Δ validation metric (accuracy points; loss for the tabular problems)",
                            "training time / baseline"]):
         ax.set_xticks(range(len(probs)), [p.replace("_", "\n", 2) for p in probs], fontsize=7)
         ax.set_title(t, fontsize=9)

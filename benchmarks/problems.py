@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from common import bikeshare_dls, fashion_mnist
+from common import bikeshare_df, bikeshare_dls, fashion_mnist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -63,14 +65,76 @@ def fit_torch(task: Task, bs: int, lr: float, epochs: int, seed: int,
 
 
 
-def finder_fastai(df: pd.DataFrame, seed: int, lr: float, finder: dict):
+@dataclass
+class Tabular:
+    "A fastai tabular problem: its data, its loaders at a batch size, its loss, and the user's settings."
+    name: str
+    df: pd.DataFrame
+    dls: Callable[[int, pd.DataFrame], Any]  # (bs, df) -> DataLoaders, the same split every time
+    loss: Callable[[], Any]
+    bs: int
+    lr: float
+    epochs: int
+
+    def learner(self, bs: int):
+        from fastai.tabular.all import tabular_learner
+
+        return tabular_learner(self.dls(bs, self.df), layers=[200, 100], loss_func=self.loss())
+
+
+def bikeshare_task(quick: bool, bs: int = 64, lr: float = 1e-2, epochs: int = 8) -> Tabular:
+    "Bikeshare (ISLP, 8,645 hourly rentals): regression of log1p(bikers), validation MSE."
+    from fastai.tabular.all import MSELossFlat
+
+    df = bikeshare_df()
+    if quick:
+        df = df.sample(1500, random_state=0).reset_index(drop=True)
+    return Tabular("bikeshare_tabular_fastai", df, lambda b, d: bikeshare_dls(b, 0, d), MSELossFlat, bs, lr,
+                   2 if quick else epochs)
+
+
+def caravan_df() -> pd.DataFrame:
+    "ISLP's Caravan (5,822 customers x 85 features; Purchase Yes/No, 6% Yes): read from the package's CSV."
+    import ISLP
+
+    return pd.read_csv(Path(ISLP.__file__).parent / "data" / "Caravan.csv")
+
+
+def caravan_task(quick: bool, bs: int = 64, lr: float = 1e-2, epochs: int = 5) -> Tabular:
+    "Caravan insurance (ISLP): a fastai tabular classification, validation cross-entropy."
+    from fastai.tabular.all import CategoryBlock, CrossEntropyLossFlat, Normalize, RandomSplitter, TabularDataLoaders
+
+    df = caravan_df()
+    if quick:
+        df = df.sample(1500, random_state=0).reset_index(drop=True)
+    cont = [c for c in df.columns if c != "Purchase"]
+
+    def dls(b: int, d: pd.DataFrame):
+        valid = list(RandomSplitter(valid_pct=0.2, seed=0)(range(len(d)))[1])
+        return TabularDataLoaders.from_df(d, procs=[Normalize], cont_names=cont, y_names="Purchase",
+                                          y_block=CategoryBlock(), valid_idx=valid, bs=b, seed=0)
+    return Tabular("caravan_tabular_fastai", df, dls, CrossEntropyLossFlat, bs, lr, 2 if quick else epochs)
+
+
+def tabular_tasks(quick: bool, only: list[str] | None = None, **bikeshare: Any) -> list[Tabular]:
+    "Bikeshare (regression; `bikeshare` overrides its settings) and Caravan (classification), where installed."
+    tasks = []
+    for make, kw in ((bikeshare_task, bikeshare), (caravan_task, {})):
+        try:
+            tasks.append(make(quick, **kw))
+        except (FileNotFoundError, ImportError) as e:
+            print(f"skipped a tabular problem: {e}")
+    return [t for t in tasks if not only or any(o in t.name for o in only)]
+
+
+def finder_fastai(task: Tabular, seed: int, finder: dict):
     "bs_find after one warm-up epoch on a throwaway Learner, where a user calls it (as speedup.py does)."
-    from fastai.tabular.all import MSELossFlat, set_seed, tabular_learner
+    from fastai.tabular.all import set_seed
 
     set_seed(seed, reproducible=True)
-    learn = tabular_learner(bikeshare_dls(64, 0, df), layers=[200, 100], loss_func=MSELossFlat())
+    learn = task.learner(task.bs)
     with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(1, lr)
+        learn.fit_one_cycle(1, task.lr)
         return learn.bs_find(show_plot=False, **finder)  # at lr=0: measured at the weights the user has
 
 
