@@ -210,7 +210,7 @@ class _AdaptDLCallback(AdaptiveBatchSize):
         super().before_fit()
         tp = self._time_sizes(candidate_sizes(self.base_bs, self.n_train))  # inside the clock: a few tenths of a s
         self.policy = AdaptDLPolicy(self.base_bs, tp, n_train=self.n_train, max_bs=_cap(self.base_bs, self.n_train))
-        self.progress.planned, self.learn.n_epoch = math.inf, self.planned_epochs
+        self.run_progress.planned, self.learn.n_epoch = math.inf, self.planned_epochs
 
     def _follow_progress(self):
         pass

@@ -79,8 +79,9 @@ class AdaptiveBatchSize(GNSCallback):
         self.policy = BatchSizePolicy(self.base_bs, self.given_throughput, n_train=self.n_train, rule=rule,
                                       gain_needed=self.gain_needed, max_bs=self.max_bs)
         self.planned_epochs = self.n_epoch
-        self.progress = Progress(planned=self.n_epoch * steps_per_epoch)
-        self.record = AdaptiveRecord(self.base_bs, self.progress.planned)
+        # not `progress`: fastai warns that it shadows the Learner's (ProgressCallback's) attribute
+        self.run_progress = Progress(planned=self.n_epoch * steps_per_epoch)
+        self.record = AdaptiveRecord(self.base_bs, self.run_progress.planned)
         self.bs, self.planned_at, self.lr_scale, self._lrs = self.base_bs, math.nan, 1.0, None
         self.step_seconds = math.nan  # the median training step of the last epoch, measured as it trains
         self._durations: list[float] = []
@@ -110,7 +111,7 @@ class AdaptiveBatchSize(GNSCallback):
         return probe_throughput(tgt, sizes, resolve_amp(self.learn, None), saturate_above=self.bs)
 
     def before_epoch(self):
-        if self.progress.done:
+        if self.run_progress.done:
             raise CancelFitException()
         if self.epoch > 0:
             self._decide()
@@ -125,13 +126,13 @@ class AdaptiveBatchSize(GNSCallback):
         why = ""
         if interval is not None and interval.lo > 0:
             need = self.policy.to_time(self.bs, interval.lo)
-            steps_left = (self.progress.planned - self.progress.steps_done) / self.policy.step_gain(self.bs,
+            steps_left = (self.run_progress.planned - self.run_progress.steps_done) / self.policy.step_gain(self.bs,
                                                                                                   self.planned_at)
             pays, why = timing_pays(need, self.bs, self.step_seconds, steps_left)
             if need and pays:
                 self.policy.timed(self._time_sizes(need), need)
-        d = self.policy.decide(self.bs, interval, planned_at=self.planned_at, step=self.progress.steps_taken,
-                               epoch=self.epoch, progress=self.progress.pct, untimed=why)
+        d = self.policy.decide(self.bs, interval, planned_at=self.planned_at, step=self.run_progress.steps_taken,
+                               epoch=self.epoch, progress=self.run_progress.pct, untimed=why)
         self.record.decisions.append(d)
         self.planned_at = d.planned_at
         if d.changed:
@@ -146,14 +147,15 @@ class AdaptiveBatchSize(GNSCallback):
             if self.bs not in self._copies:
                 self._copies[self.bs] = loader_at(self.dls.train, self.bs)
             self.learn.dl = self._copies[self.bs]
-        steps = (self.progress.planned - self.progress.steps_done) / self.policy.step_gain(self.bs, self.planned_at)
+        plan = self.run_progress
+        steps = (plan.planned - plan.steps_done) / self.policy.step_gain(self.bs, self.planned_at)
         if steps < len(self.dl):  # the plan ends in this epoch: its first batches, then validation as usual
             self.learn.dl = _FirstBatches(self.dl, math.ceil(steps - 1e-9))
 
     def before_batch(self):
         if not self.training:
             return
-        if self.progress.done:  # only if a step's gain changed under the epoch's count
+        if self.run_progress.done:  # only if a step's gain changed under the epoch's count
             raise CancelTrainException()
         now = time.perf_counter()
         if self._last_batch is not None:  # from one batch to the next: loading, forward, backward, step
@@ -162,7 +164,7 @@ class AdaptiveBatchSize(GNSCallback):
 
     def _follow_progress(self) -> None:
         "fastai counts the schedule's progress in epochs (TrainEvalCallback): here it is the planned run's."
-        self.learn.pct_train = self.progress.pct
+        self.learn.pct_train = self.run_progress.pct
 
     def before_step(self):
         super().before_step()
@@ -182,9 +184,9 @@ class AdaptiveBatchSize(GNSCallback):
     def after_batch(self):
         if not self.training:
             return
-        self.progress.advance(self.policy.step_gain(self.bs, self.planned_at), batch_size_of(self.yb, self.xb))
+        self.run_progress.advance(self.policy.step_gain(self.bs, self.planned_at), batch_size_of(self.yb, self.xb))
         self._follow_progress()
-        self.record.log_step(self.epoch, self.bs, self._lr, self.progress.pct)
+        self.record.log_step(self.epoch, self.bs, self._lr, self.run_progress.pct)
         if self.on_step is not None:
             self.on_step(self.record)
 

@@ -185,7 +185,7 @@ def test_the_fastai_batch_grows_and_the_schedule_ends_on_progress():
     steps, planned = cb.record.steps, 6 * (640 // 16)
     assert cb.record.changes and steps.bs.iloc[-1] > 16
     assert len(steps) < planned  # fewer optimizer steps than the plan at 16
-    assert steps.pct.iloc[-1] == 1.0 and cb.progress.done
+    assert steps.pct.iloc[-1] == 1.0 and cb.run_progress.done
     # every epoch ran whole but the last, whose first batches reach the plan; each was validated
     assert len(learn.recorder.values) == steps.epoch.iloc[-1] + 1 and all(len(v) == 2 for v in learn.recorder.values)
     # the lr at a bigger size is the schedule's times the rule's factor (Adam: the square root of the gain)
@@ -290,7 +290,7 @@ def test_the_fastai_callback_works_under_mixed_precision():
     learn = _learner()
     cb, mp = AdaptiveBatchSize(throughput=STEP_BOUND), _CPUMixedPrecision(scaled=True)
     _fit(learn, [cb, mp], epochs=6)
-    assert cb.record.changes and cb.progress.done and mp.final_scale > 2.0**16  # scaled throughout
+    assert cb.record.changes and cb.run_progress.done and mp.final_scale > 2.0**16  # scaled throughout
     assert cb.result.interval is not None and cb.result.interval.lo > 0  # read unscaled: a sane noise scale
 
 

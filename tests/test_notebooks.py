@@ -38,3 +38,4 @@ def test_fastai_tabular_runs():
     # the notebook ends with an answer: a changed batch size and the speedup it predicts on this machine
     bs = int(text.split("train batch size:", 1)[1].split()[0])
     assert bs != 32 and "Train with batch size" in text and "× faster on this machine" in text
+    assert "optimizer steps for a plan of 892 at batch size 32" in text  # the adaptive fit's record, at its end
