@@ -194,9 +194,20 @@ def _cell(page, i: int):
 
 
 def _run_cell(page, i: int) -> None:
-    "Select cell `i` and run it (Shift+Enter), as a user re-running a cell does."
-    _cell(page, i).locator(".jp-InputPrompt").first.click()
-    page.keyboard.press("Shift+Enter")
+    """Select cell `i` and run it (Shift+Enter), as a user re-running a cell does.
+
+    Its prompt changes once the kernel takes it ([*], then a new count). Right after a kernel interrupt the
+    notebook's own notification can take the click, and the key press then runs nothing: the press is
+    repeated once (seen once in a CI run, where the check cell after an interrupt never ran)."""
+    prompt = _cell(page, i).locator(".jp-InputPrompt").first
+    before = prompt.text_content()
+    for _ in range(2):
+        prompt.click()
+        page.keyboard.press("Shift+Enter")
+        for _ in range(50):  # up to 5 s for the kernel to take it
+            if prompt.text_content() != before:
+                return
+            page.wait_for_timeout(100)
 
 
 def _shutdown(page) -> None:
