@@ -20,6 +20,8 @@ the factor that measured best for the one-shot advice.
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -31,7 +33,7 @@ from .lr_rules import check_rule, lr_factor
 from .throughput import MIN_REPEATS, MIN_TIMED_SECONDS, ROUNDS, Throughput
 
 __all__ = ["Decision", "BatchSizePolicy", "Progress", "AdaptiveRecord", "step_gain", "candidate_sizes",
-           "default_n_batch", "timing_pays", "PAYBACK", "MIN_TIMED_STEPS"]
+           "default_n_batch", "timing_pays", "look", "PAYBACK", "MIN_TIMED_STEPS"]
 
 PAYBACK = 10  # sizes are timed only when the run has at least this many times the timing's cost left
 MIN_TIMED_STEPS = 5  # training steps at a size before their median counts as its step time
@@ -72,6 +74,30 @@ def timing_pays(sizes: list[int], bs: int, seconds_per_step: float, steps_left: 
         return True, ""
     return False, (f"timing batch sizes {', '.join(map(str, sizes))} would cost about {cost:.2g} s, more than "
                    f"1/{PAYBACK} of the {left:.2g} s left: too short a run to win it back")
+
+
+def look(policy: BatchSizePolicy, bs: int, interval: Interval | None, progress: Progress, *, planned_at: float,
+         epoch: int, durations: Sequence[float], step_seconds: float,
+         time_sizes: Callable[[list[int]], Throughput]) -> tuple[Decision, float]:
+    """One decision of an adaptive run at batch size `bs`, for the fastai callback and the torch loader alike.
+
+    The steps' `durations` since the last look time `bs` (their median, once there are MIN_TIMED_STEPS); the sizes
+    the interval allows are probed with `time_sizes` when the run has time left to pay for it (`timing_pays`);
+    then the policy decides. Returns the decision and the loop's step time (`step_seconds` when not measured now).
+    """
+    if len(durations) >= MIN_TIMED_STEPS:
+        step_seconds = statistics.median(durations)
+        policy.observe(bs, step_seconds)
+    why = ""
+    if interval is not None and interval.lo > 0:
+        need = policy.to_time(bs, interval.lo)
+        steps_left = (progress.planned - progress.steps_done) / policy.step_gain(bs, planned_at)
+        pays, why = timing_pays(need, bs, step_seconds, steps_left)
+        if need and pays:
+            policy.timed(time_sizes(need), need)
+    decision = policy.decide(bs, interval, planned_at=planned_at, step=progress.steps_taken, epoch=epoch,
+                             progress=progress.pct, untimed=why)
+    return decision, step_seconds
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,11 +9,10 @@ from typing import Any
 from fastai.callback.core import CancelFitException, CancelTrainException
 from fastai.callback.training import GradientAccumulation
 
-from .adaptive import MIN_TIMED_STEPS, AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, timing_pays
+from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, look
 from .advice import detect_rule
 from .callback import GNSCallback
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
-from .interval import noise_scale_interval
 from .loaders import current_batch_size, dataset_len, loader_at
 from .lr_rules import check_rule
 from .precision import resolve_amp
@@ -82,7 +80,7 @@ class AdaptiveBatchSize(GNSCallback):
         # not `progress`: fastai warns that it shadows the Learner's (ProgressCallback's) attribute
         self.run_progress = Progress(planned=self.n_epoch * steps_per_epoch)
         self.record = AdaptiveRecord(self.base_bs, self.run_progress.planned)
-        self.bs, self.planned_at, self.lr_scale, self._lrs = self.base_bs, math.nan, 1.0, None
+        self.bs, self.planned_at, self._lrs = self.base_bs, math.nan, None
         self.step_seconds = math.nan  # the median training step of the last epoch, measured as it trains
         self._durations: list[float] = []
         self._copies: dict[int, Any] = {}  # the training loader at each size used, made when first needed
@@ -117,22 +115,9 @@ class AdaptiveBatchSize(GNSCallback):
             self._decide()
 
     def _decide(self) -> None:
-        if len(self._durations) >= MIN_TIMED_STEPS:  # this epoch's median step, loading included
-            self.step_seconds = statistics.median(self._durations)
-            self.policy.observe(self.bs, self.step_seconds)
-        records = self.recorder_.records
-        interval = noise_scale_interval([r.noise_raw for r in records], [r.scale_raw for r in records],
-                                        self.estimator.beta, weights=[r.n_batch for r in records])
-        why = ""
-        if interval is not None and interval.lo > 0:
-            need = self.policy.to_time(self.bs, interval.lo)
-            steps_left = (self.run_progress.planned - self.run_progress.steps_done) / self.policy.step_gain(self.bs,
-                                                                                                  self.planned_at)
-            pays, why = timing_pays(need, self.bs, self.step_seconds, steps_left)
-            if need and pays:
-                self.policy.timed(self._time_sizes(need), need)
-        d = self.policy.decide(self.bs, interval, planned_at=self.planned_at, step=self.run_progress.steps_taken,
-                               epoch=self.epoch, progress=self.run_progress.pct, untimed=why)
+        d, self.step_seconds = look(self.policy, self.bs, self.recorder_.interval(), self.run_progress,
+                                    planned_at=self.planned_at, epoch=self.epoch, durations=self._durations,
+                                    step_seconds=self.step_seconds, time_sizes=self._time_sizes)
         self.record.decisions.append(d)
         self.planned_at = d.planned_at
         if d.changed:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -12,11 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .adaptive import MIN_TIMED_STEPS, AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, timing_pays
+from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, look
 from .advice import detect_rule
 from .estimator import NoiseScaleEstimator
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
-from .interval import noise_scale_interval
 from .lr_rules import check_rule
 from .memory_plan import check_positive_int
 from .recorder import RunRecorder
@@ -137,22 +135,9 @@ class AdaptiveLoader:
         self.epoch += 1  # past the last epoch: iterating again yields nothing
 
     def _decide(self) -> None:
-        if len(self._durations) >= MIN_TIMED_STEPS:  # the loop's median step since the last look, loading included
-            self.step_seconds = statistics.median(self._durations)
-            self.policy.observe(self.batch_size, self.step_seconds)
-        recs = self.recorder.records
-        interval = noise_scale_interval([r.noise_raw for r in recs], [r.scale_raw for r in recs], self.estimator.beta,
-                                        weights=[r.n_batch for r in recs])
-        why = ""
-        if interval is not None and interval.lo > 0:
-            need = self.policy.to_time(self.batch_size, interval.lo)
-            steps_left = (self.progress.planned - self.progress.steps_done) / self.policy.step_gain(
-                self.batch_size, self.planned_at)
-            pays, why = timing_pays(need, self.batch_size, self.step_seconds, steps_left)
-            if need and pays:
-                self.policy.timed(self._time_sizes(need), need)
-        d = self.policy.decide(self.batch_size, interval, planned_at=self.planned_at, step=self.progress.steps_taken,
-                               epoch=self.epoch, progress=self.progress.pct, untimed=why)
+        d, self.step_seconds = look(self.policy, self.batch_size, self.recorder.interval(), self.progress,
+                                    planned_at=self.planned_at, epoch=self.epoch, durations=self._durations,
+                                    step_seconds=self.step_seconds, time_sizes=self._time_sizes)
         self.record.decisions.append(d)
         self.planned_at, self.batch_size = d.planned_at, d.new_bs
         self._durations, self._last_step = [], None

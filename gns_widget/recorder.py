@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .estimator import NoiseScaleEstimator, WindowEstimate
+from .interval import Interval, noise_scale_interval
 from .result import GNSRecord, GNSResult
 
 if TYPE_CHECKING:
@@ -34,6 +35,12 @@ class RunRecorder:
         self.iteration = self.samples = 0
         self._window_losses: list[Tensor] = []
         self._start = time.perf_counter()
+
+    def interval(self) -> Interval | None:
+        "The noise scale so far with its 90% interval, the windows weighted by the estimator's decay (as its EMAs)."
+        recs = self.records
+        return noise_scale_interval([r.noise_raw for r in recs], [r.scale_raw for r in recs], self.estimator.beta,
+                                    weights=[r.n_batch for r in recs])
 
     def step(self, loss: Tensor, batch_size: int, model, weight: float | None = None,
              grad_scale: float | None = None, epoch: int | None = None) -> GNSRecord | None:

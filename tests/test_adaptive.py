@@ -184,6 +184,7 @@ def test_the_fastai_batch_grows_and_the_schedule_ends_on_progress():
     _fit(learn, [cb], epochs=6)
     steps, planned = cb.record.steps, 6 * (640 // 16)
     assert cb.record.changes and steps.bs.iloc[-1] > 16
+    assert list(cb.record.decisions_frame().new_bs) == [d.new_bs for d in cb.record.decisions]
     assert len(steps) < planned  # fewer optimizer steps than the plan at 16
     assert steps.pct.iloc[-1] == 1.0 and cb.run_progress.done
     # every epoch ran whole but the last, whose first batches reach the plan; each was validated
