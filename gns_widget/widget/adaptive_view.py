@@ -41,7 +41,8 @@ import numpy as np
 
 from ..adaptive import AdaptiveRecord, Decision
 from . import texts
-from .charts import Y_FORMAT, GNSCharts, _caption
+from .charts import _LINE, GNSCharts, _caption, chart_box
+from .charts import _SUGGESTION as _MARK  # the finder's colours: the curve, and what was decided
 from .interrupt import stop_on_kernel_interrupt
 
 __all__ = ["AdaptiveView", "AdaptiveCharts", "Throttle", "Snapshot", "FIT_METHODS", "plain_reason",
@@ -53,7 +54,6 @@ MAX_POINTS = 2000  # points per line sent to the browser; longer runs are thinne
 TABLE_STYLE = ("<style>.gns-adaptive .gns-decisions td,.gns-adaptive .gns-decisions th,.gns-adaptive .gns-epochs td,"
                ".gns-adaptive .gns-epochs th{white-space:nowrap;overflow-wrap:normal}"
                ".gns-adaptive .gns-decisions td.gns-why{white-space:normal;overflow-wrap:break-word}</style>")
-_LINE, _MARK = "#1f77b4", "#ff7f0e"  # the finder's colours: the curve, and what was decided
 _numbers = itertools.count(1)
 _live: weakref.WeakSet[_FitJob] = weakref.WeakSet()  # background fits in progress
 
@@ -298,22 +298,8 @@ def _chart(name: str, title: str, ylabel: str, log: bool, help_text: str):
     if log:  # the batch size over the noise scale: the policy keeps it below, planning at the cautious end
         extra = bq.Lines(x=[], y=[], scales=sc, colors=[_MARK], line_style="dashed", interpolation="step-before")
         marks.insert(1, extra)
-    hidden = {"display": "none"}
-    axes = [bq.Axis(scale=x, label="optimizer step", side="bottom", tick_values=[], tick_format="~s",
-                    tick_style=hidden),
-            bq.Axis(scale=y, label=ylabel, side="left", tick_values=[], tick_format=Y_FORMAT,
-                    label_offset="42px", tick_style=hidden)]
-    fig = bq.Figure(marks=marks, axes=axes, title=title, animation_duration=0, display_toolbar=False,
-                    title_style={"font-size": "14px"}, padding_x=0.0, padding_y=0.0,
-                    fig_margin={"top": 44, "bottom": 42, "left": 60, "right": 24},
-                    layout=ipw.Layout(width="auto", min_width="200px", height="240px"))
-    fig.add_class("gns-chart")
-    fig.add_class(f"gns-chart-adaptive-{name.replace('_', '-')}")
-    caption = ipw.HTML(_caption("", help_text))
-    caption.add_class("gns-help")
-    box = ipw.VBox([fig, caption], layout=ipw.Layout(flex="1 1 260px", min_width="240px", max_width="440px",
-                                                     overflow="hidden"))
-    box.add_class("gns-chart-box")
+    box, fig = chart_box(f"gns-chart-adaptive-{name.replace('_', '-')}", title, "optimizer step", ylabel, marks, x, y,
+                         help_text)
     return box, fig, line, rules, markers, extra
 
 

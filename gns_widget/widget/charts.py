@@ -89,9 +89,16 @@ def _figure(name: str, title: str, ylabel: str, log: bool, help_text: str):
                         fill_colors=[_LINE], fill_opacities=[0.15], opacities=[0.3, 0.3], stroke_width=1)
         suggestion = bq.Lines(x=[], y=[], scales={"x": x, "y": y}, colors=[_SUGGESTION], line_style="dashed")
         marks = [band, line, suggestion]  # the band behind the curve
+    box, fig = chart_box(f"gns-chart-{name.replace('_', '-')}", title, "iteration (small batches)", ylabel, marks,
+                         x, y, help_text)
+    return box, fig, line, suggestion, band
+
+
+def chart_box(css_class: str, title: str, xlabel: str, ylabel: str, marks: list, x, y, help_text: str):
+    """A figure in the panels' chart style with its caption below, in the box the chart rows wrap: (box, figure).
+    The finder's charts and the adaptive view's share it, so the two look and lay out alike."""
     hidden = {"display": "none"}  # no tick labels until there is data (see GNSCharts._axes)
-    axes = [bq.Axis(scale=x, label="iteration (small batches)", side="bottom", tick_values=[], tick_format="~s",
-                    tick_style=hidden),
+    axes = [bq.Axis(scale=x, label=xlabel, side="bottom", tick_values=[], tick_format="~s", tick_style=hidden),
             bq.Axis(scale=y, label=ylabel, side="left", tick_values=[], tick_format=Y_FORMAT,
                     label_offset="42px", tick_style=hidden)]
     # the top margin keeps the title clear of the top y tick label
@@ -100,13 +107,13 @@ def _figure(name: str, title: str, ylabel: str, log: bool, help_text: str):
                     padding_x=0.0, padding_y=0.0, fig_margin={"top": 44, "bottom": 42, "left": 60, "right": 24},
                     layout=ipw.Layout(width="auto", min_width="200px", height="240px"))
     fig.add_class("gns-chart")
-    fig.add_class(f"gns-chart-{name.replace('_', '-')}")
+    fig.add_class(css_class)
     caption = ipw.HTML(_caption("", help_text))
     caption.add_class("gns-help")
     box = ipw.VBox([fig, caption], layout=ipw.Layout(flex="1 1 260px", min_width="240px", max_width="440px",
                                                      overflow="hidden"))
     box.add_class("gns-chart-box")
-    return box, fig, line, suggestion, band
+    return box, fig
 
 
 def _fmt(v: float) -> str:
