@@ -9,31 +9,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from fastai.basics import Learner, set_seed
 from fastai.callback.core import Callback
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
-from fastai.data.core import DataLoaders
-from fastai.optimizer import Adam
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from gns_widget import AdaptiveBatchSize, AdaptiveLoader, AdaptiveView
 from gns_widget.adaptive import Decision
-from gns_widget.datasets import digits
-from gns_widget.throughput import Throughput
 from gns_widget.widget.adaptive_view import Snapshot, Throttle, _thin, decision_text, headline_html, plain_reason
-
-SIZES = [16, 32, 64, 128, 256, 512, 1024]
-STEP_BOUND = Throughput({b: 0.01 for b in SIZES}, device="step-bound")  # the batch grows (as in test_adaptive)
-
-
-def _learner(seed=0, n_train=640) -> Learner:
-    set_seed(seed)
-    xt, yt, xv, yv = digits()
-    dls = DataLoaders.from_dsets(TensorDataset(xt[:n_train], yt[:n_train]), TensorDataset(xv[:128], yv[:128]),
-                                 bs=16, device="cpu")
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    return Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=Adam)
+from tests.test_adaptive import STEP_BOUND, _learner, _loop, _torch_setup  # the same problems, the batch grows
 
 
 def _text(html: str) -> str:
@@ -179,22 +162,10 @@ def test_watch_follows_the_users_own_fit_and_chains_their_hooks():
     assert cb.on_decision == decisions.append and cb.on_step is None
 
 
-def _loop(adapt, model, opt, lr=0.05):
-    for xb, yb in adapt:
-        loss = nn.functional.cross_entropy(model(xb), yb)
-        loss.backward()
-        for g in opt.param_groups:
-            g["lr"] = lr * (1 + math.cos(math.pi * adapt.pct)) / 2
-        adapt.step(loss)
-
-
 def _torch_run(view: AdaptiveView | None, on_step=None):
-    torch.manual_seed(0)
-    xt, yt, _, _ = digits()
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    adapt = AdaptiveLoader(TensorDataset(xt[:640], yt[:640]), 16, epochs=5, model=model, opt=opt,
-                           loss_func=nn.functional.cross_entropy, throughput=STEP_BOUND, on_step=on_step)
+    ds, model, opt = _torch_setup()
+    adapt = AdaptiveLoader(ds, 16, epochs=5, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
+                           throughput=STEP_BOUND, on_step=on_step)
     if view is not None:
         view.watch(adapt)
     _loop(adapt, model, opt)
