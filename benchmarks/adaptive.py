@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from gns_widget import AdaptiveBatchSize, AdaptiveLoader
 from gns_widget.adaptive import BatchSizePolicy, Decision, candidate_sizes, step_gain
 from gns_widget.interval import AutoStop
+from gns_widget.throughput import measure_throughput
 
 SWEEP = (2, 4, 8)
 RULE_OF = {"sgd": "sgd", "momentum": "momentum", "adam": "adam"}
@@ -135,7 +136,9 @@ def run_adaptive(task: Task, seed: int, shuffle_seed: int, adaptdl: bool = False
     adapt = AdaptiveLoader(TensorDataset(*task.train), task.bs, task.epochs, model=model, opt=opt,
                            loss_func=F.cross_entropy)
     if adaptdl:
-        tp = adapt._time_sizes(candidate_sizes(task.bs, adapt.n_train))
+        dl = DataLoader(TensorDataset(*task.train), batch_size=task.bs, shuffle=True)
+        sizes = candidate_sizes(task.bs, adapt.n_train)
+        tp = measure_throughput(model, dl, F.cross_entropy, batch_sizes=sizes, opt=opt)
         adapt.policy = AdaptDLPolicy(task.bs, tp, n_train=adapt.n_train, max_bs=_cap(task.bs, adapt.n_train))
         adapt.progress.planned, adapt.max_epochs = math.inf, task.epochs
     torch.manual_seed(shuffle_seed)  # AdaptiveLoader shuffles with torch's generator

@@ -27,16 +27,18 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from .advice import MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH
+from .duty import MeasureDuty
 from .goodput import GAIN_NEEDED, MAX_DOUBLINGS, MAX_EXAMPLES_FACTOR, examples_ratio
 from .interval import Interval
 from .lr_rules import check_rule, lr_factor
 from .throughput import MIN_REPEATS, MIN_TIMED_SECONDS, ROUNDS, Throughput
 
 __all__ = ["Decision", "BatchSizePolicy", "Progress", "AdaptiveRecord", "step_gain", "candidate_sizes",
-           "default_n_batch", "timing_pays", "look", "PAYBACK", "MIN_TIMED_STEPS"]
+           "default_n_batch", "timing_pays", "look", "PAYBACK", "MIN_TIMED_STEPS", "TRIAL_STEPS"]
 
 PAYBACK = 10  # sizes are timed only when the run has at least this many times the timing's cost left
 MIN_TIMED_STEPS = 5  # training steps at a size before their median counts as its step time
+TRIAL_STEPS = 12  # steps the torch loader trains at a size it tries before it looks again (median of 11)
 
 
 def step_gain(base_bs: int, bs: int, noise_scale: float) -> float:
@@ -78,23 +80,29 @@ def timing_pays(sizes: list[int], bs: int, seconds_per_step: float, steps_left: 
 
 def look(policy: BatchSizePolicy, bs: int, interval: Interval | None, progress: Progress, *, planned_at: float,
          epoch: int, durations: Sequence[float], step_seconds: float,
-         time_sizes: Callable[[list[int]], Throughput]) -> tuple[Decision, float]:
+         time_sizes: Callable[[list[int]], Throughput] | None, duty: MeasureDuty | None = None
+         ) -> tuple[Decision, float]:
     """One decision of an adaptive run at batch size `bs`, for the fastai callback and the torch loader alike.
 
     The steps' `durations` since the last look time `bs` (their median, once there are MIN_TIMED_STEPS); the sizes
-    the interval allows are probed with `time_sizes` when the run has time left to pay for it (`timing_pays`);
-    then the policy decides. Returns the decision and the loop's step time (`step_seconds` when not measured now).
+    the interval allows are probed with `time_sizes` when the run has time left to pay for it (`timing_pays`; never
+    when None: the sizes are then tried in training, see `BatchSizePolicy._trial`); then the policy decides.
+    Returns the decision and the loop's step time (`step_seconds` when not measured now).
+    `duty` says, when there is no interval yet, whether that is because measuring is spaced out to stay cheap.
     """
     if len(durations) >= MIN_TIMED_STEPS:
         step_seconds = statistics.median(durations)
         policy.observe(bs, step_seconds)
     why = ""
-    if interval is not None and interval.lo > 0:
+    if interval is not None and interval.lo > 0 and time_sizes is not None:
         need = policy.to_time(bs, interval.lo)
         steps_left = (progress.planned - progress.steps_done) / policy.step_gain(bs, planned_at)
         pays, why = timing_pays(need, bs, step_seconds, steps_left)
         if need and pays:
             policy.timed(time_sizes(need), need)
+    if interval is None and duty is not None and duty.share < 1:
+        why = (f"measuring every step would add {duty.overhead:.0%} to a step, so 1 step in {1 / duty.share:.0f} is "
+               f"measured (max_overhead={duty.max_overhead:g})")
     decision = policy.decide(bs, interval, planned_at=planned_at, step=progress.steps_taken, epoch=epoch,
                              progress=progress.pct, untimed=why)
     return decision, step_seconds
@@ -115,6 +123,7 @@ class Decision:
     gain: float  # predicted progress per second at new_bs over old_bs (1 when kept)
     lr_factor: float  # the lr at new_bs over the schedule's (the user's at base bs)
     reason: str
+    trial: bool = False  # a size tried untimed: its steps in training time it (the torch loader looks again soon)
 
     @property
     def changed(self) -> bool:
@@ -233,7 +242,8 @@ class BatchSizePolicy:
                 nxt, up_to = trial
                 why = (f"noise scale {interval}: trying {nxt}, up to ×{up_to:.2f} the progress per second of {bs} at "
                        f"the low end if a step costs the same; its step time is measured as it trains")
-                return Decision(step, epoch, progress, bs, nxt, value, lo, hi, lo, up_to, self.lr_factor(nxt, lo), why)
+                return Decision(step, epoch, progress, bs, nxt, value, lo, hi, lo, up_to, self.lr_factor(nxt, lo), why,
+                                trial=True)
             return keep(f"{bs} makes the most progress per second at the noise scale's low end {lo:.3g}",
                         value, lo, hi, lo)
         if bs in sizes and gain < needed:

@@ -12,6 +12,7 @@ from fastai.callback.training import GradientAccumulation
 from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, look
 from .advice import detect_rule
 from .callback import GNSCallback
+from .duty import MAX_OVERHEAD, MeasureDuty, check_overhead
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
 from .loaders import current_batch_size, dataset_len, loader_at
 from .lr_rules import check_rule
@@ -40,6 +41,9 @@ class AdaptiveBatchSize(GNSCallback):
     `GNSResult` as for `GNSCallback`. Decisions come at epoch boundaries: fastai builds an epoch's batches
     when it starts. `on_decision(decision)` and `on_step(record)` are called as they happen (a live view).
 
+    Measuring costs two norms and an add per measured step: windows are spaced so that it adds at most
+    `max_overhead` to the training time (`MeasureDuty`; 1 measures every step).
+
     Works with `MixedPrecision` (the gradients are read unscaled; the timing uses the same autocast);
     `GradientAccumulation` and distributed training are refused (their step is not the loader's batch), and
     a bigger batch is never made by accumulating micro-batches: on one device k micro-batches cost k steps' time
@@ -50,7 +54,8 @@ class AdaptiveBatchSize(GNSCallback):
 
     def __init__(self, n_batch: int | None = None, beta: float = TRAINING_BETA, *, rule: str | None = None,
                  gain_needed: float = GAIN_NEEDED, max_bs: int | None = None, throughput: Throughput | None = None,
-                 on_decision: Callable[[Decision], Any] | None = None, on_step: Callable[[Any], Any] | None = None):
+                 max_overhead: float = MAX_OVERHEAD, on_decision: Callable[[Decision], Any] | None = None,
+                 on_step: Callable[[Any], Any] | None = None):
         super().__init__(20 if n_batch is None else n_batch, beta)
         if rule is not None:
             check_rule(rule)
@@ -59,6 +64,8 @@ class AdaptiveBatchSize(GNSCallback):
                              f"got {gain_needed!r}")
         if max_bs is not None and not (isinstance(max_bs, int) and max_bs >= 1):
             raise ValueError(f"max_bs must be a positive integer or None, got {max_bs!r}")
+        check_overhead(max_overhead)
+        self.max_overhead = max_overhead
         self.auto_n_batch, self.rule, self.gain_needed, self.max_bs = n_batch is None, rule, gain_needed, max_bs
         self.given_throughput, self.on_decision, self.on_step = throughput, on_decision, on_step
         self.record: AdaptiveRecord | None = None
@@ -71,6 +78,7 @@ class AdaptiveBatchSize(GNSCallback):
         if self.auto_n_batch:
             self.n_batch = default_n_batch(steps_per_epoch)
         super().before_fit()
+        self.duty = MeasureDuty(self.estimator.n_batch, self.max_overhead)
         self.n_train = dataset_len(self.dls.train)
         rule = self.rule or detect_rule(self.learn.opt_func) or "momentum"
         # sizes are timed when a decision needs them, once the noise scale says which could pay (`_decide`)
@@ -117,7 +125,7 @@ class AdaptiveBatchSize(GNSCallback):
     def _decide(self) -> None:
         d, self.step_seconds = look(self.policy, self.bs, self.recorder_.interval(), self.run_progress,
                                     planned_at=self.planned_at, epoch=self.epoch, durations=self._durations,
-                                    step_seconds=self.step_seconds, time_sizes=self._time_sizes)
+                                    step_seconds=self.step_seconds, time_sizes=self._time_sizes, duty=self.duty)
         self.record.decisions.append(d)
         self.planned_at = d.planned_at
         if d.changed:
@@ -126,6 +134,7 @@ class AdaptiveBatchSize(GNSCallback):
             self.on_decision(d)
 
     def before_train(self):
+        super().before_train()
         self._follow_progress()
         self._durations, self._last_batch = [], None
         if self.bs != self.base_bs:  # the epoch's batches come from a copy: the user's loader is never changed
@@ -152,7 +161,10 @@ class AdaptiveBatchSize(GNSCallback):
         self.learn.pct_train = self.run_progress.pct
 
     def before_step(self):
-        super().before_step()
+        if self.duty.measuring:
+            super().before_step()
+        else:
+            self.recorder_.skip(batch_size_of(self.yb, self.xb))
         factor = self.policy.lr_factor(self.bs, self.planned_at)
         self._lrs = [h["lr"] for h in self.opt.hypers]
         if factor != 1.0:
@@ -169,6 +181,7 @@ class AdaptiveBatchSize(GNSCallback):
     def after_batch(self):
         if not self.training:
             return
+        self.duty.took(time.perf_counter() - self._last_batch, self.estimator.window_open)  # loading aside
         self.run_progress.advance(self.policy.step_gain(self.bs, self.planned_at), batch_size_of(self.yb, self.xb))
         self._follow_progress()
         self.record.log_step(self.epoch, self.bs, self._lr, self.run_progress.pct)

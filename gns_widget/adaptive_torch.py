@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, look
+from .adaptive import TRIAL_STEPS, AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, look
 from .advice import detect_rule
+from .duty import MAX_OVERHEAD, MeasureDuty, check_overhead
 from .estimator import NoiseScaleEstimator
 from .goodput import GAIN_NEEDED, MAX_EXAMPLES_FACTOR
 from .lr_rules import check_rule
@@ -20,7 +21,7 @@ from .memory_plan import check_positive_int
 from .recorder import RunRecorder
 from .result import GNSResult
 from .settings import TRAINING_BETA, Settings
-from .throughput import Throughput, measure_throughput
+from .throughput import Throughput
 
 __all__ = ["AdaptiveLoader"]
 
@@ -38,24 +39,27 @@ class AdaptiveLoader:
         adapt.step(loss)                    # measures, steps the optimizer at the scaled lr, zeroes the gradients
     ```
 
-    It times training steps at the candidate sizes on this device when iteration starts (model, optimizer
-    and RNG restored), measures the noise scale from the loop's own gradients, and at each epoch's start
-    (and every `decide_every` steps, if given) moves to the size with the most progress per second
-    (`adaptive.py`); `pct` counts a step at a bigger size for more of the plan. `step` multiplies each
-    parameter group's lr by the rule's factor for that step only, so a schedule that sets the lr each step,
-    a constant lr and a torch scheduler all keep their meaning. With a `torch.amp.GradScaler`, pass
+    It measures the noise scale from the loop's own gradients and at each epoch's start (and every
+    `decide_every` steps, if given) moves to the size with the most progress per second (`adaptive.py`). A
+    bigger size is timed by training on it: it is tried for TRIAL_STEPS steps, then kept only if its steps make
+    more progress per second than the last size's (a probe would time it on discarded steps). `pct` counts a
+    step at a bigger size for more of the plan. `step` multiplies each parameter group's lr by the rule's factor
+    for that step only, so a schedule that sets the lr each step, a constant lr and a torch scheduler all keep
+    their meaning. With a `torch.amp.GradScaler`, pass
     `scaler=`: `step` unscales, measures, steps and updates it.
 
     `loader_kwargs` go to each epoch's `DataLoader` (num_workers, collate_fn, pin_memory...); the batches
     are always shuffled. `self.record` holds the decisions and per-step batch size and lr; `self.result`
-    the noise scale's `GNSResult`.
+    the noise scale's `GNSResult`. Measuring costs two norms and an add per measured step: windows are spaced so
+    that it adds at most `max_overhead` to the training time (`MeasureDuty`; 1 measures every step).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, epochs: int, *, model: nn.Module,
                  opt: torch.optim.Optimizer, loss_func: Callable, n_batch: int | None = None,
                  beta: float = TRAINING_BETA, rule: str | None = None, gain_needed: float = GAIN_NEEDED,
                  max_bs: int | None = None, decide_every: int | None = None, throughput: Throughput | None = None,
-                 scaler: Any = None, on_decision: Callable[[Decision], Any] | None = None,
+                 max_overhead: float = MAX_OVERHEAD, scaler: Any = None,
+                 on_decision: Callable[[Decision], Any] | None = None,
                  on_step: Callable[[AdaptiveRecord], Any] | None = None, **loader_kwargs):
         Settings(n_batch=20 if n_batch is None else n_batch, beta=beta).check()  # GNSCallback's limits and words
         check_positive_int("batch_size", batch_size)
@@ -64,6 +68,7 @@ class AdaptiveLoader:
             check_positive_int("decide_every", decide_every)
         if rule is not None:
             check_rule(rule)
+        check_overhead(max_overhead)
         for key in ("shuffle", "sampler", "batch_sampler", "drop_last"):
             if key in loader_kwargs:
                 raise ValueError(f"{key}= is AdaptiveLoader's to set: it draws shuffled batches of the size it "
@@ -78,6 +83,7 @@ class AdaptiveLoader:
         self.gain_needed, self.max_bs = gain_needed, max_bs
         self.estimator = NoiseScaleEstimator(default_n_batch(steps_per_epoch) if n_batch is None else n_batch, beta,
                                              n_train=self.n_train)
+        self.duty = MeasureDuty(self.estimator.n_batch, max_overhead)
         self.progress = Progress(planned=epochs * steps_per_epoch)
         self.recorder = RunRecorder(self.estimator, total=epochs * steps_per_epoch)
         self.record = AdaptiveRecord(batch_size, self.progress.planned)
@@ -90,6 +96,8 @@ class AdaptiveLoader:
         self._durations: list[float] = []
         self._last_step: float | None = None
         self._batch: tuple[int, int] | None = None  # the last yielded batch's examples and the size it was drawn at
+        self._params: list[nn.Parameter] = []  # what trains, read once an epoch (not the module tree every step)
+        self._look_at: int | None = None  # the step of the look that ends a trial
 
     @property
     def pct(self) -> float:
@@ -109,11 +117,6 @@ class AdaptiveLoader:
         "What is known of this device's step time by batch size (the sizes the decisions needed)."
         return self.policy.throughput
 
-    def _time_sizes(self, sizes: list[int]) -> Throughput:
-        "Step time at `sizes` on this device, the model, optimizer and RNG restored (`measure_throughput`)."
-        dl = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, **self.loader_kwargs)
-        return measure_throughput(self.model, dl, self.loss_func, batch_sizes=sizes, opt=self.opt)
-
     def __iter__(self) -> Iterator[Any]:
         for epoch in range(self.epoch, self.max_epochs):
             self.epoch = epoch
@@ -121,6 +124,7 @@ class AdaptiveLoader:
                 return
             if epoch > 0:
                 self._decide()
+            self._params = [p for p in self.model.parameters() if p.requires_grad]
             sizes: deque[tuple[int, int]] = deque()  # (examples, size drawn at) of each batch: workers draw ahead
             it = iter(DataLoader(self.dataset, batch_sampler=_Batches(self, sizes), **self.loader_kwargs))
             self._last_step = None  # the gap across an epoch's end holds the loop's evaluation: not a step
@@ -137,10 +141,11 @@ class AdaptiveLoader:
     def _decide(self) -> None:
         d, self.step_seconds = look(self.policy, self.batch_size, self.recorder.interval(), self.progress,
                                     planned_at=self.planned_at, epoch=self.epoch, durations=self._durations,
-                                    step_seconds=self.step_seconds, time_sizes=self._time_sizes)
+                                    step_seconds=self.step_seconds, time_sizes=None, duty=self.duty)
         self.record.decisions.append(d)
         self.planned_at, self.batch_size = d.planned_at, d.new_bs
         self._durations, self._last_step = [], None
+        self._look_at = self.progress.steps_taken + TRIAL_STEPS if d.trial else None
         if self.on_decision is not None:
             self.on_decision(d)
 
@@ -152,7 +157,10 @@ class AdaptiveLoader:
         (n, bs), self._batch = self._batch, None  # an epoch's short last batch is a step at its epoch's size
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
-        self.recorder.step(loss, n, self.model, epoch=self.epoch)
+        if self.duty.measuring:
+            self.recorder.step(loss, n, self._params, epoch=self.epoch)
+        else:
+            self.recorder.skip(n)
         factor = self.policy.lr_factor(bs, self.planned_at)
         lrs = [g["lr"] for g in self.opt.param_groups]
         for g in self.opt.param_groups:
@@ -170,13 +178,16 @@ class AdaptiveLoader:
         self.opt.zero_grad()
         self.progress.advance(self.policy.step_gain(bs, self.planned_at), n)
         now = time.perf_counter()
-        if self._last_step is not None and bs == self.batch_size:  # one loop iteration at the current size
-            self._durations.append(now - self._last_step)
+        seconds = None if self._last_step is None else now - self._last_step  # one loop iteration
+        if seconds is not None and bs == self.batch_size:
+            self._durations.append(seconds)
+        self.duty.took(seconds, self.estimator.window_open)
         self._last_step = now
         self.record.log_step(self.epoch, bs, lr, self.progress.pct)
         if self.on_step is not None:
             self.on_step(self.record)
-        if self.decide_every and self.progress.steps_taken % self.decide_every == 0:
+        taken = self.progress.steps_taken
+        if taken == self._look_at or (self.decide_every and taken % self.decide_every == 0):
             self._decide()
 
     def __repr__(self) -> str:

@@ -47,18 +47,22 @@ class GNSCallback(Callback):
                                              n_train=population_size(self.dls.train),
                                              accumulated=self.n_acc is not None)
         self.recorder_ = RunRecorder(self.estimator, total=self.n_epoch * len(self.dls.train))
+        self._params: list = []
+
+    def before_train(self):
+        self._params = [p for p in self.learn.model.parameters() if p.requires_grad]  # not the module tree each step
 
     def after_backward(self):
         if self.n_acc is not None:  # the running sum; fastai scaled this micro-batch's loss by bs/n_acc
             bs = batch_size_of(self.yb, self.xb)
             scaler = getattr(self.learn, "scaler", None)  # set by MixedPrecision for its fit
             grad_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
-            self.recorder_.step(self.learn.loss, bs, self.learn.model, weight=bs / self.n_acc, grad_scale=grad_scale,
+            self.recorder_.step(self.learn.loss, bs, self._params, weight=bs / self.n_acc, grad_scale=grad_scale,
                                 epoch=self.epoch)
 
     def before_step(self):
         if self.n_acc is None:
-            self.recorder_.step(self.learn.loss, batch_size_of(self.yb, self.xb), self.learn.model, epoch=self.epoch)
+            self.recorder_.step(self.learn.loss, batch_size_of(self.yb, self.xb), self._params, epoch=self.epoch)
 
     def after_fit(self):
         lr = self.opt.hypers[-1]["lr"] if self.opt is not None else float("nan")

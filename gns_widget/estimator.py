@@ -159,6 +159,11 @@ class NoiseScaleEstimator:
         """
         return self._last_finite
 
+    @property
+    def window_open(self) -> bool:
+        "Whether a window has started and is not complete yet (its next small batch must follow this one)."
+        return self._count > 0 and not self._window_done
+
     def set_window(self, n_batch: int) -> None:
         """Make every window from the next one on `n_batch` small batches (`num_it="auto"` widens them at fixed
         weights, where a wider window measures a noise scale above the big batch better). Only between windows."""

@@ -63,6 +63,11 @@ class RunRecorder:
             return None
         return self._record(estimate)
 
+    def skip(self, batch_size: int) -> None:
+        "A training step left unmeasured (between windows): counted, so records keep the run's step numbers."
+        self.iteration += 1
+        self.samples += batch_size
+
     def step_norms(self, loss: float, batch_size: int, small_sq: float, big_sq: float, b_small: float,
                    b_big: float, grad_scale: float | None = None, at: float | None = None) -> GNSRecord | None:
         """Record one step that measured its small and big batch at once (per-example or distributed).

@@ -1,6 +1,7 @@
 """The adaptive batch size: the policy on synthetic noise-scale curves, the progress count, and the fastai
 callback and torch loader that carry it out (a run that never moves trains exactly as the user's own)."""
 import math
+import time
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from gns_widget import AdaptiveBatchSize, AdaptiveLoader
 from gns_widget.adaptive import BatchSizePolicy, Progress, candidate_sizes, default_n_batch, step_gain, timing_pays
 from gns_widget.advice import MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH
 from gns_widget.datasets import digits
+from gns_widget.duty import MeasureDuty
 from gns_widget.goodput import MAX_EXAMPLES_FACTOR, examples_ratio
 from gns_widget.interval import Interval
 from gns_widget.throughput import Throughput
@@ -169,7 +171,7 @@ def _fit(learn, cbs, epochs=4):
 
 def test_a_run_that_never_moves_trains_exactly_as_the_plain_fit():
     plain = _fit(_learner(), [])
-    cb = AdaptiveBatchSize(throughput=PER_EXAMPLE)
+    cb = AdaptiveBatchSize(throughput=PER_EXAMPLE, max_overhead=1)
     adaptive = _fit(_learner(), [cb])
     for a, b in zip(plain.model.parameters(), adaptive.model.parameters()):
         assert torch.equal(a, b)
@@ -180,7 +182,7 @@ def test_a_run_that_never_moves_trains_exactly_as_the_plain_fit():
 
 def test_the_fastai_batch_grows_and_the_schedule_ends_on_progress():
     learn = _learner()
-    cb = AdaptiveBatchSize(throughput=STEP_BOUND)
+    cb = AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1)
     _fit(learn, [cb], epochs=6)
     steps, planned = cb.record.steps, 6 * (640 // 16)
     assert cb.record.changes and steps.bs.iloc[-1] > 16
@@ -199,7 +201,7 @@ def test_the_fastai_batch_grows_and_the_schedule_ends_on_progress():
 
 def test_the_fastai_callback_refuses_gradient_accumulation():
     with pytest.raises(ValueError, match="GradientAccumulation"):
-        _fit(_learner(), [AdaptiveBatchSize(throughput=STEP_BOUND), GradientAccumulation(64)])
+        _fit(_learner(), [AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1), GradientAccumulation(64)])
 
 
 @pytest.mark.parametrize("kw, match", [({"rule": "x"}, "rule"), ({"gain_needed": 0}, "gain_needed"),
@@ -254,7 +256,7 @@ def test_the_torch_loader_that_never_moves_runs_the_planned_epochs():
 def test_the_torch_loader_grows_and_ends_on_progress():
     ds, model, opt = _torch_setup()
     adapt = AdaptiveLoader(ds, 16, epochs=6, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
-                           throughput=STEP_BOUND)
+                           throughput=STEP_BOUND, max_overhead=1)
     _, seen = _loop(adapt, model, opt)
     assert adapt.record.changes and max(seen) > 16
     assert len(seen) < 6 * 40 and adapt.pct == 1.0
@@ -265,7 +267,7 @@ def test_the_torch_loader_grows_and_ends_on_progress():
 def test_the_torch_loader_decides_every_k_steps_and_refuses_its_own_arguments():
     ds, model, opt = _torch_setup()
     adapt = AdaptiveLoader(ds, 16, epochs=4, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
-                           throughput=STEP_BOUND, decide_every=10, n_batch=4)
+                           throughput=STEP_BOUND, decide_every=10, n_batch=4, max_overhead=1)
     _loop(adapt, model, opt)
     assert adapt.record.decisions[0].step == 10
     for key in ("shuffle", "sampler", "drop_last"):
@@ -277,19 +279,11 @@ def test_the_torch_loader_decides_every_k_steps_and_refuses_its_own_arguments():
         AdaptiveLoader(ds, 16, 2, model=model, opt=opt, loss_func=nn.functional.cross_entropy).step(torch.tensor(1.))
 
 
-def test_the_torch_loader_times_the_model_and_restores_it():
-    ds, model, opt = _torch_setup()
-    w0 = [p.detach().clone() for p in model.parameters()]
-    adapt = AdaptiveLoader(ds, 16, epochs=1, model=model, opt=opt, loss_func=nn.functional.cross_entropy)
-    assert 16 in adapt._time_sizes([16, 32]).step_seconds
-    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
-
-
 def test_the_fastai_callback_works_under_mixed_precision():
     from tests.test_fastai import _CPUMixedPrecision
 
     learn = _learner()
-    cb, mp = AdaptiveBatchSize(throughput=STEP_BOUND), _CPUMixedPrecision(scaled=True)
+    cb, mp = AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1), _CPUMixedPrecision(scaled=True)
     _fit(learn, [cb, mp], epochs=6)
     assert cb.record.changes and cb.run_progress.done and mp.final_scale > 2.0**16  # scaled throughout
     assert cb.result.interval is not None and cb.result.interval.lo > 0  # read unscaled: a sane noise scale
@@ -302,7 +296,7 @@ def test_the_fastai_callback_refuses_distributed_training():
         pass
 
     with pytest.raises(ValueError, match="distributed"):
-        _fit(_learner(), [AdaptiveBatchSize(throughput=STEP_BOUND), DistributedTrainer()])
+        _fit(_learner(), [AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1), DistributedTrainer()])
 
 
 def test_a_fit_that_fails_after_growing_leaves_the_users_loader_as_it_was():
@@ -314,7 +308,7 @@ def test_a_fit_that_fails_after_growing_leaves_the_users_loader_as_it_was():
                 raise RuntimeError("boom")
 
     learn = _learner()
-    cb = AdaptiveBatchSize(throughput=STEP_BOUND)
+    cb = AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1)
     with pytest.raises(RuntimeError, match="boom"):
         _fit(learn, [cb, FailLate()], epochs=6)
     assert cb.record.changes and learn.dls.train.bs == 16
@@ -326,7 +320,7 @@ def test_the_one_cycle_keeps_its_shape_on_the_planned_runs_progress():
     from fastai.callback.schedule import combined_cos
 
     learn = _learner()
-    cb = AdaptiveBatchSize(throughput=STEP_BOUND)
+    cb = AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1)
     _fit(learn, [cb], epochs=6)
     steps = cb.record.steps
     assert cb.record.changes
@@ -346,7 +340,7 @@ def test_the_noise_scale_measured_while_the_batch_grows_matches_the_exact_value(
     learn = _learner(n_train=1280)
     xt, yt, _, _ = digits()
     _, _, exact = exact_noise_scale(learn.model, nn.CrossEntropyLoss(), xt[:1280], yt[:1280])
-    cb = AdaptiveBatchSize(beta=1.0, throughput=STEP_BOUND)
+    cb = AdaptiveBatchSize(beta=1.0, throughput=STEP_BOUND, max_overhead=1)
     with learn.no_bar(), learn.no_logging():
         learn.fit(8, lr=0, cbs=cb)
     assert len(set(cb.record.steps.bs)) > 1  # windows at more than one batch size
@@ -357,3 +351,95 @@ def test_the_noise_scale_measured_while_the_batch_grows_matches_the_exact_value(
 def test_a_negative_noise_scale_along_training_is_said_not_acted_on():
     d = _policy().decide(16, Interval(-2500.0, 0.0, math.inf))
     assert not d.changed and "cancel" in d.reason and "bs_find(lr=0)" in d.reason
+
+
+# ---------------------------------------------------------------- measuring within a time budget (MeasureDuty)
+def _run_duty(duty: MeasureDuty, steps: int, plain: float, measured: float, n_batch: int = 4) -> list[bool]:
+    "Feed `duty` steps of `plain` or `measured` seconds, with an estimator's window of `n_batch`; which were measured."
+    kinds, in_window = [], 0
+    for _ in range(steps):
+        kinds.append(duty.measuring)
+        if duty.measuring:
+            in_window = (in_window + 1) % n_batch
+        duty.took(measured if duty.measuring else plain, window_open=in_window != 0)
+    return kinds
+
+
+def test_the_duty_measures_every_step_when_measuring_is_cheap():
+    duty = MeasureDuty(4, max_overhead=0.02)
+    kinds = _run_duty(duty, 400, plain=1.0, measured=1.01)
+    assert duty.overhead == pytest.approx(0.01) and duty.share == 1.0
+    assert all(kinds[100:]) and kinds[4:12] == [False] * 8  # one short gap first, to time plain steps
+
+
+def test_the_duty_spaces_whole_windows_to_keep_measuring_within_budget():
+    duty = MeasureDuty(4, max_overhead=0.02)
+    kinds = _run_duty(duty, 4000, plain=1.0, measured=1.5)  # measuring every step would add 50 %
+    assert duty.overhead == pytest.approx(0.5) and duty.share == pytest.approx(0.04)
+    added = sum(0.5 for k in kinds if k) / len(kinds)
+    assert 0.015 < added < 0.025  # the time measuring added: the budget
+    runs = [len(r) for r in "".join("m" if k else "." for k in kinds[20:]).split(".") if r]
+    assert set(runs) == {4}  # whole windows only, never cut by a gap
+    everything = MeasureDuty(4, max_overhead=1)
+    assert all(_run_duty(everything, 200, plain=1.0, measured=1.5))
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, True, "2%", None])
+def test_max_overhead_is_checked(bad):
+    with pytest.raises(ValueError, match="max_overhead"):
+        MeasureDuty(4, max_overhead=bad)
+    with pytest.raises(ValueError, match="max_overhead"):
+        AdaptiveBatchSize(max_overhead=bad)
+
+
+def _dear_measurement(monkeypatch) -> None:
+    "Make measuring a step cost 3 ms more (these steps take about 0.3 ms)."
+    from gns_widget.recorder import RunRecorder
+
+    cheap = RunRecorder.step
+
+    def dear(self, *args, **kwargs):
+        time.sleep(0.003)
+        return cheap(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunRecorder, "step", dear)
+
+
+def test_an_expensive_measurement_is_spaced_out_and_the_records_keep_the_runs_step_numbers(monkeypatch):
+    "Measuring that costs 3 ms a step on ~0.3 ms steps is done on few steps; the records count every training step."
+    _dear_measurement(monkeypatch)
+    ds, model, opt = _torch_setup(n_train=1280)
+    adapt = AdaptiveLoader(ds, 16, epochs=6, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
+                           throughput=STEP_BOUND, n_batch=4)
+    _, seen = _loop(adapt, model, opt)
+    assert adapt.duty.overhead > 2 and adapt.duty.measured < 0.2 * len(seen)
+    ends = adapt.result.history.iteration.tolist()  # the training step each window ended at
+    assert ends[:2] == [4, 16]  # a window, a first gap of 8 plain steps to time them, a window, then the budget's gap
+    assert all(later - earlier > 300 for earlier, later in zip(ends[1:], ends[2:]))
+    undecided = [d for d in adapt.record.decisions if "too few estimates" in d.reason]
+    assert all("1 step in" in d.reason for d in undecided)
+
+
+def test_the_fastai_callback_spaces_an_expensive_measurement_and_trains_every_batch(monkeypatch):
+    _dear_measurement(monkeypatch)
+    cb = AdaptiveBatchSize(throughput=PER_EXAMPLE, n_batch=4)
+    learn = _fit(_learner(), [cb], epochs=3)
+    assert learn.train_iter == 3 * 40 and cb.duty.steps == 3 * 40  # every batch trained, the duty saw each
+    assert cb.duty.measured < 0.2 * cb.duty.steps and cb.duty.overhead > 2
+    assert cb.result.history.iteration.tolist()[:2] == [4, 16]
+
+
+def test_the_torch_loader_tries_a_size_for_a_dozen_steps_then_looks_again(monkeypatch):
+    "Untimed sizes are timed by training on them (no probe on discarded steps): a trial, then a look TRIAL_STEPS on."
+    from gns_widget.adaptive import TRIAL_STEPS
+    from gns_widget.recorder import RunRecorder
+
+    monkeypatch.setattr(RunRecorder, "interval", lambda self: Interval(200.0, 150.0, 260.0))
+    ds, model, opt = _torch_setup()
+    adapt = AdaptiveLoader(ds, 16, epochs=3, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
+                           max_overhead=1)
+    _loop(adapt, model, opt)
+    first, second = adapt.record.decisions[:2]
+    assert first.trial and (first.step, first.old_bs, first.new_bs) == (40, 16, 32) and "trying 32" in first.reason
+    assert second.step == 40 + TRIAL_STEPS and second.old_bs == 32
+    assert 32 in adapt.throughput.step_seconds  # timed from the trial's own steps

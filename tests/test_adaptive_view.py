@@ -42,12 +42,12 @@ def _check_charts(view: AdaptiveView, record, records) -> None:
 
 # ---------------------------------------------------------------- the background fit
 def test_a_background_fit_shows_its_record_and_trains_exactly_as_without_the_view():
-    plain_cb = AdaptiveBatchSize(throughput=STEP_BOUND)
+    plain_cb = AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1)
     plain = _learner()
     with plain.no_bar(), plain.no_logging():
         plain.fit_one_cycle(6, 3e-3, cbs=[plain_cb])
 
-    learn, cb, view = _learner(), AdaptiveBatchSize(throughput=STEP_BOUND), AdaptiveView()
+    learn, cb, view = _learner(), AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1), AdaptiveView()
     start = time.monotonic()
     view.fit(learn, 6, 3e-3, cb=cb)
     assert view.running  # it returned at once: the fit goes on in the background
@@ -87,7 +87,7 @@ def test_stop_ends_the_fit_at_the_next_batch_cleanly():
         if len(record.rows) == 10:
             view.stop()
 
-    learn, cb = _learner(), AdaptiveBatchSize(throughput=STEP_BOUND, on_step=mine)
+    learn, cb = _learner(), AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1, on_step=mine)
     view.fit(learn, 20, 3e-3, cb=cb, method="fit")
     record = view.wait()
     assert record is cb.record and len(record.rows) == 10 and seen == list(range(1, 11))
@@ -108,7 +108,7 @@ class _Boom(Callback):
 
 def test_an_error_in_the_fit_is_shown_and_kept():
     view = AdaptiveView()
-    view.fit(_learner(), 2, 3e-3, cb=AdaptiveBatchSize(throughput=STEP_BOUND), cbs=[_Boom()])
+    view.fit(_learner(), 2, 3e-3, cb=AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1), cbs=[_Boom()])
     assert view.wait() is None
     assert isinstance(view.error, RuntimeError) and not view.running and not view.stopped
     status = view.status.value
@@ -123,7 +123,7 @@ def test_close_during_a_fit_returns_once_the_fit_has_ended():
         if len(record.rows) >= 3:
             started.set()
 
-    cb = AdaptiveBatchSize(throughput=STEP_BOUND, on_step=mine)
+    cb = AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1, on_step=mine)
     view = AdaptiveView()
     view.fit(learn, 50, 3e-3, cb=cb)
     assert started.wait(30)
@@ -150,7 +150,7 @@ def test_bad_arguments_are_named():
 # ---------------------------------------------------------------- watch
 def test_watch_follows_the_users_own_fit_and_chains_their_hooks():
     decisions = []
-    cb = AdaptiveBatchSize(throughput=STEP_BOUND, on_decision=decisions.append)
+    cb = AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1, on_decision=decisions.append)
     view = AdaptiveView().watch(cb)
     learn = _learner()
     with learn.no_bar(), learn.no_logging():
@@ -165,7 +165,7 @@ def test_watch_follows_the_users_own_fit_and_chains_their_hooks():
 def _torch_run(view: AdaptiveView | None, on_step=None):
     ds, model, opt = _torch_setup()
     adapt = AdaptiveLoader(ds, 16, epochs=5, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
-                           throughput=STEP_BOUND, on_step=on_step)
+                           throughput=STEP_BOUND, on_step=on_step, max_overhead=1)
     if view is not None:
         view.watch(adapt)
     _loop(adapt, model, opt)

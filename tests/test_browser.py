@@ -90,7 +90,8 @@ learn = Learner(dls, nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1
 
 
 def step_bound():
-    return AdaptiveBatchSize(throughput=Throughput({b: 0.01 for b in (16, 32, 64, 128, 256)}, device="step-bound"))"""
+    tp = Throughput({b: 0.01 for b in (16, 32, 64, 128, 256)}, device="step-bound")
+    return AdaptiveBatchSize(throughput=tp, max_overhead=1)"""
 FINISHED = "w = GNSWidget(model, train_dl, nn.CrossEntropyLoss(), lr=0.0, num_it=300, n_batch=10)\nw"
 SCENARIOS = {
     "rerun.ipynb": [SETUP, PANEL, CHECK],
