@@ -23,7 +23,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from common import cli, markdown, out_path, save_fig
-from problems import N_BATCH, Tabular, Task, finder_fastai, finder_torch, make_opt, tabular_tasks, torch_tasks
+from problems import (
+    N_BATCH,
+    Tabular,
+    Task,
+    finder_fastai,
+    finder_torch,
+    fit_torch,
+    make_opt,
+    tabular_tasks,
+    torch_tasks,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
 from gns_widget import AdaptiveBatchSize, AdaptiveLoader
@@ -113,19 +123,12 @@ class _Clock:
 
 
 def run_fixed(task: Task, bs: int, lr: float, epochs: int, seed: int, shuffle_seed: int) -> dict:
-    torch.manual_seed(seed)
-    model = task.make_model()
-    opt = make_opt(task, model.parameters(), lr)
-    dl = DataLoader(TensorDataset(*task.train), batch_size=bs, shuffle=True,
-                    generator=torch.Generator().manual_seed(shuffle_seed))
-    clock, steps = _Clock(), 0
-    for _ in range(epochs):
-        for x, y in dl:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            steps += 1
-        clock.mark(steps, lambda: _evaluate(model, task))
+    clock = _Clock()
+
+    def evaluate(model, steps: int, seconds: float) -> None:
+        clock.curve.append((steps, seconds, _evaluate(model, task)))
+
+    _, clock.seconds, steps = fit_torch(task, bs, lr, epochs, seed, shuffle_seed, after_epoch=evaluate)
     return _summary(clock, steps, bs)
 
 

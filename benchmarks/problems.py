@@ -46,22 +46,27 @@ def make_opt(task: Task, params, lr: float):
     return torch.optim.Adam(params, lr=lr)
 
 
-def fit_torch(task: Task, bs: int, lr: float, epochs: int, seed: int,
-              shuffle_seed: int | None = None) -> tuple[nn.Module, float, int]:
-    "Plain loop at constant lr: the model, seconds and steps. `shuffle_seed` (default `seed`) orders the batches."
+def fit_torch(task: Task, bs: int, lr: float, epochs: int, seed: int, shuffle_seed: int | None = None,
+              after_epoch: Callable[[nn.Module, int, float], Any] | None = None) -> tuple[nn.Module, float, int]:
+    """Plain loop at constant lr: the model, seconds and steps. `shuffle_seed` (default `seed`) orders the batches.
+    `after_epoch(model, steps, seconds)` is called at each epoch's end (an evaluation); its own time is not counted."""
     torch.manual_seed(seed)
     model = task.make_model()
     opt = make_opt(task, model.parameters(), lr)
     dl = DataLoader(TensorDataset(*task.train), batch_size=bs, shuffle=True,
                     generator=torch.Generator().manual_seed(seed if shuffle_seed is None else shuffle_seed))
-    step, t0 = 0, time.perf_counter()
+    step, seconds, t0 = 0, 0.0, time.perf_counter()
     for _ in range(epochs):
         for x, y in dl:
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
             step += 1
-    return model, time.perf_counter() - t0, step
+        if after_epoch is not None:
+            seconds += time.perf_counter() - t0
+            after_epoch(model, step, seconds)
+            t0 = time.perf_counter()
+    return model, seconds + time.perf_counter() - t0, step
 
 
 

@@ -100,9 +100,9 @@ def look(policy: BatchSizePolicy, bs: int, interval: Interval | None, progress: 
         pays, why = timing_pays(need, bs, step_seconds, steps_left)
         if need and pays:
             policy.timed(time_sizes(need), need)
-    if interval is None and duty is not None and duty.share < 1:
-        why = (f"measuring every step would add {duty.overhead:.0%} to a step, so 1 step in {1 / duty.share:.0f} is "
-               f"measured (max_overhead={duty.max_overhead:g})")
+    if interval is None and duty is not None and duty.measured < duty.steps:
+        why = (f"measuring a step adds {duty.overhead:.0%} to it, so {duty.measured} of {duty.steps} steps were "
+               f"measured (max_overhead={duty.max_overhead:g} of the run)")
     decision = policy.decide(bs, interval, planned_at=planned_at, step=progress.steps_taken, epoch=epoch,
                              progress=progress.pct, untimed=why)
     return decision, step_seconds

@@ -78,7 +78,7 @@ class AdaptiveBatchSize(GNSCallback):
         if self.auto_n_batch:
             self.n_batch = default_n_batch(steps_per_epoch)
         super().before_fit()
-        self.duty = MeasureDuty(self.estimator.n_batch, self.max_overhead)
+        self.duty = MeasureDuty(self.estimator.n_batch, self.n_epoch * steps_per_epoch, self.max_overhead)
         self.n_train = dataset_len(self.dls.train)
         rule = self.rule or detect_rule(self.learn.opt_func) or "momentum"
         # sizes are timed when a decision needs them, once the noise scale says which could pay (`_decide`)

@@ -83,7 +83,7 @@ class AdaptiveLoader:
         self.gain_needed, self.max_bs = gain_needed, max_bs
         self.estimator = NoiseScaleEstimator(default_n_batch(steps_per_epoch) if n_batch is None else n_batch, beta,
                                              n_train=self.n_train)
-        self.duty = MeasureDuty(self.estimator.n_batch, max_overhead)
+        self.duty = MeasureDuty(self.estimator.n_batch, epochs * steps_per_epoch, max_overhead)
         self.progress = Progress(planned=epochs * steps_per_epoch)
         self.recorder = RunRecorder(self.estimator, total=epochs * steps_per_epoch)
         self.record = AdaptiveRecord(batch_size, self.progress.planned)
