@@ -181,7 +181,7 @@ class AdaptiveBatchSize(GNSCallback):
     def after_batch(self):
         if not self.training:
             return
-        self.duty.took(time.perf_counter() - self._last_batch, self.estimator.window_open)  # loading aside
+        self.duty.took(time.perf_counter() - self._last_batch, self.estimator.window_open, self.bs)  # loading aside
         self.run_progress.advance(self.policy.step_gain(self.bs, self.planned_at), batch_size_of(self.yb, self.xb))
         self._follow_progress()
         self.record.log_step(self.epoch, self.bs, self._lr, self.run_progress.pct)

@@ -181,7 +181,7 @@ class AdaptiveLoader:
         seconds = None if self._last_step is None else now - self._last_step  # one loop iteration
         if seconds is not None and bs == self.batch_size:
             self._durations.append(seconds)
-        self.duty.took(seconds, self.estimator.window_open)
+        self.duty.took(seconds, self.estimator.window_open, bs)
         self._last_step = now
         self.record.log_step(self.epoch, bs, lr, self.progress.pct)
         if self.on_step is not None:

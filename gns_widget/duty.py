@@ -43,12 +43,16 @@ class MeasureDuty:
         self.steps = self.measured = 0
         self.spent = 0.0  # measuring's cost so far, in plain steps
         self._gap_left = 0
-        self._seconds: dict[bool, deque[float]] = {True: deque(maxlen=_KEPT), False: deque(maxlen=_KEPT)}
+        self._seconds: dict[bool, deque[float]] = {}
+        self._size: int | None = None
 
-    def took(self, seconds: float | None, window_open: bool) -> None:
-        """The current step is done, after `seconds` (None: not timed, e.g. an epoch's first); `window_open` is
-        whether the estimator's window is still incomplete (a measured phase never ends inside a window)."""
+    def took(self, seconds: float | None, window_open: bool, batch_size: int) -> None:
+        """The current step, at `batch_size`, is done after `seconds` (None: not timed, e.g. an epoch's first);
+        `window_open` is whether the estimator's window is still incomplete (a measured phase never ends inside a
+        window). Durations are compared within one batch size: a new size's cost is timed afresh."""
         self.steps += 1
+        if batch_size != self._size:
+            self._size, self._seconds = batch_size, {True: deque(maxlen=_KEPT), False: deque(maxlen=_KEPT)}
         if seconds is not None and math.isfinite(seconds):
             self._seconds[self.measuring].append(seconds)
         if self.measuring:
@@ -66,6 +70,8 @@ class MeasureDuty:
     def overhead(self) -> float:
         """What measuring adds to a step, as a fraction of a plain one (nan until known): the mean durations of
         the two kinds, each without its slowest tenth (a busy machine's stray slow steps)."""
+        if not self._seconds:
+            return math.nan
         timed, plain = self._seconds[True], self._seconds[False]
         if len(plain) < _PLAIN_NEEDED or len(timed) < self.n_batch:
             return math.nan
@@ -84,7 +90,7 @@ class MeasureDuty:
             return 0
         cost = self.overhead
         if math.isnan(cost):
-            return _PLAIN_NEEDED if len(self._seconds[False]) < _PLAIN_NEEDED else 0
+            return _PLAIN_NEEDED if len(self._seconds.get(False, ())) < _PLAIN_NEEDED else 0
         if cost <= self.max_overhead or self.spent < FRONT_SHARE * self.budget:
             return 0
         steps_left = max(self.planned_steps - self.steps, self.n_batch)

@@ -354,14 +354,15 @@ def test_a_negative_noise_scale_along_training_is_said_not_acted_on():
 
 
 # ---------------------------------------------------------------- measuring within a time budget (MeasureDuty)
-def _run_duty(duty: MeasureDuty, steps: int, plain: float, measured: float, n_batch: int = 4) -> list[bool]:
+def _run_duty(duty: MeasureDuty, steps: int, plain: float, measured: float, n_batch: int = 4,
+              batch_size: int = 16) -> list[bool]:
     "Feed `duty` steps of `plain` or `measured` seconds, with an estimator's window of `n_batch`; which were measured."
     kinds, in_window = [], 0
     for _ in range(steps):
         kinds.append(duty.measuring)
         if duty.measuring:
             in_window = (in_window + 1) % n_batch
-        duty.took(measured if duty.measuring else plain, window_open=in_window != 0)
+        duty.took(measured if duty.measuring else plain, window_open=in_window != 0, batch_size=batch_size)
     return kinds
 
 
@@ -383,6 +384,14 @@ def test_the_duty_spends_half_its_budget_first_then_spaces_whole_windows():
     assert set(runs) == {4}  # whole windows only, never cut by a gap
     everything = MeasureDuty(4, planned_steps=200, max_overhead=1)
     assert all(_run_duty(everything, 200, plain=1.0, measured=1.5))
+
+
+def test_the_duty_times_each_batch_size_on_its_own():
+    "A bigger batch's longer steps are not taken for the cost of measuring the smaller one's."
+    duty = MeasureDuty(4, planned_steps=100_000, max_overhead=0.02)
+    _run_duty(duty, 300, plain=1.0, measured=1.01)
+    _run_duty(duty, 300, plain=2.0, measured=2.02, batch_size=32)
+    assert duty.overhead == pytest.approx(0.01) and duty.spent < 10
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, True, "2%", None])
