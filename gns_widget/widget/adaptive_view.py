@@ -76,6 +76,10 @@ _PLAIN = ((re.compile(r"\|G\|² is not yet distinguishable from its noise \(the 
            r"trains \1× faster than \2 at the cautious end of that range"),
           (re.compile(r"(\d+) is past its bounds now"),
            r"\1 is now bigger than this noise scale allows (more than twice the examples, or the lr)"),
+          (re.compile(r"measuring a step adds (\d+)% to it, so (\d+) of (\d+) steps were measured \(max_overhead="
+                      + _NUM + r" of the run\)"),
+           r"measuring costs \1% of a step on this machine, so \2 of the \3 steps so far were measured, to keep it "
+           r"within max_overhead=\4 of the run's time"),
           (re.compile(r"at the (?:noise scale's )?low end"), "at the cautious end of the noise scale's 90% range"),
           (re.compile(r"progress per second"), "training speed"))
 
