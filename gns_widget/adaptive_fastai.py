@@ -41,8 +41,9 @@ class AdaptiveBatchSize(GNSCallback):
     `GNSResult` as for `GNSCallback`. Decisions come at epoch boundaries: fastai builds an epoch's batches
     when it starts. `on_decision(decision)` and `on_step(record)` are called as they happen (a live view).
 
-    Measuring costs two norms and an add per measured step: windows are spaced so that it adds at most
-    `max_overhead` to the training time (`MeasureDuty`; 1 measures every step).
+    Measuring costs two norms and an add per measured step: it is held to `max_overhead` of the planned run's
+    training time, every step measured first and whole windows spaced out after (`MeasureDuty`; 1 measures
+    every step). `self.duty` says how many steps were measured and what one cost.
 
     Works with `MixedPrecision` (the gradients are read unscaled; the timing uses the same autocast);
     `GradientAccumulation` and distributed training are refused (their step is not the loader's batch), and

@@ -50,8 +50,9 @@ class AdaptiveLoader:
 
     `loader_kwargs` go to each epoch's `DataLoader` (num_workers, collate_fn, pin_memory...); the batches
     are always shuffled. `self.record` holds the decisions and per-step batch size and lr; `self.result`
-    the noise scale's `GNSResult`. Measuring costs two norms and an add per measured step: windows are spaced so
-    that it adds at most `max_overhead` to the training time (`MeasureDuty`; 1 measures every step).
+    the noise scale's `GNSResult`. Measuring costs two norms and an add per measured step: it is held to
+    `max_overhead` of the planned run's training time, every step measured first and whole windows spaced out
+    after (`MeasureDuty`; 1 measures every step). `self.duty` says how many steps were measured and what one cost.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, epochs: int, *, model: nn.Module,

@@ -348,6 +348,23 @@ def test_the_noise_scale_measured_while_the_batch_grows_matches_the_exact_value(
     assert iv.lo <= exact <= iv.hi and cb.result.noise_scale == pytest.approx(exact, rel=0.15)
 
 
+@pytest.mark.slow
+def test_windows_spaced_out_by_the_budget_still_cover_the_exact_value(monkeypatch):
+    "At lr=0, measuring a third of the steps (a cost of 10 % against a 2 % budget) leaves the estimate unbiased."
+    from tests.exact import exact_noise_scale
+
+    monkeypatch.setattr(MeasureDuty, "overhead", property(lambda self: 0.1))
+    learn = _learner(n_train=1280)
+    xt, yt, _, _ = digits()
+    _, _, exact = exact_noise_scale(learn.model, nn.CrossEntropyLoss(), xt[:1280], yt[:1280])
+    cb = AdaptiveBatchSize(beta=1.0, throughput=STEP_BOUND)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(8, lr=0, cbs=cb)
+    assert cb.duty.measured < 0.5 * cb.duty.steps and cb.duty.spent <= 1.05 * cb.duty.budget
+    iv = cb.result.interval  # fewer windows: a wider interval, still around the exact value
+    assert iv.lo <= exact <= iv.hi < 3 * exact
+
+
 def test_a_negative_noise_scale_along_training_is_said_not_acted_on():
     d = _policy().decide(16, Interval(-2500.0, 0.0, math.inf))
     assert not d.changed and "cancel" in d.reason and "bs_find(lr=0)" in d.reason
