@@ -22,9 +22,10 @@ recorded (`gpu_status.csv`) and the next one runs, and every table is written as
 - speedup: a conv net on Fashion-MNIST (Debian's `dataset-fashion-mnist`; `--data DIR` elsewhere),
   data preloaded on the GPU, Adam with a one-cycle schedule. The finder runs after one warm-up epoch
   at batch 64 (lr=0, at those weights); its advice (batch size, lr by the square-root rule, epochs)
-  is compared with batch 64 over several seeds, and with the advised batch at the batch-64 lr. The
+  is compared with batch 64 over several seeds, and with the advised batch at the batch-64 lr; so is the
+  adaptive batch size (`AdaptiveLoader` from batch 64, the one-cycle on its progress, issue 21). The
   target is the test accuracy every batch-64 seed reaches (the lowest of their best); time to target
-  counts training time only (evaluation after each epoch is left out).
+  counts training time only (evaluation after each epoch is left out), and optimizer steps are counted too.
 
 `--quick` runs all four scaled down on the CPU (a tiny GPT, few steps, one seed) to prove the script.
 

@@ -127,7 +127,8 @@ TABLES = {
                  "extra_peak_pct", "note"],
     "loop": ["variant", "iterations", "seconds", "ms_per_it", "x_plain", "note"],
     "speedup": ["config", "bs", "lr", "epoch_budget", "seeds", "reached", "median_seconds_to_target",
-                "median_epochs_to_target", "median_best_acc", "speedup_vs_bs64", "speedup_incl_finder"],
+                "median_epochs_to_target", "median_steps_to_target", "median_best_acc", "speedup_vs_bs64",
+                "steps_vs_bs64", "speedup_incl_finder"],
 }
 
 

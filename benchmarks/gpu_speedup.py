@@ -1,4 +1,5 @@
-"""GPU benchmark, section 4: time to a target test accuracy on Fashion-MNIST, the finder's advice against batch 64."""
+"""GPU benchmark, section 4: time to a target test accuracy on Fashion-MNIST: the finder's advice and the adaptive
+batch size (`AdaptiveLoader`, issue 21) against batch 64."""
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ from fashion_mnist import fashion_mnist
 from gpu_report import BETA, Report, SkipSection
 from measure import GPUBatches, seconds, sync
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
-from gns_widget import bs_find
+from gns_widget import AdaptiveLoader, bs_find
 
 BASE_BS, BASE_LR = 64, 2e-3
 
@@ -63,6 +65,64 @@ def train(model: nn.Module, batches: GPUBatches, test: tuple[Tensor, Tensor], lr
         total += seconds(epoch, device)
         log.append((e + 1, total, accuracy(model, *test)))
     return log
+
+
+def one_cycle(pct: float, lr: float, pct_start: float = 0.3, div: float = 25.0, final_div: float = 1e4) -> float:
+    "torch's OneCycleLR (cosine, two phases) as a function of the run's progress, for a run whose steps vary."
+    lo, end = lr / div, lr / div / final_div
+    if pct < pct_start:
+        return lo + (lr - lo) * (1 - math.cos(math.pi * pct / pct_start)) / 2
+    return end + (lr - end) * (1 + math.cos(math.pi * (pct - pct_start) / (1 - pct_start))) / 2
+
+
+class OnDevice(Dataset):
+    "Tensors already on the device, fetched a batch at a time (DataLoader calls `__getitems__`), as GPUBatches."
+
+    def __init__(self, x: Tensor, y: Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, idx: list[int]) -> tuple[Tensor, Tensor]:
+        i = torch.as_tensor(idx, device=self.x.device)
+        return self.x[i], self.y[i]
+
+
+def train_adaptive(model: nn.Module, data: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], lr: float, epochs: int,
+                   seed: int, device: torch.device) -> tuple[list[tuple[int, float, float, int]], AdaptiveLoader]:
+    """`train` with the batch size following the noise scale from BASE_BS: the one-cycle on the run's progress;
+    (epoch, training seconds so far, test accuracy, optimizer steps so far) at each of the loader's epoch ends,
+    and the loader."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    adapt = AdaptiveLoader(OnDevice(*data), BASE_BS, epochs, model=model, opt=opt, loss_func=F.cross_entropy,
+                           collate_fn=_as_is)
+    torch.manual_seed(seed)  # the loader shuffles with torch's generator
+    log, total, epoch = [], 0.0, 0
+    sync(device)
+    t = time.perf_counter()
+    for x, y in adapt:
+        if adapt.epoch != epoch:  # an epoch ended: evaluate outside the clock
+            sync(device)
+            total += time.perf_counter() - t
+            log.append((epoch + 1, total, accuracy(model, *test), adapt.progress.steps_taken))
+            epoch = adapt.epoch
+            t = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = one_cycle(adapt.pct, lr)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        adapt.step(loss)
+    sync(device)
+    log.append((epoch + 1, total + time.perf_counter() - t, accuracy(model, *test), adapt.progress.steps_taken))
+    return log, adapt
+
+
+def _as_is(batch):
+    return batch
 
 
 def follow_finder(res, lr: float, epochs: int) -> tuple[int, float, int, str] | None:
@@ -115,11 +175,21 @@ def speedup(rep: Report) -> None:
         for name, bs, lr, epochs in configs:
             torch.manual_seed(seed)
             model = conv_net(*s.channels).to(dev)
-            for e, secs, acc in train(model, GPUBatches(xt, yt, bs, seed), test, lr, epochs, dev):
+            batches = GPUBatches(xt, yt, bs, seed)
+            for e, secs, acc in train(model, batches, test, lr, epochs, dev):
                 runs.append(dict(config=name, bs=bs, lr=lr, epoch_budget=epochs, seed=seed, epoch=e, seconds=secs,
-                                 test_acc=acc))
+                                 test_acc=acc, steps=e * len(batches)))
             rep.log(f"speedup {name} seed {seed}: test accuracy {acc:.4f} after {secs:.1f} s")
             rep.save("speedup_runs", runs)
+        torch.manual_seed(seed)
+        model = conv_net(*s.channels).to(dev)
+        log, adapt = train_adaptive(model, (xt, yt), test, BASE_LR, s.base_epochs, seed, dev)
+        for e, secs, acc, steps in log:
+            runs.append(dict(config="adaptive", bs=BASE_BS, lr=BASE_LR, epoch_budget=s.base_epochs, seed=seed,
+                             epoch=e, seconds=secs, test_acc=acc, steps=steps))
+        rep.log(f"speedup adaptive seed {seed}: test accuracy {acc:.4f} after {secs:.1f} s; {adapt.record.summary()}; "
+                f"{adapt.duty!r}")
+        rep.save("speedup_runs", runs)
     rep.save("speedup", summarise_speedup(pd.DataFrame(runs), finder_s, res.noise_scale))
 
 
@@ -131,14 +201,17 @@ def summarise_speedup(runs: pd.DataFrame, finder_s: float, noise_scale: float) -
         hit = d[d.test_acc >= target]
         per_run.append(dict(config=config, bs=d.bs.iloc[0], lr=d.lr.iloc[0], epoch_budget=d.epoch_budget.iloc[0],
                             seed=seed, reached=len(hit) > 0, to_target=hit.seconds.iloc[0] if len(hit) else math.inf,
-                            epochs=hit.epoch.iloc[0] if len(hit) else math.nan, best_acc=d.test_acc.max()))
+                            epochs=hit.epoch.iloc[0] if len(hit) else math.nan,
+                            steps=hit.steps.iloc[0] if len(hit) else math.nan, best_acc=d.test_acc.max()))
     g = pd.DataFrame(per_run).groupby("config", sort=False)
     out = g.agg(bs=("bs", "first"), lr=("lr", "first"), epoch_budget=("epoch_budget", "first"),
                 seeds=("seed", "nunique"), reached=("reached", "sum"), median_seconds_to_target=("to_target", "median"),
-                median_epochs_to_target=("epochs", "median"), median_best_acc=("best_acc", "median")).reset_index()
+                median_epochs_to_target=("epochs", "median"), median_steps_to_target=("steps", "median"),
+                median_best_acc=("best_acc", "median")).reset_index()
     base = out.median_seconds_to_target.iloc[0]
     out["speedup_vs_bs64"] = base / out.median_seconds_to_target
-    out["speedup_incl_finder"] = base / (out.median_seconds_to_target + finder_s * (out.config != "bs64"))
+    out["steps_vs_bs64"] = out.median_steps_to_target / out.median_steps_to_target.iloc[0]
+    out["speedup_incl_finder"] = base / (out.median_seconds_to_target + finder_s * out.config.str.startswith("advice"))
     out.insert(1, "target_acc", target)
     out["noise_scale"], out["finder_seconds"] = noise_scale, finder_s
     return out

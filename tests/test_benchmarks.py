@@ -114,4 +114,7 @@ def test_gpu_benchmark_quick(tmp_path: Path) -> None:
     assert len(loop) == 3 and loop.x_plain.notna().all()
     if has_data:
         sp = pd.read_csv(tmp_path / "gpu_speedup_quick.csv")
-        assert list(sp.config) == ["bs64", "advice", "advice_same_lr"] and sp.bs.iloc[1] > 64
+        assert list(sp.config) == ["bs64", "advice", "advice_same_lr", "adaptive"] and sp.bs.iloc[1] > 64
+        assert sp.median_steps_to_target.iloc[0] > 0 and sp.steps_vs_bs64.iloc[0] == 1  # steps counted, not only time
+        adaptive = sp[sp.config == "adaptive"].iloc[0]  # no finder to charge it for
+        assert adaptive.speedup_incl_finder == adaptive.speedup_vs_bs64
