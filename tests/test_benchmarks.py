@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.slow  # the benchmark scripts, end to end
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["overhead", "accuracy", "speedup", "critical_batch", "ddp", "advice", "adaptive"]
+SCRIPTS = ["overhead", "accuracy", "speedup", "critical_batch", "ddp", "advice", "adaptive", "along_training"]
 
 
 def _check_accuracy(df: pd.DataFrame) -> None:
@@ -54,7 +54,16 @@ def _check_adaptive(df: pd.DataFrame) -> None:
     assert df.oracle.str.match(r"^(baseline|sweep_x\d+)$").all()
 
 
-CHECKS = {"accuracy": _check_accuracy, "overhead": _check_overhead, "adaptive": _check_adaptive}
+def _check_along_training(df: pd.DataFrame) -> None:
+    "Every problem of the adaptive benchmark, each with the fixed-weight interval around its value."
+    assert len(df) == 7 and df.problem.is_unique  # the quick problems, one seed
+    assert (df.fixed_lo <= df.fixed).all() and (df.fixed <= df.fixed_hi).all() and (df.fixed > 0).all()
+    positive = df.along > 0
+    assert positive.sum() >= 3 and (df.ratio[positive] == df.along[positive] / df.fixed[positive]).all()
+
+
+CHECKS = {"accuracy": _check_accuracy, "overhead": _check_overhead, "adaptive": _check_adaptive,
+          "along_training": _check_along_training}
 
 
 def _run_quick(name: str, out: Path) -> subprocess.CompletedProcess:
