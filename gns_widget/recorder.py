@@ -35,12 +35,16 @@ class RunRecorder:
         self.iteration = self.samples = 0
         self._window_losses: list[Tensor] = []
         self._start = time.perf_counter()
+        self._interval: tuple[int, Interval | None] = (0, None)  # the last interval, and the records it is of
 
     def interval(self) -> Interval | None:
-        "The noise scale so far with its 90% interval, the windows weighted by the estimator's decay (as its EMAs)."
+        """The noise scale so far with its 90% interval, the windows weighted by the estimator's decay (as its EMAs).
+        Computed again only when a window was added (an adaptive run looks often, and its windows may be sparse)."""
         recs = self.records
-        return noise_scale_interval([r.noise_raw for r in recs], [r.scale_raw for r in recs], self.estimator.beta,
-                                    weights=[r.n_batch for r in recs])
+        if self._interval[0] != len(recs):
+            self._interval = (len(recs), noise_scale_interval([r.noise_raw for r in recs], [r.scale_raw for r in recs],
+                                                              self.estimator.beta, weights=[r.n_batch for r in recs]))
+        return self._interval[1]
 
     def step(self, loss: Tensor, batch_size: int, model, weight: float | None = None,
              grad_scale: float | None = None, epoch: int | None = None) -> GNSRecord | None:

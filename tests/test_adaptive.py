@@ -470,3 +470,22 @@ def test_the_torch_loader_tries_a_size_for_a_dozen_steps_then_looks_again(monkey
     assert first.trial and (first.step, first.old_bs, first.new_bs) == (40, 16, 32) and "trying 32" in first.reason
     assert second.step == 40 + TRIAL_STEPS and second.old_bs == 32
     assert 32 in adapt.throughput.step_seconds  # timed from the trial's own steps
+
+
+def test_the_interval_is_computed_again_only_when_a_window_was_added(monkeypatch):
+    "An adaptive run looks at every epoch (and after each trial): with sparse windows most looks see no new one."
+    import gns_widget.recorder as recorder_module
+
+    calls = []
+    real = recorder_module.noise_scale_interval
+    monkeypatch.setattr(recorder_module, "noise_scale_interval", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ds, model, opt = _torch_setup()
+    adapt = AdaptiveLoader(ds, 16, epochs=2, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
+                           max_overhead=1, n_batch=4)
+    assert adapt.recorder.interval() is None and not calls  # no window yet: nothing to compute
+    _loop(adapt, model, opt)
+    windows, looks = len(adapt.recorder.records), len(adapt.record.decisions)
+    assert 0 < len(calls) <= looks < windows  # at most once per look, never per window
+    last = adapt.recorder.interval()
+    n = len(calls)
+    assert adapt.recorder.interval() == last and len(calls) == n  # nothing new: the same interval, not recomputed
