@@ -41,12 +41,18 @@ def cpu_like(sizes=SIZES) -> Throughput:
     return Throughput({b: 1e-4 * b for b in sizes}, device="cpu-like")
 
 
+def _digits(hidden: int | None = None):
+    "Seed 0, digits at batch size 32, and a fresh model: an MLP with `hidden` units, or a linear one."
+    torch.manual_seed(0)
+    train_dl, _ = digits_loaders(bs=32, seed=0)
+    layers = [nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)] if hidden else [nn.Linear(64, 10)]
+    return nn.Sequential(*layers), train_dl
+
+
 @pytest.fixture(scope="module")
 def digits_run():
     "bs_find on digits at lr=0 with num_it='auto' and the user's Adam: the device timed, the rule known."
-    torch.manual_seed(0)
-    train_dl, _ = digits_loaders(bs=32, seed=0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    model, train_dl = _digits(hidden=128)
     res = bs_find(model, train_dl, nn.CrossEntropyLoss(), lr=0, num_it="auto", n_batch=10,
                   opt=lambda p: torch.optim.Adam(p, lr=1e-3))
     return model, train_dl, res
@@ -55,9 +61,7 @@ def digits_run():
 @pytest.fixture(scope="module")
 def digits_result():
     "A reliable finder run on digits at lr=0.05, like the README's (the lr the advice defaults to)."
-    torch.manual_seed(0)
-    train_dl, _ = digits_loaders(bs=32, seed=0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    model, train_dl = _digits(hidden=128)
     res = bs_find(model, train_dl, nn.CrossEntropyLoss(), lr=0.05, num_it=600, n_batch=10)
     assert res.reliable, res.reason
     return res
@@ -98,9 +102,7 @@ def test_detect_rule_for_fastai_optimizers():
 
 def test_an_unknown_optimizer_gets_the_square_root_rule():
     "bs_find's own SGD (opt=None) says nothing of the user's optimizer: the safer square root, said in the text."
-    torch.manual_seed(0)
-    train_dl, _ = digits_loaders(bs=32, seed=0)
-    model = nn.Sequential(nn.Linear(64, 10))
+    model, train_dl = _digits()
     res = bs_find(model, train_dl, nn.CrossEntropyLoss(), lr=0, num_it=300, n_batch=10, measure_speed=False)
     assert res.rule is None and res.throughput is None
     a = res.advice(lr=0.1, epochs=4, throughput=gpu_like())
@@ -374,9 +376,7 @@ def test_bs_find_times_the_device_and_the_advice_uses_it(digits_run):
 @pytest.mark.slow
 def test_same_weights_give_the_same_advice():
     "The issue's bar: the same weights give the same advice in at least 9 runs of 10 (timing noise included)."
-    torch.manual_seed(0)
-    train_dl, _ = digits_loaders(bs=32, seed=0)
-    model = nn.Sequential(nn.Linear(64, 10))  # per-step cost dominates on a CPU: growing clearly pays
+    model, train_dl = _digits()  # a linear model: per-step cost dominates on a CPU, growing clearly pays
     kinds = []
     for seed in range(10):
         torch.manual_seed(seed)
