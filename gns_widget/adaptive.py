@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pandas as pd
 
@@ -34,7 +34,8 @@ from .lr_rules import check_rule, lr_factor
 from .throughput import MIN_REPEATS, MIN_TIMED_SECONDS, ROUNDS, Throughput
 
 __all__ = ["Decision", "BatchSizePolicy", "Progress", "AdaptiveRecord", "step_gain", "candidate_sizes",
-           "default_n_batch", "timing_pays", "look", "PAYBACK", "MIN_TIMED_STEPS", "TRIAL_STEPS"]
+           "default_n_batch", "timing_pays", "look", "trial_origin", "StepTimes", "PAYBACK", "MIN_TIMED_STEPS",
+           "TRIAL_STEPS"]
 
 PAYBACK = 10  # sizes are timed only when the run has at least this many times the timing's cost left
 MIN_TIMED_STEPS = 5  # training steps at a size before their median counts as its step time
@@ -80,8 +81,8 @@ def timing_pays(sizes: list[int], bs: int, seconds_per_step: float, steps_left: 
 
 def look(policy: BatchSizePolicy, bs: int, interval: Interval | None, progress: Progress, *, planned_at: float,
          epoch: int, durations: Sequence[float], step_seconds: float,
-         time_sizes: Callable[[list[int]], Throughput] | None, duty: MeasureDuty | None = None
-         ) -> tuple[Decision, float]:
+         time_sizes: Callable[[list[int]], Throughput] | None, duty: MeasureDuty | None = None,
+         tried_from: int | None = None) -> tuple[Decision, float]:
     """One decision of an adaptive run at batch size `bs`, for the fastai callback and the torch loader alike.
 
     The steps' `durations` since the last look time `bs` (their median, once there are MIN_TIMED_STEPS); the sizes
@@ -89,6 +90,7 @@ def look(policy: BatchSizePolicy, bs: int, interval: Interval | None, progress: 
     when None: the sizes are then tried in training, see `BatchSizePolicy._trial`); then the policy decides.
     Returns the decision and the loop's step time (`step_seconds` when not measured now).
     `duty` says, when there is no interval yet, whether that is because measuring is spaced out to stay cheap.
+    `tried_from`: the size `bs` is a trial from (the look that ends a trial judges it from there: `after_trial`).
     """
     if len(durations) >= MIN_TIMED_STEPS:
         step_seconds = statistics.median(durations)
@@ -103,9 +105,37 @@ def look(policy: BatchSizePolicy, bs: int, interval: Interval | None, progress: 
     if interval is None and duty is not None and duty.measured < duty.steps:
         why = (f"measuring a step adds {duty.overhead:.0%} to it, so {duty.measured} of {duty.steps} steps were "
                f"measured (max_overhead={duty.max_overhead:g} of the run)")
-    decision = policy.decide(bs, interval, planned_at=planned_at, step=progress.steps_taken, epoch=epoch,
-                             progress=progress.pct, untimed=why)
-    return decision, step_seconds
+    at = dict(planned_at=planned_at, step=progress.steps_taken, epoch=epoch, progress=progress.pct, untimed=why)
+    if tried_from is not None and tried_from != bs:
+        return policy.after_trial(bs, tried_from, interval, **at), step_seconds
+    return policy.decide(bs, interval, **at), step_seconds
+
+
+class StepTimes:
+    """A loop's step durations at its current size since the last look, the measured steps apart.
+
+    A measured step also pays for two norms and an add (+30-60 % of a small MLP's CPU step), and the duty measures
+    every step early in a run and few later, so a size timed on measured steps would look slower than one timed on
+    plain steps, and a trial would win or lose on when it ran. `durations` are the plain ones once there are
+    MIN_TIMED_STEPS of them, else all (a run that measures every step is timed on measured steps throughout)."""
+
+    def __init__(self):
+        self.plain: list[float] = []
+        self.measured: list[float] = []
+
+    def add(self, seconds: float, measured: bool) -> None:
+        (self.measured if measured else self.plain).append(seconds)
+
+    @property
+    def durations(self) -> list[float]:
+        return self.plain if len(self.plain) >= MIN_TIMED_STEPS else self.plain + self.measured
+
+
+def trial_origin(d: Decision, tried_from: int | None) -> int | None:
+    "The size a trial that goes on after decision `d` started from (None when no trial does): `look`'s `tried_from`."
+    if not d.trial:
+        return None
+    return d.old_bs if d.changed else tried_from
 
 
 @dataclass(frozen=True)
@@ -254,6 +284,25 @@ class BatchSizePolicy:
         why = (f"noise scale {interval}: {best} makes ×{gain:.2f} the progress per second of {bs} at the low end"
                if bs in sizes else f"noise scale {interval}: {bs} is past its bounds now")
         return Decision(step, epoch, progress, bs, best, value, lo, hi, lo, gain, self.lr_factor(best, lo), why)
+
+    def after_trial(self, bs: int, home: int, interval: Interval | None, **at) -> Decision:
+        """The look that ends a trial of `bs` from `home`, judged as a move from `home`: the tried size stays only if
+        it clears what a move from `home` needs (timing noise included), and otherwise goes back however close it
+        came. The margin a move must clear keeps a size against noise; a trial is a question, not a position to
+        defend (a CPU whose time is per example: 32 tried from 16 made ×0.86 the progress per second and, within
+        the margin of a move back, was kept). While `bs` is not timed yet the trial goes on (`trial` set, no move).
+        `at`: `decide`'s keyword arguments."""
+        if bs not in self.throughput.step_seconds:
+            d = self.decide(bs, interval, **at)
+            return replace(d, trial=True, reason=f"still trying {bs}: {d.reason}")
+        verdict = self.decide(home, interval, **at)
+        if verdict.new_bs == bs:  # it paid: from here the next size up may be tried
+            d = self.decide(bs, interval, **at)
+            return d if d.changed else replace(d, reason=f"{bs} kept after its trial ({verdict.reason})")
+        lo = verdict.planned_at
+        gain = (self.progress_rate(verdict.new_bs, lo) / self.progress_rate(bs, lo)
+                if lo > 0 and verdict.new_bs in self.throughput.step_seconds else 1.0)
+        return replace(verdict, old_bs=bs, gain=gain, reason=f"the trial of {bs} did not pay: {verdict.reason}")
 
     def _trial(self, bs: int, lo: float) -> tuple[int, float] | None:
         """The next size up to try when `bs` is the best timed one: twice it, if within bounds, not timed yet, and

@@ -9,7 +9,16 @@ from typing import Any
 from fastai.callback.core import CancelFitException, CancelTrainException
 from fastai.callback.training import GradientAccumulation
 
-from .adaptive import AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, look
+from .adaptive import (
+    AdaptiveRecord,
+    BatchSizePolicy,
+    Decision,
+    Progress,
+    StepTimes,
+    default_n_batch,
+    look,
+    trial_origin,
+)
 from .advice import detect_rule
 from .callback import GNSCallback
 from .duty import MAX_OVERHEAD, MeasureDuty, check_overhead
@@ -90,8 +99,9 @@ class AdaptiveBatchSize(GNSCallback):
         self.run_progress = Progress(planned=self.n_epoch * steps_per_epoch)
         self.record = AdaptiveRecord(self.base_bs, self.run_progress.planned)
         self.bs, self.planned_at, self._lrs = self.base_bs, math.nan, None
+        self._tried_from: int | None = None  # the size the current trial (an epoch at the next size up) started from
         self.step_seconds = math.nan  # the median training step of the last epoch, measured as it trains
-        self._durations: list[float] = []
+        self._times, self._measured = StepTimes(), False  # the steps since the last look; whether the last was measured
         self._copies: dict[int, Any] = {}  # the training loader at each size used, made when first needed
         if loader_at(self.dls.train, 2 * self.base_bs) is None:
             raise ValueError("AdaptiveBatchSize needs a training loader it can copy at another batch size (fastai's "
@@ -125,10 +135,11 @@ class AdaptiveBatchSize(GNSCallback):
 
     def _decide(self) -> None:
         d, self.step_seconds = look(self.policy, self.bs, self.recorder_.interval(), self.run_progress,
-                                    planned_at=self.planned_at, epoch=self.epoch, durations=self._durations,
-                                    step_seconds=self.step_seconds, time_sizes=self._time_sizes, duty=self.duty)
+                                    planned_at=self.planned_at, epoch=self.epoch, durations=self._times.durations,
+                                    step_seconds=self.step_seconds, time_sizes=self._time_sizes, duty=self.duty,
+                                    tried_from=self._tried_from)
         self.record.decisions.append(d)
-        self.planned_at = d.planned_at
+        self.planned_at, self._tried_from = d.planned_at, trial_origin(d, self._tried_from)
         if d.changed:
             self.bs = d.new_bs
         if self.on_decision is not None:
@@ -137,7 +148,7 @@ class AdaptiveBatchSize(GNSCallback):
     def before_train(self):
         super().before_train()
         self._follow_progress()
-        self._durations, self._last_batch = [], None
+        self._times, self._last_batch = StepTimes(), None
         if self.bs != self.base_bs:  # the epoch's batches come from a copy: the user's loader is never changed
             if self.bs not in self._copies:
                 self._copies[self.bs] = loader_at(self.dls.train, self.bs)
@@ -154,7 +165,7 @@ class AdaptiveBatchSize(GNSCallback):
             raise CancelTrainException()
         now = time.perf_counter()
         if self._last_batch is not None:  # from one batch to the next: loading, forward, backward, step
-            self._durations.append(now - self._last_batch)
+            self._times.add(now - self._last_batch, self._measured)
         self._last_batch = now
 
     def _follow_progress(self) -> None:
@@ -162,7 +173,8 @@ class AdaptiveBatchSize(GNSCallback):
         self.learn.pct_train = self.run_progress.pct
 
     def before_step(self):
-        if self.duty.measuring:
+        self._measured = self.duty.measuring
+        if self._measured:
             super().before_step()
         else:
             self.recorder_.skip(batch_size_of(self.yb, self.xb))

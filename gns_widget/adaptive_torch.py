@@ -11,7 +11,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .adaptive import TRIAL_STEPS, AdaptiveRecord, BatchSizePolicy, Decision, Progress, default_n_batch, look
+from .adaptive import (
+    TRIAL_STEPS,
+    AdaptiveRecord,
+    BatchSizePolicy,
+    Decision,
+    Progress,
+    StepTimes,
+    default_n_batch,
+    look,
+    trial_origin,
+)
 from .advice import detect_rule
 from .duty import MAX_OVERHEAD, MeasureDuty, check_overhead
 from .estimator import NoiseScaleEstimator
@@ -94,11 +104,12 @@ class AdaptiveLoader:
         self.policy = BatchSizePolicy(batch_size, throughput, n_train=self.n_train, rule=self.rule,
                                       gain_needed=gain_needed, max_bs=max_bs)
         self.step_seconds = math.nan  # the loop's median step since the last decision, measured as it trains
-        self._durations: list[float] = []
+        self._times = StepTimes()
         self._last_step: float | None = None
         self._batch: tuple[int, int] | None = None  # the last yielded batch's examples and the size it was drawn at
         self._params: list[nn.Parameter] = []  # what trains, read once an epoch (not the module tree every step)
         self._look_at: int | None = None  # the step of the look that ends a trial
+        self._tried_from: int | None = None  # the size the current trial started from
 
     @property
     def pct(self) -> float:
@@ -141,11 +152,13 @@ class AdaptiveLoader:
 
     def _decide(self) -> None:
         d, self.step_seconds = look(self.policy, self.batch_size, self.recorder.interval(), self.progress,
-                                    planned_at=self.planned_at, epoch=self.epoch, durations=self._durations,
-                                    step_seconds=self.step_seconds, time_sizes=None, duty=self.duty)
+                                    planned_at=self.planned_at, epoch=self.epoch, durations=self._times.durations,
+                                    step_seconds=self.step_seconds, time_sizes=None, duty=self.duty,
+                                    tried_from=self._tried_from)
         self.record.decisions.append(d)
         self.planned_at, self.batch_size = d.planned_at, d.new_bs
-        self._durations, self._last_step = [], None
+        self._tried_from = trial_origin(d, self._tried_from)
+        self._times, self._last_step = StepTimes(), None
         self._look_at = self.progress.steps_taken + TRIAL_STEPS if d.trial else None
         if self.on_decision is not None:
             self.on_decision(d)
@@ -158,7 +171,8 @@ class AdaptiveLoader:
         (n, bs), self._batch = self._batch, None  # an epoch's short last batch is a step at its epoch's size
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
-        if self.duty.measuring:
+        measured = self.duty.measuring
+        if measured:
             self.recorder.step(loss, n, self._params, epoch=self.epoch)
         else:
             self.recorder.skip(n)
@@ -181,7 +195,7 @@ class AdaptiveLoader:
         now = time.perf_counter()
         seconds = None if self._last_step is None else now - self._last_step  # one loop iteration
         if seconds is not None and bs == self.batch_size:
-            self._durations.append(seconds)
+            self._times.add(seconds, measured)
         self.duty.took(seconds, self.estimator.window_open, bs)
         self._last_step = now
         self.record.log_step(self.epoch, bs, lr, self.progress.pct)

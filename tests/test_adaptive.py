@@ -14,7 +14,17 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from gns_widget import AdaptiveBatchSize, AdaptiveLoader
-from gns_widget.adaptive import BatchSizePolicy, Progress, candidate_sizes, default_n_batch, step_gain, timing_pays
+from gns_widget.adaptive import (
+    MIN_TIMED_STEPS,
+    BatchSizePolicy,
+    Progress,
+    StepTimes,
+    candidate_sizes,
+    default_n_batch,
+    step_gain,
+    timing_pays,
+    trial_origin,
+)
 from gns_widget.advice import MAX_LR_FACTOR, MIN_STEPS_PER_EPOCH
 from gns_widget.datasets import digits
 from gns_widget.duty import MeasureDuty
@@ -110,6 +120,42 @@ def test_without_a_probe_the_next_size_is_tried_for_an_epoch_and_kept_only_if_it
     probed = _policy(throughput=Throughput({16: 0.01, 32: 0.02}, device="d"))
     probed.observe(16, 0.001)  # a probed size is compared with the probe's others, not with a training step
     assert probed.throughput.step_seconds[16] == 0.01
+
+
+def test_a_trial_is_judged_as_a_move_from_where_it_started():
+    "A tried size stays only if it clears what a move from its origin needs, and goes back however close it came."
+    def tried(seconds_32):
+        p = _policy(throughput=None)
+        p.observe(16, 0.01)
+        assert p.decide(16, _at(100)).trial
+        p.observe(32, seconds_32)
+        return p
+    r = step_gain(16, 32, 90)  # a step at 32 is worth ×1.74 one at 16 at the low end
+    for ratio in (0.95, 1.05):  # 32's progress per second over 16's: within the margin either way
+        p = tried(0.01 * r / ratio)
+        d = p.after_trial(32, 16, _at(100))
+        assert (d.old_bs, d.new_bs) == (32, 16) and "trial of 32 did not pay" in d.reason
+        assert d.gain == pytest.approx(1 / ratio)
+    assert not tried(0.01 * r / 0.95).decide(32, _at(100)).changed  # judged from 32 it would have stayed
+    d = tried(0.01 * r / 1.3).after_trial(32, 16, _at(100))  # it paid: from 32, 64 is tried next
+    assert d.trial and (d.old_bs, d.new_bs) == (32, 64) and trial_origin(d, 16) == 32
+    p = _policy(throughput=None)
+    p.observe(16, 0.01)
+    p.decide(16, _at(100))
+    d = p.after_trial(32, 16, _at(100))  # not timed yet (an epoch's end came first): the trial goes on
+    assert d.trial and not d.changed and "still trying 32" in d.reason and trial_origin(d, 16) == 16
+
+
+def test_a_size_is_timed_on_its_plain_steps_once_there_are_enough():
+    times = StepTimes()
+    for s in (0.003, 0.003, 0.003):
+        times.add(s, measured=True)
+    for s in (0.001, 0.001):
+        times.add(s, measured=False)
+    assert sorted(times.durations) == [0.001, 0.001, 0.003, 0.003, 0.003]  # too few plain ones: all
+    for _ in range(MIN_TIMED_STEPS):
+        times.add(0.001, measured=False)
+    assert set(times.durations) == {0.001}
 
 
 def test_an_epoch_keeps_its_minimum_of_steps():
@@ -419,14 +465,14 @@ def test_max_overhead_is_checked(bad):
         AdaptiveBatchSize(max_overhead=bad)
 
 
-def _dear_measurement(monkeypatch) -> None:
-    "Make measuring a step cost 3 ms more (these steps take about 0.3 ms)."
+def _dear_measurement(monkeypatch, seconds: float = 0.003) -> None:
+    "Make measuring a step cost `seconds` more (these steps take about 0.3 ms)."
     from gns_widget.recorder import RunRecorder
 
     cheap = RunRecorder.step
 
     def dear(self, *args, **kwargs):
-        time.sleep(0.003)
+        time.sleep(seconds)
         return cheap(self, *args, **kwargs)
 
     monkeypatch.setattr(RunRecorder, "step", dear)
@@ -454,6 +500,28 @@ def test_the_fastai_callback_spaces_an_expensive_measurement_and_trains_every_ba
     assert learn.train_iter == 3 * 40 and cb.duty.steps == 3 * 40  # every batch trained, the duty saw each
     assert cb.duty.measured < 0.2 * cb.duty.steps and cb.duty.overhead > 2
     assert cb.result.history.iteration.tolist()[:2] == [4, 16]
+
+
+def test_the_loops_time_a_size_on_its_plain_steps_not_its_measured_ones(monkeypatch):
+    "A measured step (10 ms dearer here) would make its size look slower: the looks get the plain steps' durations."
+    import gns_widget.adaptive_fastai as adaptive_fastai
+    import gns_widget.adaptive_torch as adaptive_torch
+
+    _dear_measurement(monkeypatch, 0.01)
+    given = {adaptive_torch: [], adaptive_fastai: []}  # the durations each look was given
+    for module, seen in given.items():
+        def spy(*args, real=module.look, seen=seen, **kwargs):
+            seen.append(list(kwargs["durations"]))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, "look", spy)
+    ds, model, opt = _torch_setup()
+    adapt = AdaptiveLoader(ds, 16, epochs=2, model=model, opt=opt, loss_func=nn.functional.cross_entropy, n_batch=4)
+    _loop(adapt, model, opt)
+    cb = AdaptiveBatchSize(n_batch=4)
+    _fit(_learner(), [cb], epochs=2)
+    for run, module in ((adapt, adaptive_torch), (cb, adaptive_fastai)):
+        first_epoch = given[module][0]
+        assert run.duty.measured >= 4 and len(first_epoch) >= 20 and max(first_epoch) < 0.005
 
 
 def test_the_torch_loader_tries_a_size_for_a_dozen_steps_then_looks_again(monkeypatch):
