@@ -12,6 +12,8 @@ Each problem of the advice benchmark (advice.py: the user's batch size, lr and e
 The validation metric is read after every epoch (the clock paused), so "steps to the baseline's final metric"
 is counted at epoch ends. Wall time is training only (the finder's and the adaptive timing are in it for
 adaptive, since it times itself inside the run); differences are paired by seed. `--seeds 0 1 2 3 4`.
+`--holdout` runs the same arms on the problems the adaptive batch size was never tuned on (holdout_problems.py),
+into results/adaptive_holdout*.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from common import cli, markdown, out_path, save_fig
+from holdout_problems import holdout_tabular_tasks, holdout_torch_tasks
 from problems import (
     N_BATCH,
     Tabular,
@@ -327,26 +330,33 @@ def plot(summary: pd.DataFrame, path) -> None:
 def _add_args(p) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--problems", nargs="+", help="problems whose name contains one of these")
+    p.add_argument("--holdout", action="store_true", help="the problems it was never tuned on (holdout_problems.py)")
 
 
 def main() -> None:
     args = cli(__doc__.splitlines()[0], _add_args)
     t0 = time.perf_counter()
+    if args.holdout:
+        name, torch_list, tabular_list = ("adaptive_holdout", holdout_torch_tasks(args.quick),
+                                          holdout_tabular_tasks(args.quick))
+    else:
+        name, torch_list, tabular_list = "adaptive", torch_tasks(args.quick), tabular_tasks(args.quick, **BIKESHARE)
+    chosen = [t for t in torch_list + tabular_list if not args.problems or any(o in t.name for o in args.problems)]
     rows = []
-    for task in torch_tasks(args.quick, args.problems):
+    for task in (t for t in chosen if isinstance(t, Task)):
         for seed in args.seeds:
             rows += torch_rows(task, seed)
         print(f"{task.name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    for task in tabular_tasks(args.quick, args.problems, **BIKESHARE):
+    for task in (t for t in chosen if isinstance(t, Tabular)):
         for seed in args.seeds:
             rows += tabular_rows(task, seed)
         print(f"{task.name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     runs = pd.DataFrame(rows)
-    runs.to_csv(out_path(args, "adaptive_runs", "csv"), index=False)
+    runs.to_csv(out_path(args, f"{name}_runs", "csv"), index=False)
     summary = summarize(runs)
     summary = summary.merge(oracle(summary), on="problem")
-    summary.to_csv(out_path(args, "adaptive", "csv"), index=False)
-    plot(summary, out_path(args, "adaptive", "png"))
+    summary.to_csv(out_path(args, name, "csv"), index=False)
+    plot(summary, out_path(args, name, "png"))
     print(markdown(summary))
     print(f"total {time.perf_counter() - t0:.0f} s")
 
