@@ -23,6 +23,7 @@ MAX_OVERHEAD = 0.02  # measuring may add this fraction to the planned run's trai
 FRONT_SHARE = 0.5  # of that budget, spent measuring every step from the start
 _KEPT = 64  # step durations of each kind the cost is read from (recent ones: the batch size moves)
 _PLAIN_NEEDED = 8  # unmeasured steps timed before the cost is known (the first gap is this long)
+_RECHECK_WINDOWS = 16  # while every step is measured, a gap of _PLAIN_NEEDED plain steps after this many windows
 
 
 class MeasureDuty:
@@ -42,7 +43,10 @@ class MeasureDuty:
         self.n_batch, self.planned_steps, self.max_overhead = n_batch, planned_steps, max_overhead
         self.measuring = True
         self.steps = self.measured = 0
-        self.spent = 0.0  # measuring's cost so far, in plain steps
+        self._spent_before = 0.0  # the cost of the measured steps at sizes left behind, in plain steps
+        self._measured_here = 0  # measured steps at the current size, costed at its latest estimate (`spent`)
+        self._last_cost = math.nan  # the latest known cost, for a size left before its own was timed
+        self._windows_since_gap = 0
         self._gap_left = 0
         self._seconds: dict[bool, deque[float]] = {}
         self._size: int | None = None
@@ -53,16 +57,20 @@ class MeasureDuty:
         window). Durations are compared within one batch size: a new size's cost is timed afresh."""
         self.steps += 1
         if batch_size != self._size:
+            self._spent_before += self._measured_here * self._cost_here()
             self._size, self._seconds = batch_size, {True: deque(maxlen=_KEPT), False: deque(maxlen=_KEPT)}
+            self._measured_here = 0
         if seconds is not None and math.isfinite(seconds):
             self._seconds[self.measuring].append(seconds)
         if self.measuring:
             self.measured += 1
-            cost = self.overhead
-            self.spent += 0.0 if math.isnan(cost) else cost
+            self._measured_here += 1
             if not window_open:
+                self._windows_since_gap += 1
                 self._gap_left = self.gap()
                 self.measuring = self._gap_left == 0
+                if not self.measuring:
+                    self._windows_since_gap = 0
         else:
             self._gap_left -= 1
             self.measuring = self._gap_left <= 0
@@ -79,6 +87,18 @@ class MeasureDuty:
         base = _trimmed_mean(plain)
         return max(_trimmed_mean(timed) - base, 0.0) / base if base > 0 else math.nan
 
+    def _cost_here(self) -> float:
+        cost = self.overhead
+        if not math.isnan(cost):
+            self._last_cost = cost
+        return 0.0 if math.isnan(self._last_cost) else self._last_cost
+
+    @property
+    def spent(self) -> float:
+        """Measuring's cost so far, in plain steps: each size's measured steps at that size's latest estimate, so
+        steps measured while a noisy early estimate called measuring cheap are charged what it turned out to cost."""
+        return self._spent_before + self._measured_here * self._cost_here()
+
     @property
     def budget(self) -> float:
         "What measuring may cost over the planned run, in plain steps."
@@ -86,14 +106,16 @@ class MeasureDuty:
 
     def gap(self) -> int:
         """Plain steps before the next window: a first short gap to time plain steps; none while measuring is cheap
-        or the front share of the budget lasts; then what spreads the budget left over the steps left."""
+        or the front share of the budget lasts, but for a short one every _RECHECK_WINDOWS windows (plain steps are
+        free, and without fresh ones a cost that an early noisy estimate called cheap would never be seen to be
+        dear); then what spreads the budget left over the steps left."""
         if self.max_overhead >= 1:
             return 0
         cost = self.overhead
         if math.isnan(cost):
             return _PLAIN_NEEDED if len(self._seconds.get(False, ())) < _PLAIN_NEEDED else 0
         if cost <= self.max_overhead or self.spent < FRONT_SHARE * self.budget:
-            return 0
+            return _PLAIN_NEEDED if self._windows_since_gap >= _RECHECK_WINDOWS else 0
         steps_left = max(self.planned_steps - self.steps, self.n_batch)
         share = (self.budget - self.spent) / (steps_left * cost)
         return math.ceil(steps_left) if share <= 0 else max(0, round(self.n_batch * (1 / min(share, 1.0) - 1)))

@@ -473,7 +473,9 @@ def test_the_duty_measures_every_step_when_measuring_is_cheap():
     duty = MeasureDuty(4, planned_steps=400, max_overhead=0.02)
     kinds = _run_duty(duty, 400, plain=1.0, measured=1.01)
     assert duty.overhead == pytest.approx(0.01)
-    assert all(kinds[12:]) and kinds[4:12] == [False] * 8  # one short gap first, to time plain steps
+    assert kinds[:4] == [True] * 4 and kinds[4:12] == [False] * 8  # one short gap first, to time plain steps
+    pattern = "".join("m" if k else "." for k in kinds[12:])  # then 16 windows, 8 plain steps to keep the cost current
+    assert pattern.startswith("m" * 64 + "." * 8 + "m" * 64 + "." * 8) and pattern.count("m") > 0.85 * len(pattern)
 
 
 def test_the_duty_spends_half_its_budget_first_then_spaces_whole_windows():
@@ -482,11 +484,21 @@ def test_the_duty_spends_half_its_budget_first_then_spaces_whole_windows():
     assert duty.overhead == pytest.approx(0.5) and duty.budget == pytest.approx(80)
     added = sum(0.5 for k in kinds if k)
     assert 0.9 * duty.budget < added <= 1.05 * duty.budget  # the time measuring added: the budget, not more
-    assert all(kinds[12:90]) and sum(kinds[200:]) < 0.03 * 3800  # half of it at once, the rest spread out
+    assert all(kinds[12:76]) and sum(kinds[200:]) < 0.03 * 3800  # half of it at once, the rest spread out
     runs = [len(r) for r in "".join("m" if k else "." for k in kinds[100:]).split(".") if r]
     assert set(runs) == {4}  # whole windows only, never cut by a gap
     everything = MeasureDuty(4, planned_steps=200, max_overhead=1)
     assert all(_run_duty(everything, 200, plain=1.0, measured=1.5))
+
+
+def test_the_duty_charges_every_measured_step_what_measuring_turned_out_to_cost():
+    "An early estimate that calls measuring cheap (the first windows ran fast) does not let it overrun the budget."
+    duty = MeasureDuty(4, planned_steps=2000, max_overhead=0.02)
+    kinds = _run_duty(duty, 100, plain=1.0, measured=1.01)  # cheap at first: every step measured but a few
+    assert sum(kinds) == 100 - 16 and duty.spent == pytest.approx(0.01 * duty.measured)
+    kinds += _run_duty(duty, 1900, plain=1.0, measured=1.5)  # then it costs 50 % (the batch is the same)
+    added = sum(0.5 for k in kinds[100:] if k) + 0.01 * sum(kinds[:100])
+    assert duty.overhead > 0.25 and added <= 1.1 * duty.budget and sum(kinds[300:]) < 0.01 * 1700
 
 
 def test_the_duty_times_each_batch_size_on_its_own():

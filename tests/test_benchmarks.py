@@ -88,6 +88,17 @@ def test_benchmark_quick(name: str, tmp_path: Path) -> None:
         CHECKS[name](df)
 
 
+def test_adaptive_holdout_quick(tmp_path: Path) -> None:
+    "The held-out problems (never tuned on) run through every arm of the adaptive benchmark."
+    proc = subprocess.run([sys.executable, str(BENCH / "adaptive.py"), "--quick", "--holdout", "--seeds", "0",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "adaptive_holdout_quick.csv")
+    _check_adaptive(df)
+    assert set(df.problem) == {"char_transformer_licenses_adam", "fashion_softmax_sgd", "default_tabular_fastai",
+                               "wage_tabular_fastai"}
+
+
 def test_gpu_benchmark_quick(tmp_path: Path) -> None:
     """gpu.py on the CPU: every section runs (the speedup one is skipped only without Fashion-MNIST) and its
     numbers hold what they must whatever the device: at lr=0 sequential measures exactly what fixed does, a
