@@ -166,30 +166,35 @@ class AdaptiveLoader:
     def step(self, loss: torch.Tensor) -> None:
         """After `loss.backward()`: measure the gradients, step the optimizer at the lr scaled for this batch size,
         zero the gradients and count the step's progress."""
-        if self._batch is None:
+        batch, self._batch = self._batch, None
+        if batch is None:
             raise RuntimeError("step() comes after a batch from iterating the AdaptiveLoader and its backward")
-        (n, bs), self._batch = self._batch, None  # an epoch's short last batch is a step at its epoch's size
+        n, bs = batch  # an epoch's short last batch is a step at its epoch's size
+        opt = self.opt
         if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
+            self.scaler.unscale_(opt)
         measured = self.duty.measuring
         if measured:
             self.recorder.step(loss, n, self._params, epoch=self.epoch)
         else:
             self.recorder.skip(n)
         factor = self.policy.lr_factor(bs, self.planned_at)
-        lrs = [g["lr"] for g in self.opt.param_groups]
-        for g in self.opt.param_groups:
-            g["lr"] = g["lr"] * factor
-        lr = self._lr()
+        groups = opt.param_groups
+        lrs = None if factor == 1.0 else [g["lr"] for g in groups]  # the schedule's, restored after the step
+        if lrs is not None:
+            for g in groups:
+                g["lr"] = g["lr"] * factor
+        lr = float(groups[-1]["lr"])
         try:
             if self.scaler is not None:
-                self.scaler.step(self.opt)
+                self.scaler.step(opt)
                 self.scaler.update()
             else:
-                self.opt.step()
+                opt.step()
         finally:
-            for g, old in zip(self.opt.param_groups, lrs):
-                g["lr"] = old
+            if lrs is not None:
+                for g, old in zip(groups, lrs):
+                    g["lr"] = old
         self.opt.zero_grad()
         self.progress.advance(self.policy.step_gain(bs, self.planned_at), n)
         now = time.perf_counter()

@@ -56,6 +56,12 @@ class MeasureDuty:
         `window_open` is whether the estimator's window is still incomplete (a measured phase never ends inside a
         window). Durations are compared within one batch size: a new size's cost is timed afresh."""
         self.steps += 1
+        if not self.measuring and batch_size == self._size:  # a step in a gap: most steps, kept short
+            if seconds is not None and math.isfinite(seconds):
+                self._seconds[False].append(seconds)
+            self._gap_left -= 1
+            self.measuring = self._gap_left <= 0
+            return
         if batch_size != self._size:
             self._spent_before += self._measured_here * self._cost_here()
             self._size, self._seconds = batch_size, {True: deque(maxlen=_KEPT), False: deque(maxlen=_KEPT)}
