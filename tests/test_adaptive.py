@@ -555,11 +555,11 @@ def test_the_fastai_callback_spaces_an_expensive_measurement_and_trains_every_ba
 
 
 def test_the_loops_time_a_size_on_its_plain_steps_not_its_measured_ones(monkeypatch):
-    "A measured step (10 ms dearer here) would make its size look slower: the looks get the plain steps' durations."
+    "A measured step (50 ms dearer here) would make its size look slower: the looks get the plain steps' durations."
     import gns_widget.adaptive_fastai as adaptive_fastai
     import gns_widget.adaptive_torch as adaptive_torch
 
-    _dear_measurement(monkeypatch, 0.01)
+    _dear_measurement(monkeypatch, 0.05)
     given = {adaptive_torch: [], adaptive_fastai: []}  # the durations each look was given
     for module, seen in given.items():
         def spy(*args, real=module.look, seen=seen, **kwargs):
@@ -573,7 +573,7 @@ def test_the_loops_time_a_size_on_its_plain_steps_not_its_measured_ones(monkeypa
     _fit(_learner(), [cb], epochs=2)
     for run, module in ((adapt, adaptive_torch), (cb, adaptive_fastai)):
         first_epoch = given[module][0]
-        assert run.duty.measured >= 4 and len(first_epoch) >= 20 and max(first_epoch) < 0.005
+        assert run.duty.measured >= 4 and len(first_epoch) >= 20 and max(first_epoch) < 0.03  # a busy machine's
 
 
 def test_the_torch_loader_tries_a_size_for_a_dozen_steps_then_looks_again(monkeypatch):
