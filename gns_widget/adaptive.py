@@ -31,6 +31,7 @@ from .duty import MeasureDuty
 from .goodput import GAIN_NEEDED, MAX_DOUBLINGS, MAX_EXAMPLES_FACTOR, examples_ratio
 from .interval import Interval
 from .lr_rules import check_rule, lr_factor
+from .steplog import StepLog
 from .throughput import MIN_REPEATS, MIN_TIMED_SECONDS, ROUNDS, Throughput
 
 __all__ = ["Decision", "BatchSizePolicy", "Progress", "AdaptiveRecord", "step_gain", "candidate_sizes",
@@ -374,15 +375,15 @@ class AdaptiveRecord:
     base_bs: int
     planned_steps: float
     decisions: list[Decision] = field(default_factory=list)
-    rows: list[tuple[int, int, int, float, float]] = field(default_factory=list)  # step, epoch, bs, lr, pct
+    rows: StepLog = field(default_factory=StepLog)  # per step: (step, epoch, bs, lr, pct), in typed arrays
 
     def log_step(self, epoch: int, bs: int, lr: float, pct: float) -> None:
-        self.rows.append((len(self.rows) + 1, epoch, bs, lr, pct))
+        self.rows.append(epoch, bs, lr, pct)
 
     @property
     def steps(self) -> pd.DataFrame:
-        "One row per optimizer step: step, epoch, bs, lr (the effective one, first parameter group) and pct."
-        return pd.DataFrame(self.rows, columns=["step", "epoch", "bs", "lr", "pct"])
+        "One row per optimizer step: step, epoch, bs, lr (the effective one, last parameter group) and pct."
+        return pd.DataFrame(self.rows.columns())
 
     @property
     def changes(self) -> list[Decision]:

@@ -40,6 +40,7 @@ import ipywidgets as ipw
 import numpy as np
 
 from ..adaptive import AdaptiveRecord, Decision
+from ..steplog import StepLog
 from . import texts
 from .charts import _LINE, GNSCharts, _caption, chart_box
 from .charts import _SUGGESTION as _MARK  # the finder's colours: the curve, and what was decided
@@ -116,10 +117,9 @@ class Snapshot:
 
     @classmethod
     def of(cls, record: AdaptiveRecord | None, records: Sequence[Any]) -> Snapshot:
-        rows = list(record.rows) if record is not None else []  # list(): one copy, whatever the training thread adds
-        cols = np.array(rows, dtype=float).reshape(-1, 5)
+        cols = (record.rows if record is not None else StepLog()).columns()  # copies: the training thread appends
         recs = list(records)
-        return cls(cols[:, 0].astype(int), cols[:, 2].astype(int), cols[:, 3], cols[:, 4], cols[:, 1].astype(int),
+        return cls(cols["step"], cols["bs"], cols["lr"], cols["pct"], cols["epoch"],
                    np.array([r.iteration for r in recs], dtype=int),
                    np.array([r.noise_scale for r in recs], dtype=float),
                    list(record.decisions) if record is not None else [],
