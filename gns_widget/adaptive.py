@@ -290,7 +290,7 @@ class BatchSizePolicy:
         """The look that ends a trial of `bs` from `home`: both sizes are now timed in training, so the better one at
         the interval's low end is kept, with no margin either way. The margin a move must clear guards a move made
         on a prediction; a trial has measured what it predicted, and going back to `home` is no safer a bet than
-        staying (a margin for going back kept breast cancer's 32, tried from 16, at ×0.86 the progress per second).
+        staying (a margin for going back keeps a size that measured slower; one for staying undoes one that paid).
         A kept trial may lead to the next size up; a signal that is gone (no positive low end, `bs` past its
         bounds) ends it as `decide` would from `home`. While `bs` is not timed yet the trial goes on (`trial` set).
         `at`: `decide`'s keyword arguments."""
