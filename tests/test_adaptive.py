@@ -592,6 +592,19 @@ def test_the_torch_loader_tries_a_size_for_a_dozen_steps_then_looks_again(monkey
     assert 32 in adapt.throughput.step_seconds  # timed from the trial's own steps
 
 
+def test_the_fastai_callback_ends_an_epochs_trial_from_the_size_it_started_at(monkeypatch):
+    "fastai tries a size for an epoch (too short a run for a probe); the next epoch's look judges it against 16."
+    from gns_widget.recorder import RunRecorder
+
+    monkeypatch.setattr(RunRecorder, "interval", lambda self: Interval(200.0, 150.0, 260.0))
+    cb = AdaptiveBatchSize(max_overhead=1, max_bs=32)  # no size beyond to try next: the look ends the trial
+    _fit(_learner(), [cb], epochs=3)
+    first, second = cb.record.decisions[:2]
+    assert first.trial and (first.epoch, first.old_bs, first.new_bs) == (1, 16, 32)
+    assert second.epoch == 2 and second.old_bs == 32 and not second.trial
+    assert "trial of 32 did not pay" in second.reason or "32 kept after its trial" in second.reason
+
+
 def test_the_interval_is_computed_again_only_when_a_window_was_added(monkeypatch):
     "An adaptive run looks at every epoch (and after each trial): with sparse windows most looks see no new one."
     import gns_widget.recorder as recorder_module
