@@ -82,8 +82,8 @@ def timing_pays(sizes: list[int], bs: int, seconds_per_step: float, steps_left: 
 
 def look(policy: BatchSizePolicy, bs: int, interval: Interval | None, progress: Progress, *, planned_at: float,
          epoch: int, durations: Sequence[float], step_seconds: float,
-         time_sizes: Callable[[list[int]], Throughput] | None, duty: MeasureDuty | None = None,
-         tried_from: int | None = None) -> tuple[Decision, float]:
+         time_sizes: Callable[[list[int]], Throughput] | None, duty: MeasureDuty | None = None
+         ) -> tuple[Decision, float]:
     """One decision of an adaptive run at batch size `bs`, for the fastai callback and the torch loader alike.
 
     The steps' `durations` since the last look time `bs` (their median, once there are MIN_TIMED_STEPS); the sizes
@@ -91,7 +91,7 @@ def look(policy: BatchSizePolicy, bs: int, interval: Interval | None, progress: 
     when None: the sizes are then tried in training, see `BatchSizePolicy._trial`); then the policy decides.
     Returns the decision and the loop's step time (`step_seconds` when not measured now).
     `duty` says, when there is no interval yet, whether that is because measuring is spaced out to stay cheap.
-    `tried_from`: the size `bs` is a trial from (the look that ends a trial judges it from there: `after_trial`).
+    A look while a trial is under way (`policy.tried_from`) ends it: `after_trial` judges it from where it started.
     """
     if len(durations) >= MIN_TIMED_STEPS:
         step_seconds = statistics.median(durations)
@@ -107,9 +107,13 @@ def look(policy: BatchSizePolicy, bs: int, interval: Interval | None, progress: 
         why = (f"measuring a step adds {duty.overhead:.0%} to it, so {duty.measured} of {duty.steps} steps were "
                f"measured (max_overhead={duty.max_overhead:g} of the run)")
     at = dict(planned_at=planned_at, step=progress.steps_taken, epoch=epoch, progress=progress.pct, untimed=why)
-    if tried_from is not None and tried_from != bs:
-        return policy.after_trial(bs, tried_from, interval, **at), step_seconds
-    return policy.decide(bs, interval, **at), step_seconds
+    home = policy.tried_from
+    if home is not None and home != bs:
+        d = policy.after_trial(bs, home, interval, **at)
+    else:
+        d = policy.decide(bs, interval, **at)
+    policy.tried_from = trial_origin(d, home)
+    return d, step_seconds
 
 
 class StepTimes:
@@ -133,7 +137,7 @@ class StepTimes:
 
 
 def trial_origin(d: Decision, tried_from: int | None) -> int | None:
-    "The size a trial that goes on after decision `d` started from (None when no trial does): `look`'s `tried_from`."
+    "The size a trial that goes on after decision `d` started from (None when no trial does): `policy.tried_from`."
     if not d.trial:
         return None
     return d.old_bs if d.changed else tried_from
@@ -187,6 +191,7 @@ class BatchSizePolicy:
         self.stale: set[int] = set()  # sizes whose timing was too noisy to decide on: timed again when asked
         self.explore = True  # try the next size up for an epoch when it could gain and is not timed (see _trial)
         self.probed: set[int] = set()  # sizes timed by probe_throughput (the rest: measured in training)
+        self.tried_from: int | None = None  # the size the trial under way started from (`look` keeps it)
         if throughput is not None:  # a given timing stands for the device's: training does not override it
             self.timed(throughput, [])
 

@@ -17,7 +17,6 @@ from .adaptive import (
     StepTimes,
     default_n_batch,
     look,
-    trial_origin,
 )
 from .advice import detect_rule
 from .callback import GNSCallback
@@ -99,7 +98,6 @@ class AdaptiveBatchSize(GNSCallback):
         self.run_progress = Progress(planned=self.n_epoch * steps_per_epoch)
         self.record = AdaptiveRecord(self.base_bs, self.run_progress.planned)
         self.bs, self.planned_at, self._lrs = self.base_bs, math.nan, None
-        self._tried_from: int | None = None  # the size the current trial (an epoch at the next size up) started from
         self.step_seconds = math.nan  # the median training step of the last epoch, measured as it trains
         self._times, self._measured = StepTimes(), False  # the steps since the last look; whether the last was measured
         self._copies: dict[int, Any] = {}  # the training loader at each size used, made when first needed
@@ -136,10 +134,9 @@ class AdaptiveBatchSize(GNSCallback):
     def _decide(self) -> None:
         d, self.step_seconds = look(self.policy, self.bs, self.recorder_.interval(), self.run_progress,
                                     planned_at=self.planned_at, epoch=self.epoch, durations=self._times.durations,
-                                    step_seconds=self.step_seconds, time_sizes=self._time_sizes, duty=self.duty,
-                                    tried_from=self._tried_from)
+                                    step_seconds=self.step_seconds, time_sizes=self._time_sizes, duty=self.duty)
         self.record.decisions.append(d)
-        self.planned_at, self._tried_from = d.planned_at, trial_origin(d, self._tried_from)
+        self.planned_at = d.planned_at
         if d.changed:
             self.bs = d.new_bs
         if self.on_decision is not None:

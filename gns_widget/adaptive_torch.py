@@ -20,7 +20,6 @@ from .adaptive import (
     StepTimes,
     default_n_batch,
     look,
-    trial_origin,
 )
 from .advice import detect_rule
 from .duty import MAX_OVERHEAD, MeasureDuty, check_overhead
@@ -109,7 +108,6 @@ class AdaptiveLoader:
         self._batch: tuple[int, int] | None = None  # the last yielded batch's examples and the size it was drawn at
         self._params: list[nn.Parameter] = []  # what trains, read once an epoch (not the module tree every step)
         self._look_at: int | None = None  # the step of the look that ends a trial
-        self._tried_from: int | None = None  # the size the current trial started from
 
     @property
     def pct(self) -> float:
@@ -153,11 +151,9 @@ class AdaptiveLoader:
     def _decide(self) -> None:
         d, self.step_seconds = look(self.policy, self.batch_size, self.recorder.interval(), self.progress,
                                     planned_at=self.planned_at, epoch=self.epoch, durations=self._times.durations,
-                                    step_seconds=self.step_seconds, time_sizes=None, duty=self.duty,
-                                    tried_from=self._tried_from)
+                                    step_seconds=self.step_seconds, time_sizes=None, duty=self.duty)
         self.record.decisions.append(d)
         self.planned_at, self.batch_size = d.planned_at, d.new_bs
-        self._tried_from = trial_origin(d, self._tried_from)
         self._times, self._last_step = StepTimes(), None
         self._look_at = self.progress.steps_taken + TRIAL_STEPS if d.trial else None
         if self.on_decision is not None:
@@ -195,7 +191,7 @@ class AdaptiveLoader:
             if lrs is not None:
                 for g, old in zip(groups, lrs):
                     g["lr"] = old
-        self.opt.zero_grad()
+        opt.zero_grad()
         self.progress.advance(self.policy.step_gain(bs, self.planned_at), n)
         now = time.perf_counter()
         seconds = None if self._last_step is None else now - self._last_step  # one loop iteration
