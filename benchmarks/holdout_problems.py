@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from common import fashion_mnist
-from problems import N_BATCH, Tabular, Task
+from problems import N_BATCH, Tabular, Task, char_windows, shuffled_split
 from torch import nn
 
 from gns_widget.interval import AutoStop
@@ -40,11 +40,8 @@ class CharTransformer(nn.Module):
 def char_transformer_task(quick: bool) -> Task:
     "Next-character accuracy on the license texts: 8,000 windows of 32 characters, Adam 1e-3 at bs 32, 3 epochs."
     text = "".join(f.read_text(errors="ignore") for f in sorted(LICENSES.glob("*")) if f.is_file())
-    data = torch.tensor(list(text.encode("ascii", "ignore")), dtype=torch.long).clamp(max=127)
-    seq, n, nv = 32, (1500 if quick else 8000), 1500
-    starts = torch.randperm(len(data) - seq - 1, generator=torch.Generator().manual_seed(0))[:n + nv]
-    x = torch.stack([data[i:i + seq] for i in starts])
-    y = torch.stack([data[i + 1:i + seq + 1] for i in starts])
+    n, nv = (1500 if quick else 8000), 1500
+    x, y = char_windows(text.encode("ascii", "ignore"), 32, n + nv)
     auto = dict(lr=0, num_it=AutoStop(max_it=300 if quick else 2000), n_batch=N_BATCH)
     return Task("char_transformer_licenses_adam", (x[:n], y[:n]), (x[n:], y[n:]), CharTransformer, "adam", 32,
                 1e-3, 1 if quick else 3, auto, finder_after=1)
@@ -54,8 +51,7 @@ def fashion_softmax_task(quick: bool) -> Task:
     "Softmax regression (one linear layer) on 10,000 Fashion-MNIST images: plain SGD 0.1 at bs 16, 3 epochs."
     x, y = fashion_mnist(train=True)
     n, nv = (2000, 500) if quick else (10_000, 2000)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(2))
-    tr, va = idx[:n], idx[n:n + nv]
+    tr, va = shuffled_split(len(x), n, nv, seed=2)
     auto = dict(lr=0, num_it=AutoStop(max_it=300 if quick else 3000), n_batch=N_BATCH)
     return Task("fashion_softmax_sgd", (x[tr], y[tr]), (x[va], y[va]),
                 lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), "sgd", 16, 0.1, 1 if quick else 3, auto,

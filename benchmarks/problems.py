@@ -150,11 +150,23 @@ def digits_task(num_it: int, quick: bool) -> Task:
                 2 if quick else 8, dict(lr=0.1, num_it=num_it, n_batch=10), timing_repeats=1 if quick else 5)
 
 
+def shuffled_split(n_items: int, n: int, nv: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "The first `n` and the next `nv` indices of a seeded shuffle of `n_items`: a fixed train/validation split."
+    idx = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed))
+    return idx[:n], idx[n:n + nv]
+
+
+def char_windows(text: bytes, seq: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "`count` windows of `seq` ASCII characters at seeded random starts, and the same shifted by one (the targets)."
+    data = torch.tensor(list(text), dtype=torch.long).clamp(max=127)
+    starts = torch.randperm(len(data) - seq - 1, generator=torch.Generator().manual_seed(0))[:count]
+    return torch.stack([data[i:i + seq] for i in starts]), torch.stack([data[i + 1:i + seq + 1] for i in starts])
+
+
 def fashion_tasks(quick: bool) -> list[Task]:
     x, y = fashion_mnist(train=True)
     n, nv = (2000, 500) if quick else (10_000, 2000)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, va = idx[:n], idx[n:n + nv]
+    tr, va = shuffled_split(len(x), n, nv, seed=0)
 
     def conv():
         return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
@@ -178,8 +190,7 @@ def breast_cancer_task(quick: bool) -> Task:
     x, y = load_breast_cancer(return_X_y=True)
     x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
     y = torch.tensor(y)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    tr, va = idx[:400], idx[400:]
+    tr, va = shuffled_split(len(x), 400, len(x) - 400, seed=0)
     auto = dict(lr=0, num_it=AutoStop(max_it=300 if quick else 3000), n_batch=N_BATCH)
     return Task("breast_cancer_mlp_adam", (x[tr], y[tr]), (x[va], y[va]),
                 lambda: nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 2)), "adam", 16, 1e-3,
@@ -205,11 +216,8 @@ def char_lm_task(quick: bool) -> Task:
 
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
     text = "".join(f.read_text(errors="ignore") for f in files).encode("ascii", "ignore")
-    data = torch.tensor(list(text), dtype=torch.long).clamp(max=127)
-    seq, n, nv = 32, (2000 if quick else 12_000), 2000
-    starts = torch.randperm(len(data) - seq - 1, generator=torch.Generator().manual_seed(0))[:n + nv]
-    x = torch.stack([data[i:i + seq] for i in starts])
-    y = torch.stack([data[i + 1:i + seq + 1] for i in starts])
+    n, nv = (2000 if quick else 12_000), 2000
+    x, y = char_windows(text, 32, n + nv)
     auto = dict(lr=0, num_it=AutoStop(max_it=300 if quick else 3000), n_batch=N_BATCH)
     return Task("char_gru_stdlib_adam", (x[:n], y[:n]), (x[n:], y[n:]), lambda: CharGRU(128), "adam", 32, 3e-3,
                 1 if quick else 3, auto, finder_after=1)
@@ -229,8 +237,7 @@ def bn_resnet_task(quick: bool) -> Task:
     "A BatchNorm ResNet on Fashion-MNIST with SGD and nesterov momentum 0.9 (the issue's −6.8-point case)."
     x, y = fashion_mnist(train=True)
     n, nv = (1500, 500) if quick else (6000, 2000)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
-    tr, va = idx[:n], idx[n:n + nv]
+    tr, va = shuffled_split(len(x), n, nv, seed=1)
 
     def model():
         return nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
