@@ -197,18 +197,25 @@ def _cell(page, i: int):
 def _run_cell(page, i: int) -> None:
     """Select cell `i` and run it (Shift+Enter), as a user re-running a cell does.
 
-    Its prompt changes once the kernel takes it ([*], then a new count). Right after a kernel interrupt the
-    notebook's own notification can take the click, and the key press then runs nothing: the press is
-    repeated once (seen once in a CI run, where the check cell after an interrupt never ran)."""
+    Two things can make the press run nothing, both seen in CI after a kernel interrupt:
+    - the notebook's own notification takes the click;
+    - the cell is still queued ([*]) from a Run All whose abort has not reached the page yet: the abort then turns
+      the prompt back to [ ], which must not be read as the kernel taking the press.
+    So a queued prompt is waited out first, only [*] or a new count counts as taken, and the press is repeated."""
+    from playwright.sync_api import expect
+
     prompt = _cell(page, i).locator(".jp-InputPrompt").first
+    expect(prompt).not_to_contain_text("*", timeout=30_000)
     before = prompt.text_content()
-    for _ in range(2):
+    for _ in range(3):
         prompt.click()
         page.keyboard.press("Shift+Enter")
         for _ in range(50):  # up to 5 s for the kernel to take it
-            if prompt.text_content() != before:
+            now = prompt.text_content()
+            if now != before and now.replace(" ", "") != "[]:":
                 return
             page.wait_for_timeout(100)
+    raise AssertionError(f"cell {i} did not run: its prompt stayed {before!r}")
 
 
 def _shutdown(page) -> None:
