@@ -15,7 +15,8 @@ import pytest
 pytestmark = pytest.mark.slow  # the benchmark scripts, end to end
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["overhead", "accuracy", "speedup", "critical_batch", "ddp", "advice", "adaptive", "along_training"]
+SCRIPTS = ["overhead", "accuracy", "speedup", "critical_batch", "ddp", "advice", "adaptive", "along_training",
+           "loop_cost"]
 
 
 def _check_accuracy(df: pd.DataFrame) -> None:
@@ -62,8 +63,18 @@ def _check_along_training(df: pd.DataFrame) -> None:
     assert positive.sum() >= 3 and (df.ratio[positive] == df.along[positive] / df.fixed[positive]).all()
 
 
+def _check_loop_cost(df: pd.DataFrame) -> None:
+    "Every arm of both loops; the fastai callbacks' events clocked (the torch loop has none), measuring costed."
+    arms = [("fastai", "plain"), ("fastai", "empty callback"), ("fastai", "AdaptiveBatchSize"), ("torch", "plain"),
+            ("torch", "AdaptiveLoader")]
+    assert list(zip(df.loop, df.arm)) == arms
+    clocked = df[(df.loop == "fastai") & (df.arm != "plain")]
+    assert (clocked.in_callback_us > 0).all() and df[df.loop == "torch"].in_callback_us.isna().all()
+    assert (df[df.arm.str.startswith("Adaptive")].measuring_us > 0).all()
+
+
 CHECKS = {"accuracy": _check_accuracy, "overhead": _check_overhead, "adaptive": _check_adaptive,
-          "along_training": _check_along_training}
+          "along_training": _check_along_training, "loop_cost": _check_loop_cost}
 
 
 def _run_quick(name: str, out: Path) -> subprocess.CompletedProcess:
