@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastai.callback.core import CancelFitException, CancelTrainException
@@ -97,9 +98,9 @@ class AdaptiveBatchSize(GNSCallback):
         # not `progress`: fastai warns that it shadows the Learner's (ProgressCallback's) attribute
         self.run_progress = Progress(planned=self.n_epoch * steps_per_epoch)
         self.record = AdaptiveRecord(self.base_bs, self.run_progress.planned)
-        self.bs, self.planned_at, self._lrs = self.base_bs, math.nan, None
+        self.bs, self.planned_at = self.base_bs, math.nan
         self.step_seconds = math.nan  # the median training step of the last epoch, measured as it trains
-        self._times, self._measured = StepTimes(), False  # the steps since the last look; whether the last was measured
+        self._times, self._under_way = StepTimes(), _StepState()  # the steps since the last look; the one under way
         self._copies: dict[int, Any] = {}  # the training loader at each size used, made when first needed
         if loader_at(self.dls.train, 2 * self.base_bs) is None:
             raise ValueError("AdaptiveBatchSize needs a training loader it can copy at another batch size (fastai's "
@@ -145,7 +146,7 @@ class AdaptiveBatchSize(GNSCallback):
     def before_train(self):
         super().before_train()
         self._follow_progress()
-        self._times, self._last_batch = StepTimes(), None
+        self._times, self._under_way.last_batch = StepTimes(), None
         if self.bs != self.base_bs:  # the epoch's batches come from a copy: the user's loader is never changed
             if self.bs not in self._copies:
                 self._copies[self.bs] = loader_at(self.dls.train, self.bs)
@@ -156,45 +157,48 @@ class AdaptiveBatchSize(GNSCallback):
             self.learn.dl = _FirstBatches(self.dl, math.ceil(steps - 1e-9))
 
     def before_batch(self):
-        if not self.training:
+        if not self.learn.training:
             return
         if self.run_progress.done:  # only if a step's gain changed under the epoch's count
             raise CancelTrainException()
-        now = time.perf_counter()
-        if self._last_batch is not None:  # from one batch to the next: loading, forward, backward, step
-            self._times.add(now - self._last_batch, self._measured)
-        self._last_batch = now
+        now, step = time.perf_counter(), self._under_way
+        if step.last_batch is not None:  # from one batch to the next: loading, forward, backward, step
+            self._times.add(now - step.last_batch, step.measured)
+        step.last_batch = now
 
     def _follow_progress(self) -> None:
         "fastai counts the schedule's progress in epochs (TrainEvalCallback): here it is the planned run's."
         self.learn.pct_train = self.run_progress.pct
 
     def before_step(self):
-        self._measured = self.duty.measuring
-        if self._measured:
+        learn, step = self.learn, self._under_way
+        step.measured = self.duty.measuring
+        if step.measured:
             super().before_step()
         else:
-            self.recorder_.skip(batch_size_of(self.yb, self.xb))
-        factor = self.policy.lr_factor(self.bs, self.planned_at)
-        self._lrs = [h["lr"] for h in self.opt.hypers]
-        if factor != 1.0:
-            for h in self.opt.hypers:
+            self.recorder_.skip(batch_size_of(learn.yb, learn.xb))
+        factor, hypers = self.policy.lr_factor(self.bs, self.planned_at), learn.opt.hypers
+        if factor != 1.0:  # the schedule's lrs are put back after the step
+            step.lrs = [h["lr"] for h in hypers]
+            for h in hypers:
                 h["lr"] = h["lr"] * factor
-        self._lr = self.opt.hypers[-1]["lr"]
+        step.lr = hypers[-1]["lr"]
 
     def after_step(self):
-        if self._lrs is not None:  # the schedule sets the next lr; a constant lr must not compound
-            for h, lr in zip(self.opt.hypers, self._lrs):
+        step = self._under_way
+        if step.lrs is not None:  # the schedule sets the next lr; a constant lr must not compound
+            for h, lr in zip(self.learn.opt.hypers, step.lrs):
                 h["lr"] = lr
-            self._lrs = None
+            step.lrs = None
 
     def after_batch(self):
-        if not self.training:
+        learn, step = self.learn, self._under_way
+        if not learn.training:
             return
-        self.duty.took(time.perf_counter() - self._last_batch, self.estimator.window_open, self.bs)  # loading aside
-        self.run_progress.advance(self.policy.step_gain(self.bs, self.planned_at), batch_size_of(self.yb, self.xb))
+        self.duty.took(time.perf_counter() - step.last_batch, self.estimator.window_open, self.bs)  # loading aside
+        self.run_progress.advance(self.policy.step_gain(self.bs, self.planned_at), batch_size_of(learn.yb, learn.xb))
         self._follow_progress()
-        self.record.log_step(self.epoch, self.bs, self._lr, self.run_progress.pct)
+        self.record.log_step(learn.epoch, self.bs, step.lr, self.run_progress.pct)
         if self.on_step is not None:
             self.on_step(self.record)
 
@@ -203,6 +207,16 @@ class AdaptiveBatchSize(GNSCallback):
         if self.record is not None:
             self.learn.n_epoch = self.planned_epochs
         self._copies = {}
+
+
+@dataclass(slots=True)
+class _StepState:
+    """The training step under way. One object, changed in place: fastai checks every attribute set on a callback
+    against the Learner (to warn of shadowing), a lookup that costs more than the step's own bookkeeping."""
+    last_batch: float | None = None  # when the previous batch started (perf_counter)
+    measured: bool = False  # whether the previous step was measured
+    lrs: list[float] | None = None  # the schedule's lrs, while the step trains at the rule's factor
+    lr: float = math.nan  # the last lr of the step's param groups: what the record logs
 
 
 class _FirstBatches:
