@@ -54,7 +54,8 @@ class MeasureDuty:
     def took(self, seconds: float | None, window_open: bool, batch_size: int) -> None:
         """The current step, at `batch_size`, is done after `seconds` (None: not timed, e.g. an epoch's first);
         `window_open` is whether the estimator's window is still incomplete (a measured phase never ends inside a
-        window). Durations are compared within one batch size: a new size's cost is timed afresh."""
+        window). Durations are compared within one batch size: a new size's cost is timed afresh, from its second
+        step on."""
         self.steps += 1
         if not self.measuring and batch_size == self._size:  # a step in a gap: most steps, kept short
             if seconds is not None and math.isfinite(seconds):
@@ -66,6 +67,7 @@ class MeasureDuty:
             self._spent_before += self._measured_here * self._cost_here()
             self._size, self._seconds = batch_size, {True: deque(maxlen=_KEPT), False: deque(maxlen=_KEPT)}
             self._measured_here = 0
+            seconds = None  # a size's first step warms up (the run's first batch: 2-3× a step), not a measuring cost
         if seconds is not None and math.isfinite(seconds):
             self._seconds[self.measuring].append(seconds)
         if self.measuring:

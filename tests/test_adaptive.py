@@ -542,6 +542,25 @@ def test_the_duty_charges_every_measured_step_what_measuring_turned_out_to_cost(
     assert duty.overhead > 0.25 and added <= 1.1 * duty.budget and sum(kinds[300:]) < 0.01 * 1700
 
 
+def test_a_sizes_first_step_is_warm_up_not_a_cost_of_measuring():
+    """fastai's first batch of a run takes 2-3× a step (Caravan: 3.6 ms against 1.4). Timed as a measured step, it
+    made measuring read +50 % instead of +10 %, and the run measured 8 of 72 steps and never decided. A bigger
+    size's first step (allocations) is left out alike."""
+    duty = MeasureDuty(4, planned_steps=400, max_overhead=0.02)
+    first_known = []
+    for batch_size, plain, first in ((16, 1.0, 3.0), (32, 2.0, 5.0)):
+        duty.took(first, window_open=True, batch_size=batch_size)
+        in_window = 1
+        while duty.steps < (60 if batch_size == 16 else 120):
+            measured = duty.measuring
+            if measured:
+                in_window = (in_window + 1) % 4
+            duty.took(plain * (1.1 if measured else 1.0), window_open=in_window != 0, batch_size=batch_size)
+            if not math.isnan(duty.overhead) and len(first_known) < (1 if batch_size == 16 else 2):
+                first_known.append(duty.overhead)
+    assert first_known == [pytest.approx(0.1), pytest.approx(0.1)]
+
+
 def test_the_duty_times_each_batch_size_on_its_own():
     "A bigger batch's longer steps are not taken for the cost of measuring the smaller one's."
     duty = MeasureDuty(4, planned_steps=100_000, max_overhead=0.02)
