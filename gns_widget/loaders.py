@@ -22,6 +22,8 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
+from .state import rngs_kept
+
 __all__ = ["loader_at", "apply_batch_size", "current_batch_size", "dataset_len", "loader_len", "population_size",
            "shuffles"]
 
@@ -165,7 +167,16 @@ def _check_steps(dls_or_loader: Any, bs: int) -> None:
 def loader_at(dl: Any, bs: int, in_process: bool = False) -> Any:
     """A copy of a fastai or torch loader at batch size `bs` over the same data and settings, the user's loader
     untouched (it may share its random generator: a caller that iterates the copy restores it); `in_process`:
-    without worker processes. None when no copy can be made (a custom batch sampler, another kind of loader)."""
+    without worker processes. None when no copy can be made (a custom batch sampler, another kind of loader).
+
+    Making it draws nothing the training would draw next: a fastai DataLoader seeds its own generator from
+    Python's `random` and a weighted one samples with numpy's, so the global RNGs are put back (unrestored, a
+    fit that never used the copy trained on other samples and augmentations than without it)."""
+    with rngs_kept(dl):
+        return _copy_at(dl, bs, in_process)
+
+
+def _copy_at(dl: Any, bs: int, in_process: bool) -> Any:
     if _is_fastai_dl(dl):
         return dl.new(bs=bs, num_workers=0) if in_process else dl.new(bs=bs)
     if isinstance(dl, DataLoader):

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["UserState", "user_tensors"]
+__all__ = ["UserState", "user_tensors", "rngs_kept"]
 
 
 def user_tensors(model: nn.Module, loss_func: Any = None, optimizer: Any = None) -> list[Tensor]:
@@ -92,6 +94,20 @@ class UserState:
 def _copy(t: Tensor) -> Tensor:
     t = t.detach()
     return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
+
+
+@contextmanager
+def rngs_kept(loader: Any = None) -> Iterator[None]:
+    """On leaving, the global RNGs and the random generators `loader` owns are as they were on entry, whatever
+    the block drew: for work done beside the user's training that must not change what it draws next."""
+    rng, owned = _rng_state(), _owned_generators(loader)
+    try:
+        yield
+    finally:
+        _set_rng_state(rng)
+        for owner, name, gen, state in owned:
+            setattr(owner, name, gen)
+            _set_generator_state(gen, state)
 
 
 def _rng_state() -> dict:

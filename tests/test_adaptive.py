@@ -227,6 +227,39 @@ def test_a_run_that_never_moves_trains_exactly_as_the_plain_fit():
     assert [len(v) for v in adaptive.recorder.values] == [len(v) for v in plain.recorder.values]
 
 
+def test_a_run_that_never_moves_draws_the_same_samples_and_augmentations_as_the_plain_fit():
+    """Its check that the loader can be copied made a fastai DataLoader, which draws from Python's `random` and,
+    weighted, numpy's: the plain fit's next epochs then sampled and augmented otherwise. Caravan (a weighted
+    tabular loader): validation loss 0.616 against the plain fit's 0.240, for a run that never moved."""
+    import random
+
+    import numpy as np
+    from fastai.basics import Callback
+    from fastai.callback.data import WeightedDL
+
+    class Jitter(Callback):
+        "An augmentation that draws from Python's `random`, as fastai's random transforms do."
+        def before_batch(self):
+            if self.learn.training:
+                self.learn.xb = (self.learn.xb[0] + 0.01 * random.random(),)
+
+    def weighted_learner() -> Learner:
+        set_seed(0)
+        xt, yt, xv, yv = digits()
+        train = WeightedDL(TensorDataset(xt[:640], yt[:640]), bs=16, wgts=np.linspace(1, 2, 640), shuffle=True,
+                           drop_last=True)
+        valid = WeightedDL(TensorDataset(xv[:128], yv[:128]), bs=64)
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        return Learner(DataLoaders(train, valid, device="cpu"), model, loss_func=nn.CrossEntropyLoss(), opt_func=Adam)
+
+    plain = _fit(weighted_learner(), [Jitter()])
+    cb = AdaptiveBatchSize(throughput=PER_EXAMPLE)
+    adaptive = _fit(weighted_learner(), [Jitter(), cb])
+    assert not cb.record.changes
+    for a, b in zip(plain.model.parameters(), adaptive.model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_the_fastai_batch_grows_and_the_schedule_ends_on_progress():
     learn = _learner()
     cb = AdaptiveBatchSize(throughput=STEP_BOUND, max_overhead=1)

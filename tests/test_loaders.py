@@ -104,3 +104,21 @@ def test_a_subset_sampler_split_counts_its_examples_not_the_whole_dataset():
     assert bs_find(nn.Linear(4, 1), dl, nn.MSELoss(), lr=0, num_it=10, n_batch=5).n_train == 300
     with pytest.raises(ValueError, match="larger than the training set \\(300 examples\\)"):
         apply_batch_size(dl, 400)
+
+
+def test_a_copy_at_another_batch_size_draws_from_no_rng():
+    "A fastai DataLoader seeds its own generator from Python's `random`: making one must not move the user's."
+    import random
+
+    import numpy as np
+    from fastai.data.load import DataLoader as FastaiDataLoader
+
+    from gns_widget.loaders import loader_at
+
+    ds = TensorDataset(torch.arange(100.0))
+    for dl in (FastaiDataLoader(ds, bs=10, shuffle=True), DataLoader(ds, 10, shuffle=True)):
+        before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+        copy = loader_at(dl, 20)
+        assert current_batch_size(copy) == 20
+        assert random.getstate() == before[0] and (np.random.get_state()[1] == before[1]).all()
+        assert torch.equal(torch.get_rng_state(), before[2])
