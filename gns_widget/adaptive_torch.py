@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .adaptive import (
     TRIAL_STEPS,
@@ -57,11 +57,13 @@ class AdaptiveLoader:
     their meaning. With a `torch.amp.GradScaler`, pass
     `scaler=`: `step` unscales, measures, steps and updates it.
 
-    `loader_kwargs` go to each epoch's `DataLoader` (num_workers, collate_fn, pin_memory...); the batches
-    are always shuffled. `self.record` holds the decisions and per-step batch size and lr; `self.result`
-    the noise scale's `GNSResult`. Measuring costs two norms and an add per measured step: it is held to
-    `max_overhead` of the planned run's training time, every step measured first and whole windows spaced out
-    after (`MeasureDuty`; 1 measures every step). `self.duty` says how many steps were measured and what one cost.
+    `loader_kwargs` go to each epoch's `DataLoader` (num_workers, collate_fn, pin_memory, generator...); the
+    batches are always shuffled, as `DataLoader(shuffle=True)` shuffles them (with `generator=` if given), so a
+    run that never moves trains bit for bit as the plain loop. `self.record` holds the decisions and per-step
+    batch size and lr; `self.result` the noise scale's `GNSResult`. Measuring costs two norms and an add per
+    measured step: it is held to `max_overhead` of the planned run's training time, every step measured first
+    and whole windows spaced out after (`MeasureDuty`; 1 measures every step). `self.duty` says how many steps
+    were measured and what one cost.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, epochs: int, *, model: nn.Module,
@@ -211,13 +213,17 @@ class AdaptiveLoader:
 
 
 class _Batches:
-    "Index lists over one shuffled epoch, each of the loader's batch size when it is drawn (noted in `sizes`)."
+    """Index lists over one shuffled epoch, each of the loader's batch size when it is drawn (noted in `sizes`).
+
+    The epoch's order is drawn by torch's own RandomSampler, from the `generator=` given or torch's global RNG, as
+    `DataLoader(shuffle=True)` draws it (it also draws a spare permutation at each epoch's end): a run that never
+    moves trains on the batches of the user's plain loop, bit for bit, and leaves the RNGs where it leaves them."""
 
     def __init__(self, owner: AdaptiveLoader, sizes: deque[tuple[int, int]]):
         self.owner, self.sizes = owner, sizes
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.owner.n_train).tolist()
+        order = list(RandomSampler(range(self.owner.n_train), generator=self.owner.loader_kwargs.get("generator")))
         start = 0
         while start < len(order):
             bs = self.owner.batch_size

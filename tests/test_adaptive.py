@@ -374,6 +374,41 @@ def test_the_torch_loader_that_never_moves_runs_the_planned_epochs():
     assert lrs[5] == pytest.approx(0.05 * (1 + math.cos(math.pi * 5 / 120)) / 2)
 
 
+@pytest.mark.parametrize("generator_seed", [None, 7])
+def test_a_torch_loop_that_never_moves_trains_bit_for_bit_as_the_plain_loop(generator_seed):
+    """Its epochs are shuffled as `DataLoader(shuffle=True)` shuffles them, from torch's global RNG or the
+    `generator=` given: the same batches as the user's own loop, not another shuffle (a control arm's worth of
+    noise in every comparison, and a `generator=` that was silently not used for the order)."""
+    from torch.utils.data import DataLoader
+
+    def generator():
+        return {} if generator_seed is None else {"generator": torch.Generator().manual_seed(generator_seed)}
+
+    trained = []
+    for adaptive in (False, True):
+        ds, model, opt = _torch_setup(n_train=200)  # 12.5 batches of 16: a short last batch each epoch
+        torch.manual_seed(3)
+        if adaptive:
+            adapt = AdaptiveLoader(ds, 16, epochs=3, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
+                                   throughput=PER_EXAMPLE, max_overhead=1, **generator())
+            batches = _loop(adapt, model, opt, lr=0.05)[1]
+            assert not adapt.record.changes
+        else:
+            batches, dl = [], DataLoader(ds, 16, shuffle=True, **generator())
+            for _ in range(3):
+                for xb, yb in dl:
+                    nn.functional.cross_entropy(model(xb), yb).backward()
+                    for g in opt.param_groups:
+                        g["lr"] = 0.05 * (1 + math.cos(math.pi * len(batches) / 39)) / 2
+                    opt.step()
+                    opt.zero_grad()
+                    batches.append(len(xb))
+        trained.append((batches, [p.detach().clone() for p in model.parameters()], torch.rand(1)))
+    (plain_batches, plain, plain_next), (batches, adapted, adapted_next) = trained
+    assert batches == plain_batches and all(torch.equal(a, b) for a, b in zip(plain, adapted))
+    assert torch.equal(plain_next, adapted_next)  # the global RNG is left where the plain loop leaves it
+
+
 def test_the_torch_loader_grows_and_ends_on_progress():
     ds, model, opt = _torch_setup()
     adapt = AdaptiveLoader(ds, 16, epochs=6, model=model, opt=opt, loss_func=nn.functional.cross_entropy,
