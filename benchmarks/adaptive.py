@@ -139,15 +139,15 @@ def run_adaptive(task: Task, seed: int, shuffle_seed: int, adaptdl: bool = False
     torch.manual_seed(seed)
     model = task.make_model()
     opt = make_opt(task, model.parameters(), task.lr)
+    # the baseline's shuffle (fit_torch's generator): a run that never moves is the baseline, bit for bit
     adapt = AdaptiveLoader(TensorDataset(*task.train), task.bs, task.epochs, model=model, opt=opt,
-                           loss_func=F.cross_entropy)
+                           loss_func=F.cross_entropy, generator=torch.Generator().manual_seed(shuffle_seed))
     if adaptdl:
         dl = DataLoader(TensorDataset(*task.train), batch_size=task.bs, shuffle=True)
         sizes = candidate_sizes(task.bs, adapt.n_train)
         tp = measure_throughput(model, dl, F.cross_entropy, batch_sizes=sizes, opt=opt)
         adapt.policy = AdaptDLPolicy(task.bs, tp, n_train=adapt.n_train, max_bs=_cap(task.bs, adapt.n_train))
         adapt.progress.planned, adapt.max_epochs = math.inf, task.epochs
-    torch.manual_seed(shuffle_seed)  # AdaptiveLoader shuffles with torch's generator
     clock = _Clock()
     epoch = 0
     for x, y in adapt:
