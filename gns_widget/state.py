@@ -69,10 +69,7 @@ class UserState:
             m.training = mode
         if self.opt_state is not None:  # after the tensors: state is cast to each parameter's device
             self.optimizer.load_state_dict(self.opt_state)
-        _set_rng_state(self.rng)
-        for owner, name, gen, state in self.loader_rngs:
-            setattr(owner, name, gen)  # fastai swaps its Random for a new one every epoch: put the original back
-            _set_generator_state(gen, state)
+        _restore_rngs(self.rng, self.loader_rngs)
         self._drop_run_workers()
 
     def _drop_run_workers(self) -> None:
@@ -104,10 +101,15 @@ def rngs_kept(loader: Any = None) -> Iterator[None]:
     try:
         yield
     finally:
-        _set_rng_state(rng)
-        for owner, name, gen, state in owned:
-            setattr(owner, name, gen)
-            _set_generator_state(gen, state)
+        _restore_rngs(rng, owned)
+
+
+def _restore_rngs(rng: dict, owned: list[tuple[Any, str, Any, Any]]) -> None:
+    "The global RNGs (`_rng_state`) and a loader's own generators (`_owned_generators`) as they were recorded."
+    _set_rng_state(rng)
+    for owner, name, gen, state in owned:
+        setattr(owner, name, gen)  # fastai swaps its Random for a new one every epoch: put the original back
+        _set_generator_state(gen, state)
 
 
 def _rng_state() -> dict:
