@@ -693,7 +693,10 @@ def test_the_loops_time_a_size_on_its_plain_steps_not_its_measured_ones(monkeypa
     _fit(_learner(), [cb], epochs=2)
     for run, module in ((adapt, adaptive_torch), (cb, adaptive_fastai)):
         first_epoch = given[module][0]
-        assert run.duty.measured >= 4 and len(first_epoch) >= 20 and max(first_epoch) < 0.03  # a busy machine's
+        # mixed in, the measured steps (50 ms dearer) were 7 of the torch loop's 39, 8 of fastai's; a loaded machine's
+        # stray plain step can be slow too (CI: one of 107 ms), so up to 2 are allowed
+        slow = sum(d >= 0.03 for d in first_epoch)
+        assert run.duty.measured >= 4 and len(first_epoch) >= 20 and slow <= 2, (module.__name__, slow)
 
 
 def test_the_torch_loader_tries_a_size_for_a_dozen_steps_then_looks_again(monkeypatch):
